@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PKGS := jobs worker migrations tests
+
+.PHONY: install lint format test test-unit demo bench clean stop
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check $(PKGS)
+	$(BIN)/ruff format --check $(PKGS)
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format $(PKGS)
+	$(BIN)/ruff check --fix $(PKGS)
+
+test: lint
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest tests/unit
+
+demo: install
+	$(BIN)/python -m jobs demo
+
+# Stops the embedded PostgreSQL and Redis under var/ if they are running.
+stop: install
+	$(BIN)/python -m jobs services stop
+
+clean: stop
+	rm -rf var

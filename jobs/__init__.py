@@ -1,0 +1,1 @@
+"""Batch inference on Heroku Managed Inference: submit, track and report chat-completion jobs."""

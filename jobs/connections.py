@@ -1,0 +1,104 @@
+"""Redis clients and the Celery app, configured from :class:`~jobs.settings.Settings`.
+
+Heroku Key-Value Store serves ``rediss://`` with a self-signed certificate, so
+every TLS client here (broker, redbeat, throttle) is told not to verify it; a
+``rediss://`` URL without ``ssl_cert_reqs`` makes Celery refuse to start.
+
+The Celery app is built here, not in ``worker``, so that ``jobs`` can publish
+tasks by name without importing the worker package.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import redis
+from celery import Celery
+
+from jobs.constants import (
+    QUEUE_BULK,
+    QUEUE_CONTROL,
+    REDBEAT_PREFIX,
+    TASK_RUN_JOB,
+)
+from jobs.settings import Settings
+
+#: Redis socket timeouts: short enough that a vanished Redis is noticed quickly.
+REDIS_SOCKET_TIMEOUT = 15.0
+REDIS_CONNECT_TIMEOUT = 5.0
+
+
+def is_tls(url: str) -> bool:
+    return url.startswith("rediss://")
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A redis-py client for ``url``; TLS without certificate checks for ``rediss://``."""
+    extra: dict[str, Any] = {}
+    if is_tls(url):
+        extra["ssl_cert_reqs"] = ssl.CERT_NONE
+        extra["ssl_check_hostname"] = False
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+        health_check_interval=30,
+        retry_on_timeout=True,
+        **extra,
+    )
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings shared by the producer (``jobs``) and the worker."""
+    url = settings.redis_url
+    assert url is not None, "resolve the settings (jobs.embedded.resolve) first"
+    tls = {"ssl_cert_reqs": ssl.CERT_NONE} if is_tls(url) else None
+    transport = {
+        # Unacked tasks come back after this long; no task may wait longer.
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_timeout": REDIS_SOCKET_TIMEOUT,
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
+        "health_check_interval": 30,
+    }
+    return {
+        "broker_url": url,
+        "broker_use_ssl": tls,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Results live in Postgres; a result backend would only cost Redis memory.
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # A job is acknowledged only when it is recorded; a worker that dies
+        # mid-call gives the message back instead of losing it.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Heroku: SIGTERM, then SIGKILL 30 s later. With REMAP_SIGTERM=SIGQUIT
+        # (Procfile) the worker gets 20 s to finish or hand back in-flight jobs.
+        "worker_soft_shutdown_timeout": 20.0,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_hijack_root_logger": False,
+        "task_default_queue": QUEUE_CONTROL,
+        "task_routes": {TASK_RUN_JOB: {"queue": QUEUE_BULK}},
+        "task_create_missing_queues": True,
+        "redbeat_redis_url": url,
+        "redbeat_redis_use_ssl": tls,
+        "redbeat_key_prefix": REDBEAT_PREFIX,
+        # A standby beat takes over this long after the active one dies.
+        "redbeat_lock_timeout": 300,
+        "beat_max_loop_interval": 60,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def celery_app(settings: Settings, *, main: str = "batch_infer") -> Celery:
+    """A Celery app on the settings' Redis; the worker adds its tasks to it."""
+    app = Celery(main)
+    app.conf.update(celery_config(settings))
+    return app

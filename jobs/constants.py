@@ -1,0 +1,35 @@
+"""Every Redis key, Celery task name and queue name the system uses.
+
+``jobs`` sends tasks by these names and never imports ``worker``; keeping them
+in one place makes the Redis footprint reviewable at a glance.
+"""
+
+from __future__ import annotations
+
+#: Prefix of every key this project writes (Celery's own queue keys excepted).
+KEY_PREFIX = "bi:"
+
+#: Queue for interactive jobs (``enqueue``); workers consume it first.
+QUEUE_INTERACTIVE = "inference.interactive"
+#: Queue for bulk jobs (files, ``submit_batch``, nightly runs).
+QUEUE_BULK = "inference.bulk"
+#: Queue for housekeeping (dispatch, maintenance, nightly batch creation).
+QUEUE_CONTROL = "inference.control"
+
+TASK_RUN_JOB = "worker.tasks.run_job"
+TASK_DISPATCH = "worker.tasks.dispatch"
+TASK_REQUEUE_STUCK = "worker.tasks.requeue_stuck"
+TASK_NIGHTLY_BATCH = "worker.tasks.nightly_batch"
+
+#: redbeat keeps its schedule and its single-beat lock under this prefix.
+REDBEAT_PREFIX = KEY_PREFIX + "redbeat:"
+
+
+def throttle_log_key(bucket: str) -> str:
+    """Sorted set of admissions: member ``<id>:<tokens>``, score = admit time (ms)."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:log"
+
+
+def throttle_pause_key(bucket: str) -> str:
+    """Redis-time (ms) until which the bucket admits nothing, set after a 429."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:pause"

@@ -1,0 +1,243 @@
+"""Settings read once from the environment into one typed, frozen object.
+
+Every setting uses Heroku's config-var name where one exists. Each default is
+documented beside its field; the README's configuration table mirrors this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Provider limits for one model on one key."""
+
+    rpm: int
+    tpm: int
+    context_tokens: int
+
+
+#: Known limits per model id. A model not listed here needs INFERENCE_RPM and
+#: INFERENCE_TPM (and optionally INFERENCE_CONTEXT_TOKENS) set explicitly.
+MODEL_LIMITS: dict[str, ModelLimits] = {
+    "kimi-k2-5": ModelLimits(rpm=150, tpm=800_000, context_tokens=262_144),
+}
+
+DEFAULT_MODEL = "kimi-k2-5"
+DEFAULT_CONTEXT_TOKENS = 262_144
+
+TpmCharge = Literal["reserve", "actual"]
+
+
+def normalize_database_url(url: str) -> str:
+    """Rewrite Heroku's ``postgres://`` URLs so SQLAlchemy uses psycopg 3.
+
+    SQLAlchemy 1.4+ rejects the ``postgres`` scheme, and a bare ``postgresql://``
+    would pick psycopg2, which is not installed.
+    """
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the system, read once by :meth:`from_env`."""
+
+    #: DATABASE_URL. ``None`` means: run the embedded PostgreSQL under ``var/``.
+    database_url: str | None = None
+    #: REDIS_URL. ``None`` means: run the embedded Redis under ``var/``.
+    redis_url: str | None = None
+    #: INFERENCE_URL. ``None`` means: start the bundled simulator on loopback.
+    inference_url: str | None = None
+    #: INFERENCE_KEY. Never logged; ``repr`` hides it.
+    inference_key: str = field(default="", repr=False)
+    #: INFERENCE_MODEL_ID. Default ``kimi-k2-5``.
+    model_id: str = DEFAULT_MODEL
+    #: INFERENCE_RPM. Default from MODEL_LIMITS (150 for kimi-k2-5).
+    rpm: int = 150
+    #: INFERENCE_TPM. Default from MODEL_LIMITS (800,000 for kimi-k2-5).
+    tpm: int = 800_000
+    #: INFERENCE_CONTEXT_TOKENS. Default from MODEL_LIMITS (262,144 for kimi-k2-5).
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    #: INFERENCE_TPM_CHARGE: ``reserve`` (prompt + max_tokens, default) or ``actual``.
+    tpm_charge: TpmCharge = "reserve"
+    #: INFERENCE_WINDOW_MARGIN, seconds added to the 60 s window the throttle
+    #: enforces, so that a call admitted exactly one window later cannot reach
+    #: the provider before the earlier call's slot has left its window. Default 1.
+    window_margin_s: float = 1.0
+    #: INFERENCE_DEFAULT_MAX_TOKENS. Completion tokens reserved for a request
+    #: that sets no max_tokens (the body itself is sent unchanged). Default 4096.
+    default_max_tokens: int = 4096
+    #: INFERENCE_CONNECT_TIMEOUT, seconds. Default 10.
+    connect_timeout: float = 10.0
+    #: INFERENCE_READ_TIMEOUT, seconds to wait for a response. Default 300.
+    read_timeout: float = 300.0
+    #: INFERENCE_MAX_ATTEMPTS: HTTP calls per job before it fails. Default 5.
+    max_attempts: int = 5
+    #: INFERENCE_BACKOFF_BASE, seconds; doubles per attempt, full jitter. Default 1.
+    backoff_base: float = 1.0
+    #: INFERENCE_BACKOFF_MAX, seconds; cap of one backoff sleep. Default 60.
+    backoff_max: float = 60.0
+    #: WORKER_CONCURRENCY: threads per worker process. Default 100 (enough for
+    #: 150 RPM at 30 s latency plus callers waiting on the throttle).
+    worker_concurrency: int = 100
+    #: DISPATCH_WINDOW: most bulk jobs published to Redis and not yet finished,
+    #: across all workers. Default 2 x WORKER_CONCURRENCY.
+    dispatch_window: int = 200
+    #: DISPATCH_INTERVAL, seconds between dispatcher sweeps in each worker. Default 2.
+    dispatch_interval: float = 2.0
+    #: DISPATCH_REDELIVER_AFTER, seconds after which a published job that no
+    #: worker started is published again (a Redis flush lost it). Default 300.
+    dispatch_redeliver_after: float = 300.0
+    #: BROKER_VISIBILITY_TIMEOUT, seconds before Redis redelivers an unacked
+    #: task. Default 3600; no task may wait longer than this.
+    visibility_timeout: int = 3600
+    #: JOB_LEASE_SECONDS: how long a running job is owned by its worker before
+    #: another may take it over. Default read timeout + 120.
+    job_lease_seconds: float = 420.0
+    #: NIGHTLY_CRON: five-field cron for the scheduled batch, e.g. ``0 2 * * *``.
+    nightly_cron: str | None = None
+    #: NIGHTLY_SOURCE: a JSONL path, or ``package.module:callable`` returning requests.
+    nightly_source: str | None = None
+    #: NIGHTLY_NAME: name prefix of scheduled batches. Default ``nightly``.
+    nightly_name: str = "nightly"
+    #: MAINTENANCE_CRON: when stuck jobs are re-queued. Default ``30 3 * * *``.
+    maintenance_cron: str = "30 3 * * *"
+    #: LOG_BODIES: log request/response bodies (``1``). Default off.
+    log_bodies: bool = False
+    #: VAR_DIR: where the embedded servers keep their data. Default ``./var``.
+    var_dir: Path = Path("var")
+
+    def __post_init__(self) -> None:
+        if self.inference_url is not None:
+            parts = urlsplit(self.inference_url)
+            if parts.scheme != "https" and not (
+                parts.scheme == "http" and is_loopback_host(parts.hostname)
+            ):
+                raise ConfigError(
+                    "INFERENCE_URL must be https:// (plain http:// is accepted only for a "
+                    "loopback simulator), so the key never travels in clear text"
+                )
+
+    @property
+    def simulated(self) -> bool:
+        return self.inference_url is None
+
+    @property
+    def key_fingerprint(self) -> str:
+        """Short, non-reversible tag of the key: shared keys share a bucket."""
+        return hashlib.sha256(self.inference_key.encode()).hexdigest()[:12]
+
+    @property
+    def bucket_name(self) -> str:
+        return f"{self.model_id}:{self.key_fingerprint}"
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        model = e.get("INFERENCE_MODEL_ID") or DEFAULT_MODEL
+        known = MODEL_LIMITS.get(model)
+        if known is None and not (e.get("INFERENCE_RPM") and e.get("INFERENCE_TPM")):
+            raise ConfigError(
+                f"INFERENCE_MODEL_ID={model!r} has no known rate limits; "
+                "set INFERENCE_RPM and INFERENCE_TPM for it"
+            )
+        rpm = _int(e, "INFERENCE_RPM", known.rpm if known else 0, minimum=1)
+        tpm = _int(e, "INFERENCE_TPM", known.tpm if known else 0, minimum=1)
+        context = _int(
+            e,
+            "INFERENCE_CONTEXT_TOKENS",
+            known.context_tokens if known else DEFAULT_CONTEXT_TOKENS,
+            minimum=1,
+        )
+        charge = e.get("INFERENCE_TPM_CHARGE", "reserve")
+        if charge not in ("reserve", "actual"):
+            raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
+        concurrency = _int(e, "WORKER_CONCURRENCY", 100, minimum=1)
+        read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", 300.0)
+        database_url = e.get("DATABASE_URL") or None
+        return cls(
+            database_url=normalize_database_url(database_url) if database_url else None,
+            redis_url=e.get("REDIS_URL") or None,
+            inference_url=(e.get("INFERENCE_URL") or "").rstrip("/") or None,
+            inference_key=e.get("INFERENCE_KEY", ""),
+            model_id=model,
+            rpm=rpm,
+            tpm=tpm,
+            context_tokens=context,
+            tpm_charge="actual" if charge == "actual" else "reserve",
+            window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", 1.0),
+            default_max_tokens=_int(e, "INFERENCE_DEFAULT_MAX_TOKENS", 4096, minimum=1),
+            connect_timeout=_float(e, "INFERENCE_CONNECT_TIMEOUT", 10.0),
+            read_timeout=read_timeout,
+            max_attempts=_int(e, "INFERENCE_MAX_ATTEMPTS", 5, minimum=1),
+            backoff_base=_float(e, "INFERENCE_BACKOFF_BASE", 1.0),
+            backoff_max=_float(e, "INFERENCE_BACKOFF_MAX", 60.0),
+            worker_concurrency=concurrency,
+            dispatch_window=_int(e, "DISPATCH_WINDOW", 2 * concurrency, minimum=1),
+            dispatch_interval=_float(e, "DISPATCH_INTERVAL", 2.0),
+            dispatch_redeliver_after=_float(e, "DISPATCH_REDELIVER_AFTER", 300.0),
+            visibility_timeout=_int(e, "BROKER_VISIBILITY_TIMEOUT", 3600, minimum=60),
+            job_lease_seconds=_float(e, "JOB_LEASE_SECONDS", read_timeout + 120.0),
+            nightly_cron=e.get("NIGHTLY_CRON") or None,
+            nightly_source=e.get("NIGHTLY_SOURCE") or None,
+            nightly_name=e.get("NIGHTLY_NAME", "nightly"),
+            maintenance_cron=e.get("MAINTENANCE_CRON", "30 3 * * *"),
+            log_bodies=e.get("LOG_BODIES", "") in ("1", "true", "yes"),
+            var_dir=Path(e.get("VAR_DIR", "var")),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value

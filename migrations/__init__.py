@@ -1,0 +1,1 @@
+"""Alembic migrations; configured from ``[tool.alembic]`` in pyproject.toml."""
