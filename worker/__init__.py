@@ -1,0 +1,1 @@
+"""Celery side: app, tasks, throttle and model client."""
