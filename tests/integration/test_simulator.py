@@ -1,0 +1,586 @@
+"""The loopback chat-completions simulator, exercised over real sockets with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from jobs.simulator import Simulator, SimulatorConfig
+
+pytestmark = pytest.mark.integration
+
+KEY = "sim-key"
+RESET_RE = re.compile(r"^(\d+ms|\d+(\.\d)?s)$")
+REPO = Path(__file__).resolve().parents[2]
+
+WEATHER_BODY: dict[str, Any] = {
+    "model": "kimi-k2-5",
+    "messages": [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hi there! How can I assist you today?"},
+        {"role": "user", "content": "What's the weather like in Portland, Oregon right now?"},
+    ],
+    "temperature": 0.5,
+    "max_tokens": 100,
+    "stream": False,
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Fetches the current weather for a given city.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "description": "The city."}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ],
+    "tool_choice": "auto",
+    "top_p": 0.9,
+}
+
+StartSim = Callable[..., Simulator]
+
+
+def body(text: str = "Hello there", **extra: Any) -> dict[str, Any]:
+    return {"model": "kimi-k2-5", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def post(
+    client: httpx.Client, sim: Simulator, payload: object, key: str | None = KEY
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return client.post(f"{sim.url}/v1/chat/completions", json=payload, headers=headers)
+
+
+def reset_seconds(value: str) -> float:
+    assert RESET_RE.match(value), value
+    return int(value[:-2]) / 1000 if value.endswith("ms") else float(value[:-1])
+
+
+@pytest.fixture
+def start_sim() -> Iterator[StartSim]:
+    started: list[Simulator] = []
+
+    def _start(**config: Any) -> Simulator:
+        sim = Simulator(SimulatorConfig(**config)).start()
+        started.append(sim)
+        return sim
+
+    yield _start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10.0) as c:
+        yield c
+
+
+def test_auth_rejects_missing_and_wrong_keys_and_follows_rotation(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim()
+    missing = post(client, sim, body(), key=None)
+    wrong = post(client, sim, body(), key="wrong-key-123")
+    for r in (missing, wrong):
+        assert r.status_code == 401
+        error = r.json()["error"]
+        assert error["type"] == "authentication_error"
+        assert error["code"] == "invalid_api_key"
+    assert "wrong-key-123" not in wrong.text
+    assert all("wrong-key-123" not in v for v in wrong.headers.values())
+    assert post(client, sim, body()).status_code == 200
+
+    sim.set_key("rotated-key")
+    assert post(client, sim, body()).status_code == 401
+    assert post(client, sim, body(), key="rotated-key").status_code == 200
+    stats = sim.stats()
+    assert (stats.calls, stats.ok, stats.client_errors) == (5, 2, 3)
+
+
+TOOL_NO_SCHEMA = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"model": "kimi-k2-5"}, "messages"),
+        (body(messages=[]), "messages"),
+        (
+            {"model": "kimi-k2-5", "messages": [{"role": "robot", "content": "x"}]},
+            "messages[0].role",
+        ),
+        (body(max_tokens=0), "max_tokens"),
+        (body(max_tokens="10"), "max_tokens"),
+        (body(stream=True), "stream"),
+        (body(tools=TOOL_NO_SCHEMA), "tools[0].function.parameters"),
+        (
+            body(tools=[{"type": "function", "function": {"name": "bad name!"}}]),
+            "tools[0].function.name",
+        ),
+        (body(tool_choice="required"), "tool_choice"),
+        (
+            {"model": "kimi-k2-5", "messages": [{"role": "user", "content": None}]},
+            "messages[0].content",
+        ),
+        (
+            {"model": "kimi-k2-5", "messages": [{"role": "user", "content": [{"type": "image"}]}]},
+            "messages[0].content",
+        ),
+        (
+            {
+                "model": "kimi-k2-5",
+                "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}],
+            },
+            "messages[1].tool_call_id",
+        ),
+        (body(max_tokens=262_144), "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        (["not", "an", "object"], None),
+    ],
+)
+def test_validation_rejects_with_400_naming_the_param(
+    start_sim: StartSim, client: httpx.Client, payload: object, param: str | None
+) -> None:
+    sim = start_sim()
+    r = post(client, sim, payload)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["code"] is None
+    assert error["message"]
+    stats = sim.stats()
+    assert (stats.calls, stats.client_errors, stats.ok, stats.total_tokens) == (1, 1, 0, 0)
+
+
+def test_unknown_model_invalid_json_and_unknown_paths(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim()
+    r = post(client, sim, {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+    r = client.post(
+        f"{sim.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    assert client.get(f"{sim.url}/v1/chat/completions").status_code == 404
+    assert client.post(f"{sim.url}/v1/completions", json={}).status_code == 404
+    # Only calls to the chat endpoint are counted.
+    assert sim.stats().calls == 2
+
+
+def test_usage_is_deterministic_and_follows_chars_per_token(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    system = "You are terse."
+    user = "Summarise the plot of a novel about a lighthouse keeper in one line."
+    payload = {
+        "model": "kimi-k2-5",
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": [{"type": "text", "text": user}]},
+        ],
+    }
+    sim = start_sim(chars_per_token=4.0)
+    first, second = post(client, sim, payload), post(client, sim, payload)
+    assert first.status_code == second.status_code == 200
+    a, b = first.json(), second.json()
+    assert a["usage"] == b["usage"]
+    assert a["choices"] == b["choices"]
+    assert a["id"] != b["id"] and a["id"].startswith("chatcmpl-sim-")
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+    assert a["object"] == "chat.completion" and a["model"] == "kimi-k2-5"
+    usage = a["usage"]
+    assert usage["prompt_tokens"] == (4 + math.ceil(len(system) / 4)) + (
+        4 + math.ceil(len(user) / 4)
+    )
+    assert 16 <= usage["completion_tokens"] <= 63
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    choice = a["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    content = choice["message"]["content"]
+    assert content.startswith("Simulated reply to: " + user[:40])
+    assert len(content) == usage["completion_tokens"] * 4
+    # No limits configured: no rate-limit headers.
+    assert "x-ratelimit-limit-requests" not in first.headers
+    stats = sim.stats()
+    assert stats.prompt_tokens == 2 * usage["prompt_tokens"]
+    assert stats.total_tokens == 2 * usage["total_tokens"]
+
+    dense = start_sim(chars_per_token=2.0)
+    r = post(client, dense, payload).json()
+    assert r["usage"]["prompt_tokens"] == (4 + math.ceil(len(system) / 2)) + (
+        4 + math.ceil(len(user) / 2)
+    )
+
+    capped = post(client, sim, {**payload, "max_tokens": 5}).json()
+    assert capped["usage"]["completion_tokens"] == 5
+    assert capped["choices"][0]["finish_reason"] == "length"
+
+
+def test_tools_count_as_prompt_tokens(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim()
+    payload = {**WEATHER_BODY, "tool_choice": "none"}
+    r = post(client, sim, payload).json()
+    tools_json = json.dumps(WEATHER_BODY["tools"], sort_keys=True, separators=(",", ":"))
+    expected = sum(4 + math.ceil(len(m["content"]) / 4) for m in WEATHER_BODY["messages"])
+    assert r["usage"]["prompt_tokens"] == expected + math.ceil(len(tools_json) / 4)
+
+
+def test_tool_call_path(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim()
+    r = post(client, sim, WEATHER_BODY)
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None
+    (call,) = message["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Portland"}
+
+    none = post(client, sim, {**WEATHER_BODY, "tool_choice": "none"}).json()["choices"][0]
+    assert "tool_calls" not in none["message"] and isinstance(none["message"]["content"], str)
+
+    second_tool = {"type": "function", "function": {"name": "get_time", "parameters": None}}
+    named = {
+        **WEATHER_BODY,
+        "messages": [{"role": "user", "content": "What time is it?"}],
+        "tools": [*WEATHER_BODY["tools"], second_tool],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+    }
+    picked = post(client, sim, named).json()["choices"][0]["message"]["tool_calls"][0]
+    assert picked["function"]["name"] == "get_time"
+    assert json.loads(picked["function"]["arguments"]) == {}
+
+    # A full tool round trip is valid input: assistant null content with tool_calls, then a
+    # tool message answering it.
+    follow_up = {
+        "model": "kimi-k2-5",
+        "messages": [
+            *WEATHER_BODY["messages"],
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": '{"temp_f": 54}'},
+        ],
+        "tools": WEATHER_BODY["tools"],
+        "tool_choice": "required",
+    }
+    r = post(client, sim, follow_up)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_reasoning_path(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim()
+    thinking = {"enabled": True, "budget_tokens": 1024, "include_reasoning": True}
+    r = post(client, sim, body("Why is the sky blue?", extended_thinking=thinking)).json()
+    reasoning = r["choices"][0]["message"]["reasoning"]
+    assert isinstance(reasoning, str) and reasoning
+    hidden = {"enabled": True, "budget_tokens": 1024}
+    r = post(client, sim, body("Why is the sky blue?", extended_thinking=hidden)).json()
+    assert "reasoning" not in r["choices"][0]["message"]
+
+
+def test_rpm_sliding_window(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=5, window_s=1.5)
+    responses = [post(client, sim, body(f"call {i}")) for i in range(6)]
+    assert [r.status_code for r in responses] == [200] * 5 + [429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in responses] == [
+        "4",
+        "3",
+        "2",
+        "1",
+        "0",
+        "0",
+    ]
+    limited = responses[-1]
+    error = limited.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+    assert limited.headers["x-ratelimit-limit-requests"] == "5"
+    assert "retry-after" not in limited.headers
+    assert "x-ratelimit-limit-tokens" not in limited.headers
+    wait = reset_seconds(limited.headers["x-ratelimit-reset-requests"])
+    assert 0 < wait <= 1.5
+
+    # The reset header is rounded up, so once it has elapsed one slot is free again.
+    time.sleep(wait + 0.05)
+    again = post(client, sim, body("after the window"))
+    assert again.status_code == 200
+    stats = sim.stats()
+    assert (stats.ok, stats.rate_limited, stats.calls) == (6, 1, 7)
+    assert stats.max_requests_in_window == 5
+
+
+def test_retry_after_and_custom_code(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=1, window_s=30.0, retry_after=True, rate_limit_code="429")
+    assert post(client, sim, body()).status_code == 200
+    r = post(client, sim, body())
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "429"
+    assert 29 <= int(r.headers["retry-after"]) <= 30
+
+
+def test_concurrent_burst_admits_exactly_the_limit(start_sim: StartSim) -> None:
+    sim = start_sim(rpm=10, window_s=30.0, latency_min=0.1, latency_max=0.2)
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(timeout=30.0, limits=limits) as ac:
+            tasks = [
+                ac.post(
+                    f"{sim.url}/v1/chat/completions",
+                    json=body(f"burst {i}"),
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+                for i in range(40)
+            ]
+            return [r.status_code for r in await asyncio.gather(*tasks)]
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(200) == 10 and statuses.count(429) == 30
+    stats = sim.stats()
+    assert stats.max_requests_in_window == 10 and stats.duplicate_bodies == 0
+
+
+def test_two_hundred_concurrent_connections(start_sim: StartSim) -> None:
+    sim = start_sim(latency_min=0.5, latency_max=0.5)
+    in_flight = 0
+    peak = 0
+    lock = threading.Lock()
+
+    async def one(ac: httpx.AsyncClient, i: int) -> int:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        r = await ac.post(
+            f"{sim.url}/v1/chat/completions",
+            json=body(f"parallel {i}"),
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        with lock:
+            in_flight -= 1
+        return r.status_code
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(timeout=60.0, limits=limits) as ac:
+            return list(await asyncio.gather(*(one(ac, i) for i in range(220))))
+
+    statuses = asyncio.run(run())
+    assert statuses == [200] * 220
+    assert peak == 220
+    stats = sim.stats()
+    assert stats.ok == 220 and stats.max_requests_in_window == 220
+
+
+def test_tpm_reserve_charges_max_tokens_at_admission(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim(tpm=1000, window_s=30.0, charge="reserve")
+    payload = body("a" * 40, max_tokens=300)  # prompt 4 + 10 = 14, cost 314
+    responses = [post(client, sim, payload) for _ in range(4)]
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining-tokens"] for r in responses] == [
+        "686",
+        "372",
+        "58",
+        "58",
+    ]
+    assert responses[-1].headers["x-ratelimit-limit-tokens"] == "1000"
+    assert reset_seconds(responses[-1].headers["x-ratelimit-reset-tokens"]) > 0
+    completion = responses[0].json()["usage"]["completion_tokens"]
+    stats = sim.stats()
+    assert stats.max_tokens_in_window == 942
+    # Charged tokens are the actual usage of the answered calls, not the reservation.
+    assert stats.total_tokens == 3 * (14 + completion)
+    assert stats.duplicate_bodies == 1
+
+    # A reservation larger than the whole budget can never be admitted.
+    assert post(client, sim, body("b", max_tokens=5000)).status_code == 429
+
+
+def test_tpm_actual_charges_prompt_plus_completion(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim(tpm=200, window_s=30.0, charge="actual")
+    payload = body("a" * 40, max_tokens=5000)
+    statuses = []
+    for _ in range(10):
+        statuses.append(post(client, sim, payload).status_code)
+        if statuses[-1] == 429:
+            break
+    stats = sim.stats()
+    per_call = stats.total_tokens // stats.ok
+    assert statuses.count(200) == 200 // per_call
+    assert statuses[-1] == 429
+    assert stats.max_tokens_in_window == stats.ok * per_call <= 200
+
+
+def test_error_fault_alternates_500_and_503_and_charges_nothing(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim(error_rate=1.0, rpm=100)
+    responses = [post(client, sim, body()) for _ in range(4)]
+    assert sorted(r.status_code for r in responses) == [500, 500, 503, 503]
+    assert all(r.json()["error"]["type"] == "server_error" for r in responses)
+    stats = sim.stats()
+    assert (stats.server_errors, stats.ok, stats.total_tokens) == (4, 0, 0)
+    assert stats.max_requests_in_window == 0
+
+
+def test_malformed_fault(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(malformed_rate=1.0)
+    r = post(client, sim, body())
+    assert r.status_code == 200
+    assert r.text.startswith('{"id": "chatcmpl-sim-')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(r.text)
+    stats = sim.stats()
+    assert (stats.malformed, stats.ok, stats.total_tokens) == (1, 0, 0)
+
+
+def test_hang_fault_trips_the_client_read_timeout(start_sim: StartSim) -> None:
+    sim = start_sim(hang_rate=1.0, hang_seconds=2.0)
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0, read=0.3)) as short,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        post(short, sim, body())
+    stats = sim.stats()
+    assert (stats.hangs, stats.ok, stats.total_tokens) == (1, 0, 0)
+
+
+def test_force_status(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=100, retry_after=True)
+    sim.force_status(503, 0.5)
+    assert post(client, sim, body()).status_code == 503
+    assert post(client, sim, body(), key="not-even-the-right-key").status_code == 503
+    deadline = time.monotonic() + 10
+    while (status := post(client, sim, body()).status_code) == 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status == 200
+
+    sim.force_status(429, 30)
+    r = post(client, sim, body())
+    assert r.status_code == 429
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(r.headers["retry-after"]) >= 1
+    sim.force_status(429, 0)
+    assert post(client, sim, body()).status_code == 200
+    with pytest.raises(ValueError, match="400-599"):
+        sim.force_status(200, 1)
+    stats = sim.stats()
+    assert stats.server_errors >= 2 and stats.rate_limited == 1 and stats.ok == 2
+
+
+def test_duplicate_bodies(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim()
+    for _ in range(3):
+        post(client, sim, body("same"))
+    post(client, sim, body("other"))
+    assert sim.stats().duplicate_bodies == 1
+    # Key order does not make a body different.
+    post(client, sim, {"messages": [{"content": "other", "role": "user"}], "model": "kimi-k2-5"})
+    assert sim.stats().duplicate_bodies == 2
+    post(client, sim, body("same", max_tokens=0))  # a 400 is not an answered duplicate
+    assert sim.stats().duplicate_bodies == 2
+
+
+def test_stats_and_reset_endpoints(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=3, window_s=30.0)
+    for _ in range(4):
+        post(client, sim, body())
+    remote = client.get(f"{sim.url}/stats").json()
+    assert remote == sim.stats().as_dict()
+    assert remote["ok"] == 3 and remote["rate_limited"] == 1
+    assert client.post(f"{sim.url}/reset").status_code == 200
+    assert all(v == 0 for v in sim.stats().as_dict().values())
+    # The window is cleared too.
+    assert post(client, sim, body()).status_code == 200
+
+
+def test_stop_returns_promptly_with_a_hanging_request(start_sim: StartSim) -> None:
+    sim = start_sim(hang_rate=1.0, hang_seconds=60.0)
+    outcome: list[object] = []
+
+    def call() -> None:
+        with httpx.Client(timeout=30.0) as c:
+            try:
+                outcome.append(post(c, sim, body()).status_code)
+            except httpx.TransportError as exc:
+                outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while sim.stats().hangs == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    url = sim.url
+    started = time.monotonic()
+    sim.stop()
+    assert time.monotonic() - started < 5.0
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+    assert outcome and (outcome[0] == 504 or isinstance(outcome[0], httpx.TransportError))
+    with httpx.Client(timeout=2.0) as c, pytest.raises(httpx.ConnectError):
+        c.get(f"{url}/stats")
+
+
+def test_standalone_cli() -> None:
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "jobs.simulator", "--port", "0", "--key", "cli-key-xyz"),
+            *("--rpm", "150", "--tpm", "800000", "--latency", "0:0.01", "--charge", "reserve"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        with httpx.Client(timeout=10.0) as c:
+            r = c.post(
+                f"{url}/v1/chat/completions",
+                json=body(),
+                headers={"Authorization": "Bearer cli-key-xyz"},
+            )
+            assert r.status_code == 200
+            assert r.headers["x-ratelimit-limit-requests"] == "150"
+            assert c.get(f"{url}/stats").json()["ok"] == 1
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["ok"] == 1
+    assert "cli-key-xyz" not in out + err
