@@ -1,0 +1,156 @@
+"""Fill in whatever the environment leaves unset, so a fresh machine needs nothing.
+
+* DATABASE_URL / REDIS_URL unset: the embedded PostgreSQL and Redis
+  (:mod:`jobs.embedded`).
+* INFERENCE_URL unset: the bundled simulator, run as a daemon under VAR_DIR so
+  that the CLI, every worker process and the tests share one simulator and so
+  one rate-limit window, like a real provider. Its key is INFERENCE_KEY when
+  set, or a random one kept in ``VAR_DIR/simulator.key`` (mode 0600); the key
+  reaches the simulator through its environment, never its command line.
+
+Everything started here runs until :func:`stop_all` (``batch-infer services stop``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from jobs import embedded
+from jobs.settings import Settings
+
+#: Simulated latency of the bundled simulator, seconds (uniform), so that a
+#: demo shows calls overlapping the way real ones do.
+SIMULATOR_LATENCY = "0.2:1.5"
+#: Seconds the simulator may take to answer after being launched.
+SIMULATOR_START_TIMEOUT = 15.0
+
+
+def _sim_files(var_dir: Path) -> tuple[Path, Path, Path, Path]:
+    root = Path(var_dir).expanduser().resolve()
+    return root / "simulator.port", root / "simulator.pid", root / "simulator.key", root
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=1.0) as reply:
+            return isinstance(json.loads(reply.read()), dict)
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+
+
+def simulator_url(var_dir: Path) -> str | None:
+    """URL of the simulator running under ``var_dir``, if it answers."""
+    port_file, _, _, _ = _sim_files(var_dir)
+    try:
+        port = int(port_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return f"http://127.0.0.1:{port}" if _answers(port) else None
+
+
+def _simulator_key(key_file: Path, wanted: str) -> str:
+    if wanted:
+        key = wanted
+    elif key_file.exists():
+        key = key_file.read_text().strip()
+    else:
+        key = "sim-" + secrets.token_urlsafe(18)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+def ensure_simulator(settings: Settings) -> tuple[str, str]:
+    """Start the simulator daemon unless it runs; returns ``(url, key)``.
+
+    A running simulator that accepts a different key is restarted with the
+    wanted one.
+    """
+    port_file, pid_file, key_file, root = _sim_files(settings.var_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with embedded.locked(settings.var_dir):
+        url = simulator_url(settings.var_dir)
+        current = key_file.read_text().strip() if key_file.exists() else ""
+        if url is not None and (not settings.inference_key or settings.inference_key == current):
+            return url, current
+        if url is not None:
+            _stop_simulator(settings.var_dir)
+        key = _simulator_key(key_file, settings.inference_key)
+        port = embedded.choose_port(port_file)
+        env = dict(os.environ, SIMULATOR_KEY=key)
+        log = open(root / "simulator.log", "ab")  # noqa: SIM115 - handed to the daemon
+        argv = [
+            sys.executable, "-m", "jobs.simulator", "--port", str(port),
+            "--rpm", str(settings.rpm), "--tpm", str(settings.tpm),
+            "--latency", SIMULATOR_LATENCY, "--model", settings.model_id,
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=root,
+        )  # fmt: skip
+        log.close()
+        pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + SIMULATOR_START_TIMEOUT
+        while not _answers(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise embedded.EmbeddedError(
+                    f"the simulator did not start; see {root / 'simulator.log'}"
+                )
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}", key
+
+
+def _stop_simulator(var_dir: Path) -> bool:
+    port_file, pid_file, _, _ = _sim_files(var_dir)
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return False
+    stopped = False
+    if embedded.pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        stopped = embedded.wait_gone(pid, 10.0)
+        if not stopped:
+            os.kill(pid, signal.SIGKILL)
+            stopped = embedded.wait_gone(pid, 5.0)
+    pid_file.unlink(missing_ok=True)
+    port_file.unlink(missing_ok=True)
+    return stopped
+
+
+def resolve(settings: Settings) -> Settings:
+    """Settings with every service URL filled in, starting what is missing."""
+    settings = embedded.resolve(settings)
+    if settings.inference_url is None:
+        url, key = ensure_simulator(settings)
+        settings = settings.replace(inference_url=url, inference_key=key)
+    return settings
+
+
+def running(var_dir: Path) -> dict[str, str]:
+    """Name → URL of the embedded services running under ``var_dir``."""
+    found = embedded.running(var_dir)
+    url = simulator_url(var_dir)
+    if url is not None:
+        found["simulator"] = url
+    return found
+
+
+def stop(var_dir: Path, names: tuple[str, ...] = ("postgres", "redis", "simulator")) -> list[str]:
+    """Stop the named services under ``var_dir``; returns those that were stopped."""
+    stopped = embedded.stop_all(var_dir, tuple(n for n in names if n != "simulator"))
+    if "simulator" in names and Path(var_dir).is_dir():
+        with embedded.locked(var_dir):
+            if _stop_simulator(var_dir):
+                stopped.append("simulator")
+    return stopped
