@@ -1,0 +1,394 @@
+"""The global throttle against a real Redis: Lua decisions, waiting, pauses, concurrency."""
+
+from __future__ import annotations
+
+import bisect
+import multiprocessing
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, cast
+
+import pytest
+import redis
+
+from jobs.constants import throttle_log_key, throttle_pause_key
+from worker.throttle import (
+    RequestTooLarge,
+    Reservation,
+    Throttle,
+    ThrottleInterrupted,
+    ThrottleTimeout,
+    WindowUsage,
+    earliest_slot,
+)
+from worker.throttle_store import ThrottleStore
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "test-model:0123456789ab"
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts the commands it sends (round trips, pipelines aside)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent = 0
+        self._count_lock = threading.Lock()
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        with self._count_lock:
+            self.sent += 1
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[CountingRedis]:
+    """A counting client on the flushed test database (see conftest's ``redis_url``)."""
+    client = CountingRedis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def log_size(client: redis.Redis) -> int:
+    return int(client.zcard(throttle_log_key(BUCKET)))
+
+
+def members(client: redis.Redis) -> dict[str, int]:
+    """The log as ``member -> score``."""
+    raw = cast(
+        "list[tuple[bytes, float]]",
+        client.zrange(throttle_log_key(BUCKET), 0, -1, withscores=True),
+    )
+    return {member.decode(): int(score) for member, score in raw}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+# --- decisions ------------------------------------------------------------------------
+
+
+def test_first_limit_at_once_then_one_window_later(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=5, tpm=10_000, window_s=1.0)
+    first = [throttle.acquire(10, max_wait=0) for _ in range(5)]
+    assert throttle.usage() == WindowUsage(requests=5, tokens=50)
+    sixth = throttle.acquire(10)
+    # The sixth may only start when the first leaves the window (t - W, t].
+    assert sixth.start_ms == first[0].start_ms + 1000
+    assert log_size(r) == 6
+
+
+def test_token_limit_binds(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=100, tpm=100, window_s=1.0)
+    a = throttle.acquire(60, max_wait=0)
+    throttle.acquire(40, max_wait=0)  # exactly fills the budget
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(1, max_wait=0.5)
+    c = throttle.acquire(1)
+    assert c.start_ms == a.start_ms + 1000
+
+
+def test_settle_changes_the_next_slot(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=100, tpm=100, window_s=1.0)
+    a = throttle.acquire(60, max_wait=0)
+    throttle.acquire(40, max_wait=0)
+    throttle.settle(a, 10)  # reserved 60, used 10
+    assert throttle.usage() == WindowUsage(requests=2, tokens=50)
+    throttle.acquire(50, max_wait=0)  # fits only because of the lower charge
+    throttle.settle(a, 60)  # charged more after all: the next slot moves out
+    assert throttle.usage().tokens == 150
+    d = throttle.acquire(1)
+    assert d.start_ms == a.start_ms + 1000
+    assert members(r)[f"{a.id}:60"] == a.start_ms
+
+
+def test_release_frees_a_slot(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=2, tpm=1000, window_s=1.0)
+    throttle.acquire(1, max_wait=0)
+    b = throttle.acquire(1, max_wait=0)
+    throttle.release(b)
+    assert throttle.usage() == WindowUsage(requests=1, tokens=1)
+    throttle.acquire(1, max_wait=0)
+    assert throttle.usage().requests == 2
+
+
+def test_request_too_large(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=10, tpm=100, window_s=1.0)
+    with pytest.raises(RequestTooLarge, match=r"101 tokens .* only 100 tokens"):
+        throttle.acquire(101)
+    assert log_size(r) == 0
+    throttle.acquire(100, max_wait=0)  # exactly the budget is fine
+
+
+def test_timeout_takes_no_slot(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=2.0)
+    a = throttle.acquire(1, max_wait=0)
+    started = time.monotonic()
+    with pytest.raises(ThrottleTimeout, match="beyond max_wait"):
+        throttle.acquire(1, max_wait=0.5)
+    assert time.monotonic() - started < 1.5  # refused up front, not after waiting
+    assert log_size(r) == 1
+    # Nothing was left behind: the next request gets the very slot the refused one saw.
+    b = throttle.acquire(1, max_wait=2.5)
+    assert b.start_ms == a.start_ms + 2000
+
+
+def test_negative_max_wait_means_only_now(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=1.0)
+    throttle.acquire(1, max_wait=-5)
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(1, max_wait=-5)
+
+
+def test_pause_delays_waiting_and_new_reservations(r: CountingRedis) -> None:
+    # Two-second window: the pause must land while the third reservation still sleeps.
+    throttle = Throttle(r, BUCKET, rpm=2, tpm=1000, window_s=2.0)
+    a = throttle.acquire(1, max_wait=0)
+    throttle.acquire(1, max_wait=0)
+    with ThreadPoolExecutor(1) as pool:
+        waiting: Future[Reservation] = pool.submit(throttle.acquire, 1)
+        wait_until(lambda: log_size(r) == 3)
+        planned = int(r.zrevrange(throttle_log_key(BUCKET), 0, 0, withscores=True)[0][1])
+        assert planned == a.start_ms + 2000
+        throttle.pause(2.5)
+        pause_until = int(r.get(throttle_pause_key(BUCKET)) or 0)
+        assert pause_until > planned
+        assert 0 < throttle.paused_for() <= 2.5
+        late = throttle.acquire(1)  # made during the pause
+        moved = waiting.result(timeout=10)  # made before it, moved on confirm
+    assert late.start_ms >= pause_until
+    assert moved.start_ms >= pause_until
+    assert throttle.paused_for() == 0.0
+    log = members(r)
+    assert log[f"{moved.id}:1"] == moved.start_ms
+    assert planned not in log.values()  # the moved reservation left its old slot
+
+
+def test_pause_never_shortens(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=2, tpm=1000, window_s=1.0)
+    throttle.pause(5)
+    throttle.pause(1)
+    assert throttle.paused_for() > 4
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(1, max_wait=2)
+    assert log_size(r) == 0
+
+
+def test_pause_beyond_max_wait_during_sleep_times_out(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=2.0)
+    a = throttle.acquire(1, max_wait=0)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(throttle.acquire, 1, max_wait=3)
+        wait_until(lambda: log_size(r) == 2)
+        throttle.pause(8)  # the sleeper wakes at 2 s and finds its new slot 8 s out
+        with pytest.raises(ThrottleTimeout):
+            waiting.result(timeout=10)
+    # Only the first admission may remain (or nothing, once it left the window).
+    assert set(members(r).values()) <= {a.start_ms}
+
+
+def test_stop_event_interrupts_the_wait(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=30.0)
+    throttle.acquire(1, max_wait=0)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(throttle.acquire, 1, stop=stop)
+        wait_until(lambda: log_size(r) == 2)
+        stop.set()
+        with pytest.raises(ThrottleInterrupted):
+            waiting.result(timeout=10)  # far sooner than the 30 s slot
+    assert log_size(r) == 1
+    with pytest.raises(ThrottleInterrupted):
+        throttle.acquire(1, stop=stop)
+    assert log_size(r) == 1
+
+
+def test_bucket_keys_carry_ttls(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=5, tpm=1000, window_s=1.0)
+    throttle.acquire(1)
+    throttle.pause(0.2)
+    assert 0 < r.pttl(throttle_log_key(BUCKET)) <= 2000
+    assert 0 < r.pttl(throttle_pause_key(BUCKET)) <= 200
+
+
+def test_lua_matches_reference_on_random_logs(r: CountingRedis) -> None:
+    rng = random.Random(20261129)
+    log_key, pause_key = throttle_log_key(BUCKET), throttle_pause_key(BUCKET)
+    for case in range(300):
+        r.delete(log_key, pause_key)
+        window_ms = rng.choice([50, 700, 5000, 60_000])
+        rpm, tpm = rng.randint(1, 12), rng.randint(1, 2000)
+        seconds, micros = r.time()
+        now = seconds * 1000 + micros // 1000
+        entries = [
+            (now + rng.randint(-window_ms, 2 * window_ms), rng.randint(0, tpm))
+            for _ in range(rng.randint(0, 20))
+        ]
+        for i, (score, tokens) in enumerate(entries):
+            r.zadd(log_key, {f"e{i}:{tokens}": score})
+        pause_until = 0
+        if rng.random() < 0.3:
+            pause_until = now + rng.randint(1, 3 * window_ms)
+            r.set(pause_key, pause_until, px=pause_until - now)
+        cost = rng.randint(0, tpm)
+        store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+        decision = store.reserve("new", cost, rpm=rpm, tpm=tpm, max_wait_ms=10**9)
+        expected = earliest_slot(
+            entries,
+            now_ms=decision.now_ms,
+            pause_until_ms=pause_until,
+            window_ms=window_ms,
+            rpm=rpm,
+            tpm=tpm,
+            cost=cost,
+        )
+        assert decision.admitted
+        assert decision.slot_ms == expected, f"case {case}"
+        assert r.zscore(log_key, f"new:{cost}") == expected
+
+
+# --- concurrency ----------------------------------------------------------------------
+
+WINDOW_S = 1.0
+RPM, TPM, MAX_COST = 20, 1000, 120
+
+
+def worst_window(records: list[tuple[int, int]], window_ms: int) -> tuple[int, int]:
+    """Most requests and most tokens in any half-open span [s, s + W) of the admissions."""
+    records = sorted(records)
+    starts = [start for start, _ in records]
+    prefix = [0]
+    for _, tokens in records:
+        prefix.append(prefix[-1] + tokens)
+    most_requests = most_tokens = 0
+    for i, start in enumerate(starts):
+        j = bisect.bisect_left(starts, start + window_ms)
+        most_requests = max(most_requests, j - i)
+        most_tokens = max(most_tokens, prefix[j] - prefix[i])
+    return most_requests, most_tokens
+
+
+def assert_within_limits_and_busy(records: list[tuple[int, int]]) -> None:
+    window_ms = int(WINDOW_S * 1000)
+    requests, tokens = worst_window(records, window_ms)
+    assert requests <= RPM
+    assert tokens <= TPM
+    # Busy means close to the limit: each window admits at least min(rpm, tpm / max cost)
+    # requests while demand exceeds the limit, so count whole windows minus one.
+    starts = sorted(start for start, _ in records)
+    windows = (starts[-1] - starts[0]) // window_ms
+    assert windows >= 2
+    assert len(records) >= min(RPM, TPM // MAX_COST) * (windows - 1)
+
+
+def hammer(throttle: Throttle, stop: threading.Event, seed: int, out: list[tuple[int, int]]) -> int:
+    """Acquire, settle at or below the reservation, repeat; return interruptions (0 or 1)."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        cost = rng.randint(1, MAX_COST)
+        try:
+            reservation = throttle.acquire(cost, max_wait=60, stop=stop)
+        except ThrottleInterrupted:
+            return 1
+        charged = cost
+        if rng.random() < 0.5:
+            charged = rng.randint(cost // 2, cost)
+            throttle.settle(reservation, charged)
+        out.append((reservation.start_ms, charged))
+    return 0
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def test_threads_never_over_admit(r: CountingRedis) -> None:
+    throttle = Throttle(r, BUCKET, rpm=RPM, tpm=TPM, window_s=WINDOW_S)
+    throttle.acquire(0)  # loads the scripts, so the count below is steady-state
+    r.flushdb()
+    stop = threading.Event()
+    records: list[tuple[int, int]] = []
+    before_server = command_calls(r)
+    before_client = r.sent
+    with ThreadPoolExecutor(40) as pool:
+        futures = [pool.submit(hammer, throttle, stop, seed, records) for seed in range(40)]
+        time.sleep(4.0)
+        stop.set()
+        interrupted = sum(f.result(timeout=30) for f in futures)
+    sent = r.sent - before_client
+    after_server = command_calls(r)
+    assert_within_limits_and_busy(records)
+    # reserve + confirm (if it slept) + settle per admitted call; reserve + release for
+    # each interrupted one.
+    assert sent <= 3 * len(records) + 2 * interrupted
+    delta = {k: after_server.get(k, 0) - before_server.get(k, 0) for k in after_server}
+    per_admitted = (sent - 2 * interrupted) / len(records)
+    print(
+        f"\nadmitted={len(records)} interrupted={interrupted} client commands={sent} "
+        f"(~{per_admitted:.2f} per admitted call); worst window (requests, tokens)="
+        f"{worst_window(records, int(WINDOW_S * 1000))}; server command deltas "
+        "(server-wide, other clients included): "
+        + ", ".join(f"{k}={v}" for k, v in sorted(delta.items()) if v)
+    )
+
+
+def process_worker(
+    redis_url: str, seed: int, barrier: Any, results: Any, duration: float, threads: int = 6
+) -> None:
+    """One OS process with a few threads on the shared bucket; ships its admissions back."""
+    client = redis.Redis.from_url(redis_url)
+    throttle = Throttle(client, BUCKET, rpm=RPM, tpm=TPM, window_s=WINDOW_S)
+    stop = threading.Event()
+    records: list[tuple[int, int]] = []
+    barrier.wait()
+    workers = [
+        threading.Thread(target=hammer, args=(throttle, stop, seed * 100 + i, records))
+        for i in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    time.sleep(duration)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    client.close()
+    results.put(records)
+
+
+def test_processes_never_over_admit(r: CountingRedis, redis_url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    results = ctx.Queue()
+    processes = [
+        ctx.Process(target=process_worker, args=(redis_url, seed, barrier, results, 4.0))
+        for seed in range(3)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        barrier.wait(timeout=60)
+        records: list[tuple[int, int]] = []
+        for _ in processes:
+            records.extend(results.get(timeout=60))
+    finally:
+        barrier.abort()  # frees children still at the barrier if the parent gave up
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    assert all(process.exitcode == 0 for process in processes)
+    assert_within_limits_and_busy(records)
+    print(
+        f"\nprocesses: admitted={len(records)} worst window (requests, tokens)="
+        f"{worst_window(records, int(WINDOW_S * 1000))}"
+    )
