@@ -1,0 +1,441 @@
+"""The job state machine, in SQL.
+
+Every status change goes through this module so that the batch counters move in
+the same transaction as the job row::
+
+    queued ──claim──▶ running ──record_success──▶ succeeded
+      ▲  │               │ └──────record_failure──▶ failed ──retry_batch──▶ queued
+      │  └──cancel──▶ cancelled
+      └────hand_back / requeue_stuck (lease expired)──┘
+
+A ``running`` job is leased to one worker until ``lease_until``; a redelivered
+task for it is ignored until the lease expires, and a finished job is never
+claimed again, so a duplicate Celery message costs nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from jobs.batchfile import BatchItem
+from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
+
+#: Rows per INSERT statement when a batch is stored.
+INSERT_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run one job."""
+
+    id: int
+    batch_id: int | None
+    custom_id: str
+    model: str
+    request: dict[str, Any]
+    est_prompt_tokens: int
+    priority: int
+    attempts: int
+
+
+def _move(session: Session, batch_id: int | None, frm: str, to: str, n: int = 1) -> None:
+    """Move ``n`` jobs of a batch between two counters, completing it when none are left.
+
+    All expressions of one UPDATE see the row's old values, so the completion
+    test applies the same deltas as the counters.
+    """
+    if batch_id is None or n == 0 or frm == to:
+        return
+    delta = {frm: -n, to: n}
+    empty = and_(
+        Batch.queued + delta.get("queued", 0) == 0,
+        Batch.running + delta.get("running", 0) == 0,
+    )
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(
+            {
+                frm: getattr(Batch, frm) - n,
+                to: getattr(Batch, to) + n,
+                "status": case(
+                    (and_(empty, Batch.status == BatchStatus.IN_PROGRESS), BatchStatus.COMPLETED),
+                    else_=Batch.status,
+                ),
+                # A cancelled batch is finished once its last running job is.
+                "finished_at": case(
+                    (and_(empty, Batch.finished_at.is_(None)), func.now()),
+                    else_=Batch.finished_at,
+                ),
+            }
+        )
+    )
+
+
+def create_batch(
+    session: Session,
+    *,
+    name: str,
+    source: str,
+    items: Sequence[BatchItem],
+    priority: Priority = Priority.BULK,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[int, bool]:
+    """Store a batch and all its jobs; returns ``(batch_id, created)``.
+
+    With an ``idempotency_key`` that already exists, nothing is written and the
+    existing batch is returned with ``created=False``.
+    """
+    values = {
+        "name": name,
+        "source": source,
+        "status": BatchStatus.IN_PROGRESS,
+        "idempotency_key": idempotency_key,
+        "total": len(items),
+        "queued": len(items),
+        "meta": metadata or {},
+    }
+    if idempotency_key is not None:
+        stmt = (
+            pg_insert(Batch)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=[Batch.idempotency_key])
+            .returning(Batch.id)
+        )
+        batch_id = session.execute(stmt).scalar_one_or_none()
+        if batch_id is None:
+            existing = session.execute(
+                select(Batch.id).where(Batch.idempotency_key == idempotency_key)
+            ).scalar_one()
+            return existing, False
+    else:
+        batch_id = session.execute(insert(Batch).values(**values).returning(Batch.id)).scalar_one()
+    if not items:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(status=BatchStatus.COMPLETED, finished_at=func.now())
+        )
+        return batch_id, True
+    for start in range(0, len(items), INSERT_CHUNK):
+        chunk = items[start : start + INSERT_CHUNK]
+        session.execute(
+            insert(Job),
+            [
+                {
+                    "batch_id": batch_id,
+                    "custom_id": item.custom_id,
+                    "priority": priority,
+                    "model": item.request.model,
+                    "request": item.request.body,
+                    "est_prompt_tokens": item.request.est_prompt_tokens,
+                    "status": JobStatus.QUEUED,
+                }
+                for item in chunk
+            ],
+        )
+    return batch_id, True
+
+
+def create_job(
+    session: Session,
+    item: BatchItem,
+    *,
+    priority: Priority,
+    metadata: dict[str, Any] | None = None,
+) -> int:
+    """Store one job outside any batch (``enqueue``)."""
+    return session.execute(
+        insert(Job)
+        .values(
+            batch_id=None,
+            custom_id=item.custom_id,
+            priority=priority,
+            model=item.request.model,
+            request=item.request.body,
+            est_prompt_tokens=item.request.est_prompt_tokens,
+            status=JobStatus.QUEUED,
+            meta=metadata or {},
+        )
+        .returning(Job.id)
+    ).scalar_one()
+
+
+def claim(session: Session, job_id: int, *, lease_s: float) -> ClaimedJob | None:
+    """Take a job for running, or ``None`` when it is finished or leased elsewhere."""
+    job = session.execute(
+        # Wait for a dispatcher that still holds the row: it publishes before it commits.
+        select(Job).where(Job.id == job_id).with_for_update()
+    ).scalar_one_or_none()
+    if job is None:
+        return None
+    now = session.execute(select(func.now())).scalar_one()
+    if job.status == JobStatus.QUEUED:
+        _move(session, job.batch_id, "queued", "running")
+    elif not (job.status == JobStatus.RUNNING and job.lease_until and job.lease_until < now):
+        return None
+    job.status = JobStatus.RUNNING
+    job.started_at = job.started_at or now
+    job.lease_until = now + dt.timedelta(seconds=lease_s)
+    return ClaimedJob(
+        id=job.id,
+        batch_id=job.batch_id,
+        custom_id=job.custom_id,
+        model=job.model,
+        request=job.request,
+        est_prompt_tokens=job.est_prompt_tokens,
+        priority=job.priority,
+        attempts=job.attempts,
+    )
+
+
+def begin_attempt(session: Session, job_id: int, *, lease_s: float) -> int | None:
+    """Write the ledger row for a call about to be made; returns its attempt number.
+
+    Returns ``None`` when the job is no longer running (cancelled meanwhile).
+    The row exists before the call, so a worker killed mid-call still leaves a
+    trace of a call the provider may have charged.
+    """
+    number = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(
+            attempts=Job.attempts + 1,
+            lease_until=func.now() + dt.timedelta(seconds=lease_s),
+        )
+        .returning(Job.attempts, Job.model)
+    ).one_or_none()
+    if number is None:
+        return None
+    session.execute(
+        insert(Attempt).values(
+            job_id=job_id, number=number.attempts, model=number.model, started_at=func.now()
+        )
+    )
+    return int(number.attempts)
+
+
+def finish_attempt(
+    session: Session,
+    job_id: int,
+    number: int,
+    *,
+    latency_ms: int,
+    http_status: int | None,
+    error_kind: str | None = None,
+    error_message: str | None = None,
+    request_id: str | None = None,
+    usage: tuple[int, int, int] = (0, 0, 0),
+) -> None:
+    """Complete the ledger row of one call with what the provider reported."""
+    session.execute(
+        update(Attempt)
+        .where(Attempt.job_id == job_id, Attempt.number == number)
+        .values(
+            latency_ms=latency_ms,
+            http_status=http_status,
+            error_kind=error_kind,
+            error_message=error_message,
+            request_id=request_id,
+            prompt_tokens=usage[0],
+            completion_tokens=usage[1],
+            total_tokens=usage[2],
+        )
+    )
+
+
+def _finish(session: Session, job_id: int, status: JobStatus, **values: Any) -> bool:
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(status=status, finished_at=func.now(), lease_until=None, **values)
+        .returning(Job.batch_id)
+    ).one_or_none()
+    if row is None:
+        return False
+    _move(session, row.batch_id, "running", status.value)
+    return True
+
+
+def record_success(
+    session: Session,
+    job_id: int,
+    *,
+    response: dict[str, Any],
+    output_text: str | None,
+    reasoning_text: str | None,
+    tool_calls: list[Any] | None,
+    finish_reason: str | None,
+    usage: tuple[int, int, int],
+) -> bool:
+    return _finish(
+        session,
+        job_id,
+        JobStatus.SUCCEEDED,
+        response=response,
+        output_text=output_text,
+        reasoning_text=reasoning_text,
+        tool_calls=tool_calls,
+        finish_reason=finish_reason,
+        prompt_tokens=usage[0],
+        completion_tokens=usage[1],
+        total_tokens=usage[2],
+        error_code=None,
+        last_error=None,
+    )
+
+
+def record_failure(session: Session, job_id: int, *, code: str, message: str) -> bool:
+    return _finish(session, job_id, JobStatus.FAILED, error_code=code, last_error=message)
+
+
+def hand_back(session: Session, job_id: int, *, reason: str | None = None) -> bool:
+    """Return a running job to the queue (shutdown, throttle wait too long)."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(
+            status=JobStatus.QUEUED,
+            dispatched_at=None,
+            lease_until=None,
+            last_error=reason if reason is not None else Job.last_error,
+        )
+        .returning(Job.batch_id)
+    ).one_or_none()
+    if row is None:
+        return False
+    _move(session, row.batch_id, "running", "queued")
+    return True
+
+
+def requeue_stuck(session: Session, *, limit: int = 1000) -> int:
+    """Hand back running jobs whose lease expired (their worker died)."""
+    ids = (
+        session.execute(
+            select(Job.id)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_until < func.now())
+            .order_by(Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+    return sum(hand_back(session, job_id, reason="worker lost; re-queued") for job_id in ids)
+
+
+def cancel_batch(session: Session, batch_id: int) -> int:
+    """Cancel every queued job of a batch; running ones finish and are recorded.
+
+    Returns how many jobs were cancelled; a finished batch is left as it is.
+    """
+    if (
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.IN_PROGRESS)
+            .values(status=BatchStatus.CANCELLED)
+            .returning(Batch.id)
+        ).one_or_none()
+        is None
+    ):
+        return 0
+    ids = (
+        session.execute(
+            update(Job)
+            .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, finished_at=func.now(), dispatched_at=None)
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
+    _move(session, batch_id, "queued", "cancelled", len(ids))
+    return len(ids)
+
+
+def retry_batch(session: Session, batch_id: int) -> int:
+    """Put the failed jobs of a batch back in the queue; the batch runs again."""
+    ids = (
+        session.execute(
+            update(Job)
+            .where(Job.batch_id == batch_id, Job.status == JobStatus.FAILED)
+            .values(
+                status=JobStatus.QUEUED,
+                finished_at=None,
+                dispatched_at=None,
+                started_at=None,
+                error_code=None,
+            )
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
+    if ids:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(
+                failed=Batch.failed - len(ids),
+                queued=Batch.queued + len(ids),
+                status=BatchStatus.IN_PROGRESS,
+                finished_at=None,
+            )
+        )
+    return len(ids)
+
+
+def dispatchable(
+    session: Session, *, bulk_room: int, redeliver_after_s: float
+) -> list[tuple[int, int]]:
+    """Lock queued jobs to publish, as ``(id, priority)``: interactive ones first,
+    then up to ``bulk_room`` bulk ones.
+
+    A job published long ago and still queued lost its message (a Redis flush);
+    it is published again. ``SKIP LOCKED`` keeps two dispatchers apart.
+    """
+    stale = func.now() - dt.timedelta(seconds=redeliver_after_s)
+    ready = and_(
+        Job.status == JobStatus.QUEUED,
+        or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale),
+    )
+    picked: list[tuple[int, int]] = []
+    for priority, limit in ((Priority.INTERACTIVE, 1000), (Priority.BULK, bulk_room)):
+        if limit <= 0:
+            continue
+        rows = session.execute(
+            select(Job.id)
+            .where(ready, Job.priority == priority)
+            .order_by(Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        picked.extend((job_id, int(priority)) for job_id in rows.scalars())
+    return picked
+
+
+def outstanding_bulk(session: Session) -> int:
+    """Bulk jobs published to Redis and not finished: the dispatcher's window use."""
+    return session.execute(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.priority == Priority.BULK,
+            or_(
+                and_(Job.status == JobStatus.QUEUED, Job.dispatched_at.is_not(None)),
+                Job.status == JobStatus.RUNNING,
+            ),
+        )
+    ).scalar_one()
+
+
+def mark_dispatched(session: Session, job_ids: Sequence[int]) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(dispatched_at=func.now()))

@@ -1,0 +1,253 @@
+"""The job state machine and the dispatcher against the real Postgres and Redis."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+
+from jobs import store
+from jobs.batchfile import BatchItem
+from jobs.connections import celery_app, redis_client
+from jobs.constants import QUEUE_BULK, QUEUE_INTERACTIVE
+from jobs.db import session_scope
+from jobs.dispatch import dispatch
+from jobs.models import Attempt, Batch, Job, JobStatus, Priority
+from jobs.settings import Settings
+from jobs.validation import CheckedRequest
+
+pytestmark = pytest.mark.integration
+
+
+def item(n: int) -> BatchItem:
+    body: dict[str, Any] = {
+        "model": "kimi-k2-5",
+        "messages": [{"role": "user", "content": f"question {n}"}],
+        "max_tokens": 50,
+    }
+    return BatchItem(
+        line=n,
+        custom_id=f"req-{n}",
+        request=CheckedRequest(body=body, model="kimi-k2-5", max_tokens=50, est_prompt_tokens=10),
+    )
+
+
+def make_batch(db: str, n: int, **kwargs: Any) -> int:
+    with session_scope(db) as session:
+        batch_id, created = store.create_batch(
+            session, name="t", source="api", items=[item(i) for i in range(1, n + 1)], **kwargs
+        )
+    assert created
+    return batch_id
+
+
+def counters(db: str, batch_id: int) -> dict[str, Any]:
+    with session_scope(db) as session:
+        b = session.get(Batch, batch_id)
+        assert b is not None
+        return {
+            "status": b.status,
+            "total": b.total,
+            "queued": b.queued,
+            "running": b.running,
+            "succeeded": b.succeeded,
+            "failed": b.failed,
+            "cancelled": b.cancelled,
+            "finished": b.finished_at is not None,
+        }
+
+
+def job_ids(db: str, batch_id: int) -> list[int]:
+    with session_scope(db) as session:
+        return list(
+            session.execute(select(Job.id).where(Job.batch_id == batch_id).order_by(Job.id))
+            .scalars()
+            .all()
+        )
+
+
+def test_batch_counters_follow_every_transition(clean_db: str) -> None:
+    batch_id = make_batch(clean_db, 3)
+    a, b, c = job_ids(clean_db, batch_id)
+    assert counters(clean_db, batch_id)["queued"] == 3
+    with session_scope(clean_db) as s:
+        assert store.claim(s, a, lease_s=60) is not None
+        assert store.claim(s, b, lease_s=60) is not None
+    assert counters(clean_db, batch_id) | {} == {
+        "status": "in_progress", "total": 3, "queued": 1, "running": 2,
+        "succeeded": 0, "failed": 0, "cancelled": 0, "finished": False,
+    }  # fmt: skip
+    with session_scope(clean_db) as s:
+        assert store.record_success(
+            s, a, response={"id": "x"}, output_text="hi", reasoning_text=None,
+            tool_calls=None, finish_reason="stop", usage=(10, 5, 15),
+        )  # fmt: skip
+        assert store.record_failure(s, b, code="rejected", message="400 bad")
+        assert store.cancel_batch(s, batch_id) == 1
+    final = counters(clean_db, batch_id)
+    assert final == {
+        "status": "cancelled", "total": 3, "queued": 0, "running": 0,
+        "succeeded": 1, "failed": 1, "cancelled": 1, "finished": True,
+    }  # fmt: skip
+    assert c  # the cancelled one
+
+
+def test_batch_completes_when_last_job_finishes(clean_db: str) -> None:
+    batch_id = make_batch(clean_db, 2)
+    for job_id in job_ids(clean_db, batch_id):
+        with session_scope(clean_db) as s:
+            store.claim(s, job_id, lease_s=60)
+        assert counters(clean_db, batch_id)["status"] == "in_progress"
+        with session_scope(clean_db) as s:
+            store.record_failure(s, job_id, code="x", message="y")
+    final = counters(clean_db, batch_id)
+    assert final["status"] == "completed" and final["finished"] and final["failed"] == 2
+
+
+def test_claim_is_exclusive_until_the_lease_expires(clean_db: str) -> None:
+    (job_id,) = job_ids(clean_db, make_batch(clean_db, 1))
+    with session_scope(clean_db) as s:
+        assert store.claim(s, job_id, lease_s=300) is not None
+    with session_scope(clean_db) as s:
+        assert store.claim(s, job_id, lease_s=300) is None  # redelivered: leased elsewhere
+        s.execute(update(Job).where(Job.id == job_id).values(lease_until=func.now()))
+    with session_scope(clean_db) as s:
+        taken = store.claim(s, job_id, lease_s=300)
+    assert taken is not None and taken.id == job_id
+    with session_scope(clean_db) as s:
+        store.record_success(
+            s, job_id, response={}, output_text="", reasoning_text=None,
+            tool_calls=None, finish_reason="stop", usage=(1, 1, 2),
+        )  # fmt: skip
+    with session_scope(clean_db) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(lease_until=func.now()))
+        assert store.claim(s, job_id, lease_s=300) is None  # finished: never again
+
+
+def test_attempt_rows_are_numbered_and_written_before_the_call(clean_db: str) -> None:
+    (job_id,) = job_ids(clean_db, make_batch(clean_db, 1))
+    with session_scope(clean_db) as s:
+        store.claim(s, job_id, lease_s=60)
+        first = store.begin_attempt(s, job_id, lease_s=60)
+        second = store.begin_attempt(s, job_id, lease_s=60)
+        store.finish_attempt(
+            s, job_id, 2, latency_ms=12, http_status=200, request_id="r", usage=(3, 4, 7)
+        )
+    assert (first, second) == (1, 2)
+    with session_scope(clean_db) as s:
+        rows = s.execute(select(Attempt).order_by(Attempt.number)).scalars().all()
+        assert [(r.number, r.http_status, r.total_tokens) for r in rows] == [
+            (1, None, 0),
+            (2, 200, 7),
+        ]
+        store.record_failure(s, job_id, code="x", message="y")
+        assert store.begin_attempt(s, job_id, lease_s=60) is None
+
+
+def test_requeue_stuck_and_retry_batch(clean_db: str) -> None:
+    batch_id = make_batch(clean_db, 2)
+    a, b = job_ids(clean_db, batch_id)
+    with session_scope(clean_db) as s:
+        store.claim(s, a, lease_s=60)
+        store.claim(s, b, lease_s=60)
+        s.execute(update(Job).where(Job.id == a).values(lease_until=func.now()))
+    with session_scope(clean_db) as s:
+        assert store.requeue_stuck(s) == 1
+        store.record_failure(s, b, code="server_error", message="503")
+    assert counters(clean_db, batch_id)["queued"] == 1
+    with session_scope(clean_db) as s:
+        assert store.retry_batch(s, batch_id) == 1
+    state = counters(clean_db, batch_id)
+    assert (state["queued"], state["failed"], state["status"]) == (2, 0, "in_progress")
+
+
+def test_idempotency_key_creates_a_batch_once(clean_db: str) -> None:
+    with session_scope(clean_db) as s:
+        first, created = store.create_batch(
+            s, name="n", source="schedule", items=[item(1)], idempotency_key="k1"
+        )
+    with session_scope(clean_db) as s:
+        again, created_again = store.create_batch(
+            s, name="n", source="schedule", items=[item(1), item(2)], idempotency_key="k1"
+        )
+    assert created and not created_again and first == again
+    assert counters(clean_db, first)["total"] == 1
+
+
+def _queue_lengths(redis_url: str) -> tuple[int, int]:
+    client = redis_client(redis_url)
+    try:
+        return int(client.llen(QUEUE_INTERACTIVE)), int(client.llen(QUEUE_BULK))
+    finally:
+        client.close()
+
+
+def test_dispatch_fills_the_window_and_publishes_each_job_once(
+    clean_db: str, redis_url: str
+) -> None:
+    settings = Settings(database_url=clean_db, redis_url=redis_url, dispatch_window=5)
+    app = celery_app(settings)
+    make_batch(clean_db, 12)
+    with session_scope(clean_db) as s:
+        interactive = store.create_job(s, item(99), priority=Priority.INTERACTIVE)
+    assert dispatch(settings, app) == 6  # the interactive job skips the window
+    assert _queue_lengths(redis_url) == (1, 5)
+    assert dispatch(settings, app) == 0  # window full: nothing more
+    with session_scope(clean_db) as s:
+        store.claim(s, interactive, lease_s=60)
+        first_bulk = s.execute(
+            select(Job.id).where(Job.priority == Priority.BULK).order_by(Job.id).limit(1)
+        ).scalar_one()
+        store.claim(s, first_bulk, lease_s=60)
+        store.record_failure(s, first_bulk, code="x", message="y")
+    assert dispatch(settings, app) == 1  # one slot freed, one more published
+    assert _queue_lengths(redis_url) == (1, 6)
+
+
+def test_concurrent_dispatchers_never_publish_the_same_job(clean_db: str, redis_url: str) -> None:
+    settings = Settings(database_url=clean_db, redis_url=redis_url, dispatch_window=1000)
+    make_batch(clean_db, 300)
+    published: list[int] = []
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            published.append(dispatch(settings, celery_app(settings)))
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweep) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(published) == 300
+    assert _queue_lengths(redis_url) == (0, 300)
+    client = redis_client(redis_url)
+    try:
+        bodies = client.lrange(QUEUE_BULK, 0, -1)
+    finally:
+        client.close()
+    assert len(set(bodies)) == 300
+
+
+def test_lost_messages_are_published_again(clean_db: str, redis_url: str) -> None:
+    settings = Settings(
+        database_url=clean_db, redis_url=redis_url, dispatch_window=10, dispatch_redeliver_after=1
+    )
+    app = celery_app(settings)
+    make_batch(clean_db, 3)
+    assert dispatch(settings, app) == 3
+    redis_client(redis_url).flushdb()  # Redis lost everything
+    with session_scope(clean_db) as s:
+        s.execute(
+            update(Job).values(dispatched_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 0, 5))
+        )
+    assert dispatch(settings, app) == 3
+    assert _queue_lengths(redis_url) == (0, 3)
+    with session_scope(clean_db) as s:
+        statuses = s.execute(select(Job.status)).scalars().all()
+    assert statuses == [JobStatus.QUEUED] * 3

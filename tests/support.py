@@ -1,0 +1,126 @@
+"""Helpers shared by the test modules: databases, settings, worker processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from jobs import db
+from jobs.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_KEY = "test-key-" + secrets.token_hex(8)
+
+
+def _admin_conninfo(url: str) -> str:
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+
+
+def create_database(server_url: str, prefix: str = "bi_test") -> str:
+    """Create an empty database next to ``server_url``; returns its SQLAlchemy URL."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(_admin_conninfo(server_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(url: str) -> None:
+    db.dispose_all()
+    name = make_url(url).database
+    with psycopg.connect(_admin_conninfo(url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def make_settings(
+    database_url: str, redis_url: str, inference_url: str, **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "inference_url": inference_url,
+        "inference_key": TEST_KEY,
+        "read_timeout": 10.0,
+        "connect_timeout": 2.0,
+        "backoff_base": 0.05,
+        "backoff_max": 0.5,
+        "max_attempts": 3,
+        "dispatch_interval": 0.2,
+        "window_margin_s": 0.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes a child process read exactly ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERENCE_", "NIGHTLY_"))}
+    assert settings.database_url and settings.redis_url and settings.inference_url
+    env.update(
+        DATABASE_URL=settings.database_url,
+        REDIS_URL=settings.redis_url,
+        INFERENCE_URL=settings.inference_url,
+        INFERENCE_KEY=settings.inference_key,
+        INFERENCE_RPM=str(settings.rpm),
+        INFERENCE_TPM=str(settings.tpm),
+        INFERENCE_READ_TIMEOUT=str(settings.read_timeout),
+        INFERENCE_BACKOFF_BASE=str(settings.backoff_base),
+        INFERENCE_BACKOFF_MAX=str(settings.backoff_max),
+        INFERENCE_MAX_ATTEMPTS=str(settings.max_attempts),
+        INFERENCE_WINDOW_MARGIN=str(settings.window_margin_s),
+        DISPATCH_INTERVAL=str(settings.dispatch_interval),
+        WORKER_CONCURRENCY=str(settings.worker_concurrency),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class WorkerProcess:
+    """A real Celery worker in its own OS process, as on a dyno."""
+
+    def __init__(self, settings: Settings, log_path: Path, concurrency: int = 20) -> None:
+        self.log_path = log_path
+        argv = [
+            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+            "--pool", "threads", "--concurrency", str(concurrency),
+            "--queues", "inference.interactive,inference.bulk,inference.control",
+            "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+        ]  # fmt: skip
+        env = settings_env(settings)
+        env["REMAP_SIGTERM"] = "SIGQUIT"
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._log, stderr=self._log)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log()}")
+            if "ready." in self.log():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 40.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

@@ -1,0 +1,100 @@
+"""Settings come from the environment once, with documented defaults."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from jobs.connections import celery_config, redis_client
+from jobs.settings import ConfigError, Settings, normalize_database_url
+
+
+def test_defaults_come_from_the_model_table() -> None:
+    settings = Settings.from_env({})
+    assert settings.model_id == "kimi-k2-5"
+    assert (settings.rpm, settings.tpm, settings.context_tokens) == (150, 800_000, 262_144)
+    assert settings.tpm_charge == "reserve"
+    assert settings.simulated
+    assert settings.database_url is None and settings.redis_url is None
+
+
+def test_explicit_limits_override_the_table() -> None:
+    settings = Settings.from_env({"INFERENCE_RPM": "30", "INFERENCE_TPM": "1000"})
+    assert (settings.rpm, settings.tpm) == (30, 1000)
+
+
+def test_unknown_model_needs_its_limits() -> None:
+    with pytest.raises(ConfigError, match="INFERENCE_RPM and INFERENCE_TPM"):
+        Settings.from_env({"INFERENCE_MODEL_ID": "mystery-1"})
+    settings = Settings.from_env(
+        {"INFERENCE_MODEL_ID": "mystery-1", "INFERENCE_RPM": "10", "INFERENCE_TPM": "5000"}
+    )
+    assert (settings.model_id, settings.rpm, settings.tpm) == ("mystery-1", 10, 5000)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("postgres://u:p@h:5432/d", "postgresql+psycopg://u:p@h:5432/d"),
+        ("postgresql://u@h/d", "postgresql+psycopg://u@h/d"),
+        ("postgresql+psycopg://u@h/d", "postgresql+psycopg://u@h/d"),
+    ],
+)
+def test_database_url_is_rewritten_for_psycopg(raw: str, expected: str) -> None:
+    assert normalize_database_url(raw) == expected
+    assert Settings.from_env({"DATABASE_URL": raw}).database_url == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("INFERENCE_RPM", "fast", "INFERENCE_RPM must be an integer"),
+        ("INFERENCE_RPM", "0", "INFERENCE_RPM must be at least 1"),
+        ("INFERENCE_READ_TIMEOUT", "-1", "INFERENCE_READ_TIMEOUT must be positive"),
+        ("INFERENCE_TPM_CHARGE", "later", "INFERENCE_TPM_CHARGE must be"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({name: value})
+
+
+def test_plain_http_is_refused_except_on_loopback() -> None:
+    with pytest.raises(ConfigError, match="https"):
+        Settings.from_env({"INFERENCE_URL": "http://inference.example.com"})
+    assert Settings.from_env({"INFERENCE_URL": "http://127.0.0.1:8000/"}).inference_url == (
+        "http://127.0.0.1:8000"
+    )
+    assert Settings.from_env({"INFERENCE_URL": "https://us.inference.heroku.com"}).inference_url
+
+
+def test_key_is_hidden_and_bucket_is_shared_per_key() -> None:
+    a = Settings.from_env({"INFERENCE_KEY": "inf-secret-123"})
+    b = Settings.from_env({"INFERENCE_KEY": "inf-secret-123", "DATABASE_URL": "postgres://x/y"})
+    c = Settings.from_env({"INFERENCE_KEY": "inf-other"})
+    assert "inf-secret-123" not in repr(a)
+    assert "inf-secret-123" not in a.bucket_name
+    assert a.bucket_name == b.bucket_name != c.bucket_name
+    assert a.bucket_name.startswith("kimi-k2-5:")
+
+
+def test_rediss_everywhere_skips_certificate_checks() -> None:
+    settings = Settings(redis_url="rediss://:pw@example.com:6380/0")
+    config = celery_config(settings)
+    assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert config["redbeat_redis_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+    client = redis_client("rediss://:pw@example.com:6380/0")
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["ssl_cert_reqs"] == ssl.CERT_NONE
+    client.close()
+
+
+def test_celery_settings_for_long_io_bound_jobs() -> None:
+    config = celery_config(Settings(redis_url="redis://127.0.0.1:6379/0"))
+    assert config["task_acks_late"] is True
+    assert config["task_reject_on_worker_lost"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["broker_use_ssl"] is None
+    assert config["broker_transport_options"]["visibility_timeout"] == 3600
+    assert config["worker_soft_shutdown_timeout"] < 30
