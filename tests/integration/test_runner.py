@@ -1,0 +1,233 @@
+"""One job at a time through the runner: real Postgres, Redis and simulator over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from jobs import store
+from jobs.batchfile import BatchItem
+from jobs.connections import redis_client
+from jobs.db import session_scope
+from jobs.models import Attempt, Job, JobStatus
+from jobs.settings import Settings
+from jobs.simulator import Simulator, SimulatorConfig
+from jobs.validation import CheckedRequest
+from tests.support import TEST_KEY, make_settings
+from worker.client import ModelClient, default_timeout
+from worker.runner import Runner
+from worker.throttle import Throttle
+
+pytestmark = pytest.mark.integration
+
+
+def store_job(db: str, body: dict[str, Any], est: int = 20) -> int:
+    checked = CheckedRequest(
+        body=body, model=body.get("model", "kimi-k2-5"),
+        max_tokens=body.get("max_tokens"), est_prompt_tokens=est,
+    )  # fmt: skip
+    with session_scope(db) as s:
+        batch_id, _ = store.create_batch(
+            s, name="t", source="api", items=[BatchItem(line=1, custom_id="c1", request=checked)]
+        )
+        return s.execute(select(Job.id).where(Job.batch_id == batch_id)).scalar_one()
+
+
+def body(text: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "kimi-k2-5", "messages": [{"role": "user", "content": text}]} | extra
+
+
+class Harness:
+    def __init__(self, settings: Settings, sim: Simulator) -> None:
+        assert settings.redis_url and settings.inference_url
+        self.settings = settings
+        self.sim = sim
+        self.redis = redis_client(settings.redis_url)
+        self.client = ModelClient(
+            settings.inference_url, settings.inference_key, timeout=default_timeout(2.0, 2.0)
+        )
+        self.throttle = Throttle(
+            self.redis, settings.bucket_name, rpm=settings.rpm, tpm=settings.tpm, window_s=2.0
+        )
+        self.stop = threading.Event()
+        self.runner = Runner(settings, self.client, lambda _model: self.throttle, stop=self.stop)
+
+    def job(self, job_id: int) -> Job:
+        assert self.settings.database_url
+        with session_scope(self.settings.database_url) as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            return job
+
+    def attempts(self, job_id: int) -> list[Attempt]:
+        assert self.settings.database_url
+        with session_scope(self.settings.database_url) as s:
+            return list(
+                s.execute(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number))
+                .scalars()
+                .all()
+            )
+
+    def close(self) -> None:
+        self.client.close()
+        self.redis.close()
+
+
+@pytest.fixture
+def harness(settings: Settings, simulator: Simulator) -> Iterator[Harness]:
+    h = Harness(settings, simulator)
+    yield h
+    h.close()
+
+
+def test_success_records_result_and_ledger_once(harness: Harness) -> None:
+    assert harness.settings.database_url
+    job_id = store_job(harness.settings.database_url, body(max_tokens=64, temperature=0.2))
+    assert harness.runner.run(job_id) == "succeeded"
+    job = harness.job(job_id)
+    stats = harness.sim.stats()
+    assert job.status == JobStatus.SUCCEEDED
+    assert job.output_text and job.output_text.startswith("Simulated reply")
+    assert job.finish_reason in {"stop", "length"}
+    assert job.total_tokens == stats.total_tokens
+    (attempt,) = harness.attempts(job_id)
+    assert (attempt.http_status, attempt.total_tokens) == (200, stats.total_tokens)
+    assert attempt.latency_ms is not None
+    # A redelivered message for the finished job: no call, no ledger row.
+    assert harness.runner.run(job_id) == "skipped"
+    assert harness.sim.stats().calls == 1
+    assert len(harness.attempts(job_id)) == 1
+
+
+def test_tool_calls_and_reasoning_are_stored(harness: Harness) -> None:
+    assert harness.settings.database_url
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    job_id = store_job(
+        harness.settings.database_url,
+        body("What's the weather in Portland?", tools=tools, tool_choice="required",
+             extended_thinking={"enabled": True, "include_reasoning": True}),
+    )  # fmt: skip
+    assert harness.runner.run(job_id) == "succeeded"
+    job = harness.job(job_id)
+    assert job.finish_reason == "tool_calls"
+    assert job.tool_calls and job.tool_calls[0]["function"]["name"] == "get_weather"
+    assert job.reasoning_text
+
+
+def test_server_errors_retry_then_fail_with_last_error(harness: Harness) -> None:
+    assert harness.settings.database_url
+    job_id = store_job(harness.settings.database_url, body())
+    harness.sim.force_status(503, 30)
+    assert harness.runner.run(job_id) == "failed"
+    job = harness.job(job_id)
+    assert job.status == JobStatus.FAILED
+    assert job.error_code == "server_error" and job.last_error and "503" in job.last_error
+    assert [a.http_status for a in harness.attempts(job_id)] == [503, 503, 503]
+    assert harness.sim.stats().calls == 3
+
+
+def test_transient_failure_then_success(harness: Harness) -> None:
+    assert harness.settings.database_url
+    job_id = store_job(harness.settings.database_url, body())
+    harness.sim.force_status(500, 0.05)
+    assert harness.runner.run(job_id) == "succeeded"
+    statuses = [a.http_status for a in harness.attempts(job_id)]
+    assert statuses[-1] == 200 and all(s == 500 for s in statuses[:-1])
+
+
+def test_client_error_fails_at_once(harness: Harness) -> None:
+    assert harness.settings.database_url
+    job_id = store_job(harness.settings.database_url, body())
+    harness.sim.force_status(400, 30)
+    assert harness.runner.run(job_id) == "failed"
+    assert harness.job(job_id).error_code == "rejected"
+    assert len(harness.attempts(job_id)) == 1
+
+
+def test_invalid_stored_request_fails_without_a_call(harness: Harness) -> None:
+    assert harness.settings.database_url
+    bad = {"model": "kimi-k2-5", "messages": [{"role": "robot", "content": "x"}]}
+    job_id = store_job(harness.settings.database_url, bad)
+    assert harness.runner.run(job_id) == "failed"
+    job = harness.job(job_id)
+    assert job.error_code == "invalid_request" and job.last_error and "robot" in job.last_error
+    assert harness.sim.stats().calls == 0
+
+
+def test_request_larger_than_the_tpm_budget_fails_without_a_call(
+    clean_db: str, redis_url: str, simulator: Simulator
+) -> None:
+    h = Harness(make_settings(clean_db, redis_url, simulator.url, tpm=500), simulator)
+    try:
+        job_id = store_job(clean_db, body("word " * 300, max_tokens=400), est=500)
+        assert h.runner.run(job_id) == "failed"
+        job = h.job(job_id)
+        assert job.error_code in {"request_too_large", "invalid_request"}
+        assert job.last_error and "tokens-per-minute" in job.last_error
+        assert simulator.stats().calls == 0
+    finally:
+        h.close()
+
+
+def test_429_pauses_the_bucket_and_retries(clean_db: str, redis_url: str) -> None:
+    sim = Simulator(SimulatorConfig(key=TEST_KEY, rpm=1, window_s=1.0)).start()
+    h = Harness(make_settings(clean_db, redis_url, sim.url), sim)
+    try:
+        # Someone else on the key used the provider's window: our bucket is empty.
+        assert h.client.chat(body("outside")).status == 200
+        job_id = store_job(clean_db, body())
+        assert h.runner.run(job_id) == "succeeded"
+        statuses = [a.http_status for a in h.attempts(job_id)]
+        assert statuses[0] == 429 and statuses[-1] == 200
+        first = h.attempts(job_id)[0]
+        assert first.error_kind == "rate_limited" and first.total_tokens == 0
+    finally:
+        h.close()
+        sim.stop()
+
+
+def test_shutdown_hands_the_job_back(harness: Harness) -> None:
+    assert harness.settings.database_url
+    job_id = store_job(harness.settings.database_url, body())
+    harness.sim.force_status(503, 30)
+    harness.stop.set()
+    assert harness.runner.run(job_id) == "handed_back"
+    job = harness.job(job_id)
+    assert job.status == JobStatus.QUEUED and job.dispatched_at is None
+
+
+def test_wrong_key_is_not_retried(clean_db: str, redis_url: str, simulator: Simulator) -> None:
+    h = Harness(
+        make_settings(clean_db, redis_url, simulator.url, inference_key="wrong-key"), simulator
+    )
+    try:
+        job_id = store_job(clean_db, body())
+        assert h.runner.run(job_id) == "failed"
+        job = h.job(job_id)
+        assert job.error_code == "auth"
+        assert "wrong-key" not in (job.last_error or "")
+        assert simulator.stats().calls == 1
+    finally:
+        h.close()
+
+
+def test_ledger_sum_matches_simulator_over_many_jobs(harness: Harness) -> None:
+    assert harness.settings.database_url
+    ids = [store_job(harness.settings.database_url, body(f"q{i}" * (i + 1))) for i in range(8)]
+    for job_id in ids:
+        assert harness.runner.run(job_id) == "succeeded"
+    with session_scope(harness.settings.database_url) as s:
+        ledger = s.execute(select(func.sum(Attempt.total_tokens))).scalar_one()
+    assert ledger == harness.sim.stats().total_tokens

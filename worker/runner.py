@@ -1,0 +1,255 @@
+"""Run one job: claim, check, throttle, call, record. No Celery in here.
+
+The Celery task is a thin wrapper around :meth:`Runner.run`, so this logic is
+tested directly against the real Postgres, Redis and simulator.
+
+Outcomes, each logged as one logfmt line:
+
+* ``skipped``: the job is finished, cancelled or leased to another worker
+  (a redelivered message), so nothing is called and nothing recorded.
+* ``succeeded`` / ``failed``: a terminal state was recorded with its attempts.
+* ``handed_back``: the job went back to the queue without a verdict, because
+  the worker is shutting down or the remaining wait would outlive the broker's
+  visibility timeout.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jobs import store
+from jobs.db import session_scope
+from jobs.logfmt import log_event
+from jobs.settings import Settings
+from jobs.validation import RequestLimits, ValidationError, check_request
+from worker.client import Completion, ModelClient, ModelError, RateLimited
+from worker.retry import RetryPolicy
+from worker.throttle import (
+    RequestTooLarge,
+    Reservation,
+    Throttle,
+    ThrottleInterrupted,
+    ThrottleTimeout,
+)
+
+Outcome = Literal["skipped", "succeeded", "failed", "handed_back"]
+
+#: A task gives its job back this long before the visibility timeout would
+#: make Redis deliver the message a second time.
+VISIBILITY_MARGIN_S = 120.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits of the model a job uses (what its throttle bucket enforces)."""
+
+    rpm: int
+    tpm: int
+    context_tokens: int
+
+
+class Runner:
+    """Runs jobs for one worker process; thread-safe, one instance per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: ModelClient,
+        throttle_for: Callable[[str], Throttle],
+        *,
+        stop: threading.Event | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        assert settings.database_url is not None
+        self.settings = settings
+        self.client = client
+        self.throttle_for = throttle_for
+        self.stop = stop or threading.Event()
+        self.policy = policy or RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base=settings.backoff_base,
+            cap=settings.backoff_max,
+        )
+        self._db = settings.database_url
+        self._rng = random.Random()
+        self._limits = RequestLimits(
+            context_tokens=settings.context_tokens,
+            tpm=settings.tpm,
+            default_max_tokens=settings.default_max_tokens,
+        )
+
+    def _lease_s(self) -> float:
+        return self.settings.job_lease_seconds
+
+    def run(self, job_id: int) -> Outcome:
+        deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
+        with session_scope(self._db) as session:
+            job = store.claim(session, job_id, lease_s=self._lease_s())
+        if job is None:
+            log_event("skipped", job=job_id, reason="finished or leased elsewhere")
+            return "skipped"
+        fields = {"job": job.id, "batch": job.batch_id}
+        log_event("started", **fields, status="running")
+        try:
+            checked = check_request(job.request, self._limits)
+        except ValidationError as exc:
+            return self._fail(job.id, fields, "invalid_request", str(exc))
+        max_tokens = checked.max_tokens or self.settings.default_max_tokens
+        reserve = max(checked.est_prompt_tokens, job.est_prompt_tokens) + max_tokens
+        throttle = self.throttle_for(job.model)
+        failures = 0
+        while True:
+            wait_budget = deadline - time.monotonic() - self.settings.read_timeout
+            try:
+                reservation = throttle.acquire(reserve, max_wait=wait_budget, stop=self.stop)
+            except RequestTooLarge as exc:
+                return self._fail(job.id, fields, "request_too_large", str(exc))
+            except (ThrottleTimeout, ThrottleInterrupted) as exc:
+                return self._hand_back(job.id, fields, f"throttle: {exc}")
+            with session_scope(self._db) as session:
+                number = store.begin_attempt(session, job.id, lease_s=self._lease_s())
+            if number is None:
+                throttle.release(reservation)
+                log_event("skipped", **fields, reason="no longer running")
+                return "skipped"
+            log_event("attempt", **fields, attempt=number, reserved_tokens=reserve)
+            started = time.monotonic()
+            try:
+                completion = self.client.chat(job.request)
+            except ModelError as exc:
+                latency_ms = int((time.monotonic() - started) * 1000)
+                self._record_error(job.id, number, exc, latency_ms, throttle, reservation)
+                if isinstance(exc, RateLimited):
+                    delay: float | None = self.policy.delay(exc, 1, rng=self._rng)
+                else:
+                    failures += 1
+                    delay = self.policy.delay(exc, failures, rng=self._rng)
+                if delay is None:
+                    return self._fail(job.id, fields, exc.kind, str(exc), attempt=number)
+                if time.monotonic() + delay > deadline - self.settings.read_timeout:
+                    return self._hand_back(job.id, fields, f"retry would outlive the task: {exc}")
+                log_event(
+                    "retry",
+                    **fields,
+                    attempt=number,
+                    http_status=exc.status,
+                    error=exc.kind,
+                    delay_s=round(delay, 3),
+                    latency_ms=latency_ms,
+                )
+                if self.stop.wait(delay):
+                    return self._hand_back(job.id, fields, "worker shutting down")
+                continue
+            return self._succeed(
+                job.id, fields, number, completion, max_tokens, throttle, reservation
+            )
+
+    def _charge(self, completion: Completion, max_tokens: int) -> int:
+        usage = completion.usage
+        if self.settings.tpm_charge == "actual":
+            return usage.prompt_tokens + usage.completion_tokens
+        return usage.prompt_tokens + max_tokens
+
+    def _record_error(
+        self,
+        job_id: int,
+        number: int,
+        exc: ModelError,
+        latency_ms: int,
+        throttle: Throttle,
+        reservation: Reservation,
+    ) -> None:
+        if isinstance(exc, RateLimited):
+            # The provider did not admit the call: free our slot, and make every
+            # worker on the bucket wait out the provider's reset.
+            throttle.release(reservation)
+            throttle.pause(exc.retry_after or self.policy.rate_limit_fallback)
+        usage = getattr(exc, "usage", None)
+        with session_scope(self._db) as session:
+            store.finish_attempt(
+                session,
+                job_id,
+                number,
+                latency_ms=latency_ms,
+                http_status=exc.status,
+                error_kind=exc.kind,
+                error_message=str(exc)[:1000],
+                request_id=exc.request_id,
+                usage=(
+                    (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+                    if usage is not None
+                    else (0, 0, 0)
+                ),
+            )
+
+    def _succeed(
+        self,
+        job_id: int,
+        fields: dict[str, Any],
+        number: int,
+        completion: Completion,
+        max_tokens: int,
+        throttle: Throttle,
+        reservation: Reservation,
+    ) -> Outcome:
+        throttle.settle(reservation, self._charge(completion, max_tokens))
+        usage = completion.usage
+        triple = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+        latency_ms = int(completion.latency_s * 1000)
+        # The ledger row and the result commit together: recorded exactly once.
+        with session_scope(self._db) as session:
+            store.finish_attempt(
+                session,
+                job_id,
+                number,
+                latency_ms=latency_ms,
+                http_status=completion.status,
+                request_id=completion.request_id,
+                usage=triple,
+            )
+            store.record_success(
+                session,
+                job_id,
+                response=completion.body,
+                output_text=completion.output_text,
+                reasoning_text=completion.reasoning_text,
+                tool_calls=completion.tool_calls,
+                finish_reason=completion.finish_reason,
+                usage=triple,
+            )
+        log_event(
+            "succeeded",
+            **fields,
+            status="succeeded",
+            attempt=number,
+            latency_ms=latency_ms,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            tokens=usage.total_tokens,
+        )
+        return "succeeded"
+
+    def _fail(
+        self,
+        job_id: int,
+        fields: dict[str, Any],
+        code: str,
+        message: str,
+        *,
+        attempt: int | None = None,
+    ) -> Outcome:
+        with session_scope(self._db) as session:
+            store.record_failure(session, job_id, code=code, message=message[:2000])
+        log_event("failed", **fields, status="failed", attempt=attempt, error=code, message=message)
+        return "failed"
+
+    def _hand_back(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome:
+        with session_scope(self._db) as session:
+            store.hand_back(session, job_id, reason=reason[:2000])
+        log_event("handed_back", **fields, status="queued", reason=reason)
+        return "handed_back"

@@ -1,0 +1,109 @@
+"""Per-process state of a worker: clients, throttles, the runner and the dispatcher loop.
+
+Built lazily on first use, so importing the Celery app stays cheap and a forked
+process never inherits its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import redis
+
+from jobs.connections import celery_app, redis_client
+from jobs.dispatch import dispatch
+from jobs.logfmt import log_event
+from jobs.settings import MODEL_LIMITS, Settings
+from worker.client import ModelClient, default_timeout
+from worker.runner import Runner
+from worker.throttle import Throttle
+
+
+class Runtime:
+    """Everything one worker process shares between its task threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.redis_url is not None
+        self.settings = settings
+        self.pid = os.getpid()
+        self.stop = threading.Event()
+        self.redis: redis.Redis = redis_client(settings.redis_url)
+        self.app = celery_app(settings)
+        base_url = settings.inference_url
+        assert base_url is not None, "resolve the settings first (simulator URL)"
+        self.client = ModelClient(
+            base_url,
+            settings.inference_key,
+            timeout=default_timeout(settings.connect_timeout, settings.read_timeout),
+            max_connections=settings.worker_concurrency + 10,
+        )
+        self._throttles: dict[str, Throttle] = {}
+        self._lock = threading.Lock()
+        self.runner = Runner(settings, self.client, self.throttle_for, stop=self.stop)
+        self._wake = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+
+    def throttle_for(self, model: str) -> Throttle:
+        """The shared bucket of ``model`` on this key (same bucket in every process)."""
+        with self._lock:
+            throttle = self._throttles.get(model)
+            if throttle is None:
+                if model == self.settings.model_id:
+                    rpm, tpm = self.settings.rpm, self.settings.tpm
+                else:
+                    known = MODEL_LIMITS[model]
+                    rpm, tpm = known.rpm, known.tpm
+                bucket = f"{model}:{self.settings.key_fingerprint}"
+                throttle = Throttle(
+                    self.redis,
+                    bucket,
+                    rpm=rpm,
+                    tpm=tpm,
+                    window_s=60.0 + self.settings.window_margin_s,
+                )
+                self._throttles[model] = throttle
+            return throttle
+
+    def start_dispatcher(self) -> None:
+        """Start this process's dispatcher loop (one per worker process)."""
+        if self._dispatcher is None:
+            self._dispatcher = threading.Thread(
+                target=self._dispatch_loop, name="dispatcher", daemon=True
+            )
+            self._dispatcher.start()
+
+    def wake_dispatcher(self) -> None:
+        """A job finished: there is room for the next one now, not in a few seconds."""
+        self._wake.set()
+
+    def _dispatch_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                dispatch(self.settings, self.app)
+            except Exception as exc:  # noqa: BLE001 - Redis or Postgres blip: try again later
+                log_event("dispatch_error", error=type(exc).__name__, message=str(exc)[:200])
+            self._wake.wait(self.settings.dispatch_interval)
+            self._wake.clear()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self._wake.set()
+        self.client.close()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime(settings: Settings | None = None) -> Runtime:
+    """This process's runtime; a forked child builds its own."""
+    global _runtime  # noqa: PLW0603 - one runtime per process
+    with _runtime_lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            if settings is None:
+                from worker.app import settings as app_settings
+
+                settings = app_settings
+            _runtime = Runtime(settings)
+        return _runtime

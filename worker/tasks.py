@@ -1,0 +1,43 @@
+"""Thin Celery tasks; the work happens in :mod:`worker.runner` and :mod:`jobs`."""
+
+from __future__ import annotations
+
+from jobs import store
+from jobs.api import submit_scheduled
+from jobs.constants import TASK_DISPATCH, TASK_NIGHTLY_BATCH, TASK_REQUEUE_STUCK, TASK_RUN_JOB
+from jobs.db import session_scope
+from jobs.dispatch import dispatch as dispatch_sweep
+from jobs.logfmt import log_event
+from worker.app import app, settings
+from worker.runtime import get_runtime
+
+
+@app.task(name=TASK_RUN_JOB, ignore_result=True)
+def run_job(job_id: int) -> str:
+    runtime = get_runtime(settings)
+    try:
+        return runtime.runner.run(job_id)
+    finally:
+        runtime.wake_dispatcher()
+
+
+@app.task(name=TASK_DISPATCH, ignore_result=True)
+def dispatch() -> int:
+    return dispatch_sweep(settings, app)
+
+
+@app.task(name=TASK_REQUEUE_STUCK, ignore_result=True)
+def requeue_stuck() -> int:
+    assert settings.database_url is not None
+    with session_scope(settings.database_url) as session:
+        count = store.requeue_stuck(session, limit=100_000)
+    log_event("maintenance", requeued=count)
+    return count
+
+
+@app.task(name=TASK_NIGHTLY_BATCH, ignore_result=True)
+def nightly_batch(source: str, name: str) -> int:
+    assert settings.nightly_cron is not None
+    batch = submit_scheduled(source, name=name, cron=settings.nightly_cron, settings=settings)
+    log_event("nightly_batch", batch=batch.id, created=batch.created)
+    return batch.id
