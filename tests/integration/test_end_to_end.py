@@ -1,0 +1,128 @@
+"""The whole path: API or CLI, Postgres, dispatcher, Celery on Redis, a worker
+process, the simulator over HTTP, and back to results and usage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from jobs import api
+from jobs.db import session_scope
+from jobs.models import Attempt
+from jobs.settings import Settings
+from jobs.simulator import Simulator
+from tests.support import ROOT, WorkerProcess, settings_env
+
+pytestmark = pytest.mark.integration
+
+
+def batch_lines(n: int) -> list[dict[str, object]]:
+    return [
+        {
+            "custom_id": f"e2e-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "kimi-k2-5",
+                "messages": [{"role": "user", "content": f"Tell me about {i}"}],
+                "max_tokens": 40,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def test_batch_and_enqueue_through_a_worker_process(
+    settings: Settings, simulator: Simulator, worker_process: WorkerProcess
+) -> None:
+    assert settings.database_url
+    batch = api.submit_batch(batch_lines(40), name="e2e", settings=settings)
+    job = api.enqueue([{"role": "user", "content": "interactive"}], settings=settings)
+    assert job.wait(timeout=60) == "succeeded"
+    assert job.result().output_text
+    progress = batch.wait(timeout=90)
+    assert (progress.status, progress.succeeded, progress.failed) == ("completed", 40, 0)
+    results = list(batch.results())
+    assert sorted(r["custom_id"] for r in results) == sorted(f"e2e-{i}" for i in range(40))
+    assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in results)
+    stats = simulator.stats()
+    with session_scope(settings.database_url) as s:
+        calls, tokens = s.execute(select(func.count(), func.sum(Attempt.total_tokens))).one()
+    assert (calls, tokens) == (stats.calls, stats.total_tokens)
+    assert stats.duplicate_bodies == 0
+    log = worker_process.log()
+    assert "event=succeeded" in log and "event=attempt" in log
+    assert settings.inference_key not in log
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", *args],
+        env=settings_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_submit_wait_status_results_usage(
+    settings: Settings, worker_process: WorkerProcess, tmp_path: Path
+) -> None:
+    path = tmp_path / "cli.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in batch_lines(12)) + "\n")
+    done = run_cli(settings, "submit", str(path), "--name", "from-cli", "--wait")
+    assert done.returncode == 0, done.stderr
+    batch_id = int(done.stdout.split()[1])
+    assert "12/12" in done.stderr or "12/12" in done.stdout
+
+    status = run_cli(settings, "status", str(batch_id), "--json")
+    assert json.loads(status.stdout)["succeeded"] == 12
+
+    out = tmp_path / "out.jsonl"
+    results = run_cli(settings, "results", str(batch_id), "-o", str(out))
+    assert results.returncode == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 12 and all(x["response"]["status_code"] == 200 for x in lines)
+
+    usage = run_cli(settings, "usage", "--batch", str(batch_id), "--json")
+    rows = json.loads(usage.stdout)
+    assert sum(r["calls"] for r in rows) == 12
+    assert sum(r["total_tokens"] for r in rows) > 0
+    for proc in (done, status, results, usage):
+        assert settings.inference_key not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["status", "424242"], "batch 424242 does not exist"),
+        (["cancel", "nope"], "not a batch id"),
+        (["results", "424242"], "does not exist"),
+        (["usage", "--since", "yesterday"], "not a date"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_2(
+    settings: Settings, args: list[str], message: str
+) -> None:
+    proc = run_cli(settings, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # argparse adds a usage line
+
+
+def test_cli_rejects_a_bad_file_naming_the_line(settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    rows = batch_lines(3)
+    rows[1]["method"] = "GET"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = run_cli(settings, "submit", str(path))
+    assert proc.returncode == 2
+    assert "line 2" in proc.stderr and "method" in proc.stderr
