@@ -52,7 +52,7 @@ def redis_client(url: str) -> redis.Redis:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the producer (``jobs``) and the worker."""
     url = settings.redis_url
-    assert url is not None, "resolve the settings (jobs.embedded.resolve) first"
+    assert url is not None, "resolve the settings (jobs.services.resolve) first"
     tls = {"ssl_cert_reqs": ssl.CERT_NONE} if is_tls(url) else None
     transport = {
         # Unacked tasks come back after this long; no task may wait longer.

@@ -195,7 +195,7 @@ class Settings:
             tpm=tpm,
             context_tokens=context,
             tpm_charge="actual" if charge == "actual" else "reserve",
-            window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", 1.0),
+            window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", 1.0, zero_ok=True),
             default_max_tokens=_int(e, "INFERENCE_DEFAULT_MAX_TOKENS", 4096, minimum=1),
             connect_timeout=_float(e, "INFERENCE_CONNECT_TIMEOUT", 10.0),
             read_timeout=read_timeout,
@@ -230,7 +230,7 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, *, zero_ok: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -238,6 +238,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(
+            f"{name} must be {'zero or more' if zero_ok else 'positive'}, got {value}"
+        )
     return value
