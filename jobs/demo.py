@@ -94,13 +94,14 @@ def _stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 def run_demo(*, requests: int, out: TextIO) -> int:
     env_settings = Settings.from_env()
+    simulated = env_settings.simulated
     before = set(services.running(env_settings.var_dir))
     settings = services.resolve(env_settings)
     started = set(services.running(settings.var_dir)) - before
     assert settings.database_url is not None
     worker: subprocess.Popen[bytes] | None = None
     try:
-        if settings.simulated:
+        if simulated:
             out.write(
                 "INFERENCE_URL is unset: calls go to the bundled simulator at "
                 f"{settings.inference_url}; results are SIMULATED, not the real model's.\n"
@@ -130,11 +131,13 @@ def run_demo(*, requests: int, out: TextIO) -> int:
             f"tokens: {sum(r.prompt_tokens for r in ledger)} prompt + "
             f"{sum(r.completion_tokens for r in ledger)} completion = "
             f"{sum(r.total_tokens for r in ledger)} total, in {pace.calls} calls\n"
-            f"elapsed: {elapsed:.1f} s; achieved {pace.per_minute:.1f} requests/min over "
-            f"{pace.span_s:.1f} s of calls; most calls started in any 60 s: "
-            f"{pace.max_in_window} (limit {settings.rpm}/min)\n"
+            f"elapsed: {elapsed:.1f} s from submission to the last result\n"
+            f"achieved: {pace.max_in_window} calls started in the busiest 60 s window = "
+            f"{100.0 * pace.max_in_window / settings.rpm:.1f}% of the {settings.rpm} requests/min "
+            f"limit ({pace.calls} calls over {pace.span_s:.1f} s; a sliding window admits a "
+            "full minute's quota at once, then the next as the window rolls)\n"
         )
-        if settings.simulated:
+        if simulated:
             out.write("(simulated results: the simulator answered, not Kimi K2.5)\n")
         return 0 if final.failed == 0 and final.succeeded == final.total else 1
     finally:

@@ -79,10 +79,6 @@ class Pace:
     span_s: float
     max_in_window: int
 
-    @property
-    def per_minute(self) -> float:
-        return self.calls * 60.0 / self.span_s if self.span_s > 0 else float(self.calls)
-
 
 def pace(database_url: str, *, batch_id: int, window_s: float = 60.0) -> Pace:
     """Calls of a batch, the span from first to last call start, and the most
