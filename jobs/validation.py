@@ -4,7 +4,8 @@
 400) and what the system itself cannot handle: streaming, ``n`` other than 1, a request
 that can never fit the context window or the tokens-per-minute budget, and values Postgres
 cannot store in a JSONB column (NUL characters, unpaired surrogates, non-finite numbers,
-nesting deeper than :data:`MAX_JSON_DEPTH`). Every other field passes through untouched.
+nesting deeper than :data:`~jobs.jsoncheck.MAX_JSON_DEPTH`). Every other field passes
+through untouched.
 
 Errors are :class:`ValidationError`, whose message always says where the problem is:
 ``line 12: body.messages[0].role: unknown role 'robot' (expected one of ...)``.
@@ -12,19 +13,14 @@ Errors are :class:`ValidationError`, whose message always says where the problem
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
+from jobs.jsoncheck import is_int, is_number, json_kind, json_problem, show_value
 from jobs.tokens import estimate_prompt_tokens
 
-#: Deepest nesting of JSON objects and arrays accepted anywhere in a request.
-MAX_JSON_DEPTH = 64
 #: Width of the ``jobs.model`` column.
 MAX_MODEL_CHARS = 200
 #: How many problems a :class:`BatchValidationError` spells out.
@@ -34,17 +30,6 @@ ROLES = ("assistant", "developer", "system", "tool", "user")
 TOOL_CHOICES = ("auto", "none", "required")
 MAX_STOP_SEQUENCES = 4
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_SHOW_CHARS = 40
-# Python refuses to print integers over 4300 digits (about 14,284 bits) by default.
-_MAX_INT_BITS = 14_000
-
-# A JSON string, or an unterminated one running to the end of the text; matched in one
-# left-to-right pass, so the depth scan stays linear even on adversarial input.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
-_BRACKETS = b"[]{}"
-_BRACKET_STEPS = bytes.maketrans(_BRACKETS, b"\x01\xff\x01\xff")
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS)
-_SCREEN = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
 
 class ValidationError(ValueError):
@@ -165,153 +150,20 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def json_kind(value: object) -> str:
-    """The JSON name of a value's type (``string``, ``object``...) for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _show(value: object) -> str:
-    """A short rendering of a user value for a message (never the whole of a huge string)."""
-    if isinstance(value, str):
-        if len(value) > _SHOW_CHARS:
-            return repr(value[:_SHOW_CHARS]) + f"... ({len(value)} characters)"
-        return repr(value)
-    small_int = isinstance(value, int) and abs(value) < 10**_SHOW_CHARS
-    if value is None or small_int or isinstance(value, float):
-        return repr(value)
-    return json_kind(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    # Not math.isfinite on ints: it overflows on very large ones.
-    return math.isfinite(value) if isinstance(value, float) else _is_int(value)
-
-
-def _string_problem(text: str) -> str | None:
-    if "\x00" in text:
-        return "contains a NUL character (\\u0000), which cannot be stored"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return "contains an unpaired UTF-16 surrogate, which is not valid Unicode text"
-    return None
-
-
-def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether JSON text nests arrays/objects deeper than ``limit``, without parsing it.
-
-    Brackets inside strings are ignored. Linear time and no recursion, so it is safe to
-    run before :func:`json.loads` on untrusted input of any depth.
-    """
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return False
-    outside = _JSON_STRING.sub(b"", raw)
-    # Openers become +1 and closers -1 (0xff as a signed byte); a running sum is the depth.
-    steps = array("b", outside.translate(_BRACKET_STEPS, _NOT_BRACKETS))
-    return max(accumulate(steps), default=0) > limit
-
-
-def _check_json_values(body: dict[str, Any], prefix: str) -> None:
-    """Refuse what JSON or a Postgres JSONB column cannot hold.
-
-    One C-speed serialization screens the whole body; only when it finds something is
-    the body walked to name the offending field.
-    """
-    try:
-        text = _SCREEN.encode(body)
-        raw = text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError):
-        # UnicodeEncodeError (a lone surrogate) is a ValueError too.
-        _locate_json_problem(body, prefix)
-        raise ValidationError("is not representable as JSON", field=prefix or None) from None
-    # A literal backslash before "u0000" also matches; the walk then finds nothing.
-    if b"\\u0000" in raw or json_too_deep(raw):
-        _locate_json_problem(body, prefix)
-
-
-def _locate_json_problem(root: dict[str, Any], prefix: str) -> None:
-    """Walk the body (iteratively) and raise for the first value JSONB cannot hold."""
-    stack: list[tuple[dict[str, Any] | list[Any], str, int]] = [(root, prefix, 1)]
-    while stack:
-        container, path, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise ValidationError(f"nested more than {MAX_JSON_DEPTH} levels deep", field=path)
-        pairs: Any = container.items() if isinstance(container, dict) else enumerate(container)
-        for key, value in pairs:
-            if isinstance(key, str):
-                problem = _string_problem(key)
-                if problem is not None:
-                    raise ValidationError(f"object key {problem}", field=path or None)
-            elif isinstance(container, dict) and not (
-                key is None or isinstance(key, bool) or _is_number(key)
-            ):
-                # json.dumps turns these keys into strings; anything else it refuses.
-                raise ValidationError(
-                    f"object key {_show(key)} is not a string", field=path or None
-                )
-            if isinstance(value, str):
-                problem = _string_problem(value)
-                if problem is not None:
-                    raise ValidationError(problem, field=_child(path, key))
-            elif isinstance(value, dict | list):
-                stack.append((value, _child(path, key), depth + 1))
-            elif isinstance(value, float):
-                if not math.isfinite(value):
-                    raise ValidationError(
-                        f"{value!r} is not a JSON number", field=_child(path, key)
-                    )
-            elif isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
-                raise ValidationError(
-                    "integer is too large to serialize as JSON", field=_child(path, key)
-                )
-            elif not (value is None or isinstance(value, bool | int)):
-                raise ValidationError(
-                    f"a {type(value).__name__} is not a JSON value", field=_child(path, key)
-                )
-
-
-def _child(path: str, key: object) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    name = str(key)
-    if len(name) > _SHOW_CHARS:
-        name = name[:_SHOW_CHARS] + "..."
-    return _join(path, name)
-
-
 def _check_model(body: dict[str, Any], limits: RequestLimits, prefix: str) -> str:
     where = _join(prefix, "model")
     if "model" not in body:
         raise ValidationError("missing (the model id, a non-empty string)", field=where)
     model = body["model"]
     if not isinstance(model, str) or not model:
-        raise ValidationError(f"must be a non-empty string, got {_show(model)}", field=where)
+        raise ValidationError(f"must be a non-empty string, got {show_value(model)}", field=where)
     if len(model) > MAX_MODEL_CHARS:
         raise ValidationError(
             f"model id is {len(model)} characters long (at most {MAX_MODEL_CHARS})", field=where
         )
     if limits.known_models is not None and model not in limits.known_models:
         raise ValidationError(
-            f"model {_show(model)} has no known rate limits; "
+            f"model {show_value(model)} has no known rate limits; "
             "configure INFERENCE_RPM/INFERENCE_TPM for it",
             field=where,
         )
@@ -345,11 +197,12 @@ def _check_content(message: dict[str, Any], where: str) -> None:
         kind = part.get("type")
         if not isinstance(kind, str) or not kind:
             raise ValidationError(
-                f'"type" must be a non-empty string, got {_show(kind)}', field=f"{part_field}.type"
+                f'"type" must be a non-empty string, got {show_value(kind)}',
+                field=f"{part_field}.type",
             )
         if kind == "text" and not isinstance(part.get("text"), str):
             raise ValidationError(
-                f'a "text" part needs a string "text", got {_show(part.get("text"))}',
+                f'a "text" part needs a string "text", got {show_value(part.get("text"))}',
                 field=f"{part_field}.text",
             )
 
@@ -363,7 +216,7 @@ def _check_tool_calls(message: dict[str, Any], where: str) -> None:
         raise ValidationError("only assistant messages may carry tool_calls", field=field)
     if not isinstance(calls, list) or not calls:
         raise ValidationError(
-            f"must be a non-empty list of tool calls, got {_show(calls)}", field=field
+            f"must be a non-empty list of tool calls, got {show_value(calls)}", field=field
         )
     for j, call in enumerate(calls):
         call_field = f"{field}[{j}]"
@@ -374,11 +227,12 @@ def _check_tool_calls(message: dict[str, Any], where: str) -> None:
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             raise ValidationError(
-                f"must be a non-empty string, got {_show(call_id)}", field=f"{call_field}.id"
+                f"must be a non-empty string, got {show_value(call_id)}", field=f"{call_field}.id"
             )
         if call.get("type") != "function":
             raise ValidationError(
-                f"must be 'function', got {_show(call.get('type'))}", field=f"{call_field}.type"
+                f"must be 'function', got {show_value(call.get('type'))}",
+                field=f"{call_field}.type",
             )
         function = call.get("function")
         if not isinstance(function, dict):
@@ -390,7 +244,7 @@ def _check_tool_calls(message: dict[str, Any], where: str) -> None:
             value = function.get(key)
             if not isinstance(value, str):
                 raise ValidationError(
-                    f"must be a string, got {_show(value)}",
+                    f"must be a string, got {show_value(value)}",
                     field=f"{call_field}.function.{key}",
                 )
 
@@ -412,7 +266,7 @@ def _check_messages(body: dict[str, Any], prefix: str) -> None:
             )
         role = message.get("role")
         if role not in ROLES:
-            what = "missing role" if role is None else f"unknown role {_show(role)}"
+            what = "missing role" if role is None else f"unknown role {show_value(role)}"
             raise ValidationError(
                 f"{what} (expected one of {', '.join(ROLES)})", field=f"{where}.role"
             )
@@ -422,7 +276,8 @@ def _check_messages(body: dict[str, Any], prefix: str) -> None:
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise ValidationError(
-                    f"a tool message needs a non-empty string tool_call_id, got {_show(call_id)}",
+                    "a tool message needs a non-empty string tool_call_id, "
+                    f"got {show_value(call_id)}",
                     field=f"{where}.tool_call_id",
                 )
 
@@ -433,7 +288,9 @@ def _check_tools(body: dict[str, Any], prefix: str) -> set[str]:
         return set()
     field = _join(prefix, "tools")
     if not isinstance(tools, list) or not tools:
-        raise ValidationError(f"must be a non-empty list of tools, got {_show(tools)}", field=field)
+        raise ValidationError(
+            f"must be a non-empty list of tools, got {show_value(tools)}", field=field
+        )
     names: set[str] = set()
     for i, tool in enumerate(tools):
         where = f"{field}[{i}]"
@@ -441,7 +298,7 @@ def _check_tools(body: dict[str, Any], prefix: str) -> set[str]:
             raise ValidationError(f"a tool must be an object, got {json_kind(tool)}", field=where)
         if tool.get("type") != "function":
             raise ValidationError(
-                f"must be 'function', got {_show(tool.get('type'))}", field=f"{where}.type"
+                f"must be 'function', got {show_value(tool.get('type'))}", field=f"{where}.type"
             )
         function = tool.get("function")
         if not isinstance(function, dict):
@@ -452,7 +309,7 @@ def _check_tools(body: dict[str, Any], prefix: str) -> set[str]:
         name = function.get("name")
         if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
             raise ValidationError(
-                f"must match ^[A-Za-z0-9_-]{{1,64}}$, got {_show(name)}",
+                f"must match ^[A-Za-z0-9_-]{{1,64}}$, got {show_value(name)}",
                 field=f"{where}.function.name",
             )
         if name in names:
@@ -481,7 +338,7 @@ def _check_parameters(parameters: object, field: str) -> None:
     if parameters.get("type") != "object":
         raise ValidationError(
             f'a JSON Schema with "type": "object" is required, got type '
-            f"{_show(parameters.get('type'))}",
+            f"{show_value(parameters.get('type'))}",
             field=f"{field}.type",
         )
     properties = parameters.get("properties")
@@ -507,39 +364,39 @@ def _check_tool_choice(body: dict[str, Any], prefix: str, declared: set[str]) ->
         if isinstance(name, str) and name in declared:
             return
         raise ValidationError(
-            f"names function {_show(name)}, which is not among the declared tools "
+            f"names function {show_value(name)}, which is not among the declared tools "
             f"({', '.join(sorted(declared))})",
             field=f"{field}.function.name",
         )
     raise ValidationError(
         f"must be one of {', '.join(TOOL_CHOICES)} or "
-        f'{{"type": "function", "function": {{"name": ...}}}}, got {_show(choice)}',
+        f'{{"type": "function", "function": {{"name": ...}}}}, got {show_value(choice)}',
         field=field,
     )
 
 
 def _check_sampling(body: dict[str, Any], prefix: str) -> None:
     temperature = body.get("temperature")
-    if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
+    if temperature is not None and not (is_number(temperature) and 0 <= temperature <= 2):
         raise ValidationError(
-            f"must be a number from 0 to 2, got {_show(temperature)}",
+            f"must be a number from 0 to 2, got {show_value(temperature)}",
             field=_join(prefix, "temperature"),
         )
     top_p = body.get("top_p")
-    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise ValidationError(
-            f"must be a number above 0 and at most 1, got {_show(top_p)}",
+            f"must be a number above 0 and at most 1, got {show_value(top_p)}",
             field=_join(prefix, "top_p"),
         )
     n = body.get("n")
-    if n is not None and not (_is_int(n) and n == 1):
+    if n is not None and not (is_int(n) and n == 1):
         raise ValidationError(
-            f"only n=1 is supported for batch jobs, got {_show(n)}", field=_join(prefix, "n")
+            f"only n=1 is supported for batch jobs, got {show_value(n)}", field=_join(prefix, "n")
         )
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise ValidationError(
-            f"must be a boolean, got {_show(stream)}", field=_join(prefix, "stream")
+            f"must be a boolean, got {show_value(stream)}", field=_join(prefix, "stream")
         )
     if stream:
         raise ValidationError(
@@ -555,7 +412,8 @@ def _check_sampling(body: dict[str, Any], prefix: str) -> None:
         )
     ):
         raise ValidationError(
-            f"must be a string or a list of up to {MAX_STOP_SEQUENCES} strings, got {_show(stop)}",
+            f"must be a string or a list of up to {MAX_STOP_SEQUENCES} strings, "
+            f"got {show_value(stop)}",
             field=_join(prefix, "stop"),
         )
 
@@ -574,11 +432,13 @@ def _check_extended_thinking(body: dict[str, Any], prefix: str) -> None:
     for key in ("enabled", "include_reasoning"):
         value = thinking.get(key)
         if value is not None and not isinstance(value, bool):
-            raise ValidationError(f"must be a boolean, got {_show(value)}", field=f"{field}.{key}")
+            raise ValidationError(
+                f"must be a boolean, got {show_value(value)}", field=f"{field}.{key}"
+            )
     budget = thinking.get("budget_tokens")
-    if budget is not None and not (_is_int(budget) and budget >= 1):
+    if budget is not None and not (is_int(budget) and budget >= 1):
         raise ValidationError(
-            f"must be an integer >= 1, got {_show(budget)}", field=f"{field}.budget_tokens"
+            f"must be an integer >= 1, got {show_value(budget)}", field=f"{field}.budget_tokens"
         )
 
 
@@ -618,15 +478,18 @@ def check_request(
     prefix = field_prefix
     if not isinstance(body, dict):
         raise ValidationError(f"must be a JSON object, got {json_kind(body)}", field=prefix or None)
-    _check_json_values(body, prefix)
+    problem = json_problem(body, prefix)
+    if problem is not None:
+        raise ValidationError(problem.reason, field=problem.field)
     model = _check_model(body, limits, prefix)
     _check_messages(body, prefix)
     declared = _check_tools(body, prefix)
     _check_tool_choice(body, prefix, declared)
     max_tokens = body.get("max_tokens")
-    if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 1):
+    if max_tokens is not None and not (is_int(max_tokens) and max_tokens >= 1):
         raise ValidationError(
-            f"must be an integer >= 1, got {_show(max_tokens)}", field=_join(prefix, "max_tokens")
+            f"must be an integer >= 1, got {show_value(max_tokens)}",
+            field=_join(prefix, "max_tokens"),
         )
     _check_sampling(body, prefix)
     _check_extended_thinking(body, prefix)

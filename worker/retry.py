@@ -1,6 +1,6 @@
 """How long to wait before calling the model again after a failed attempt.
 
-:meth:`RetryPolicy.delay` maps a :class:`~worker.client.ModelError` and the
+:meth:`RetryPolicy.delay` maps a :class:`~worker.errors.ModelError` and the
 number of the attempt that just failed to a sleep in seconds, or ``None`` when
 the job should fail for good:
 
@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 
 from jobs.settings import Settings
-from worker.client import ModelError, RateLimited
+from worker.errors import ModelError, RateLimited
 
 __all__ = ["RetryPolicy"]
 

@@ -1,4 +1,7 @@
-"""Unit tests for worker.client over httpx.MockTransport (no sockets)."""
+"""Unit tests for worker.client over httpx.MockTransport (no sockets).
+
+Response parsing on its own is tested in test_responses.py.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +16,18 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.client import (
+from worker.client import ModelClient, default_timeout
+from worker.errors import (
     AuthFailed,
-    Completion,
     ConnectionFailed,
     MalformedResponse,
-    ModelClient,
     ModelError,
     RateLimited,
-    RateLimitInfo,
     RequestRejected,
     ServerError,
     Timeout,
-    Usage,
-    default_timeout,
-    parse_completion,
-    parse_duration,
-    parse_rate_limit_headers,
 )
+from worker.responses import Completion, RateLimitInfo, Usage
 
 KEY = "sk-SENTINEL-7f3a9c2e5b1d4068"
 BASE_URL = "https://inference.example.test"
@@ -199,14 +196,6 @@ def test_list_content_is_concatenated(make_client: Callable[[Handler], ModelClie
     ]
     result = make_client(respond(200, ok_body(content=content))).chat(REQUEST)
     assert result.output_text == "Hello, world"
-
-
-def test_missing_total_tokens_is_summed() -> None:
-    body = ok_body()
-    body["usage"] = {"prompt_tokens": 3, "completion_tokens": 4}
-    result = parse_completion(body, status=200, request_id=None, latency_s=0.5, rate_limits=None)
-    assert result.usage == Usage(3, 4, 7)
-    assert result.latency_s == 0.5
 
 
 # --- HTTP status classification ----------------------------------------------
@@ -380,66 +369,6 @@ def test_429_carries_rate_limit_info(make_client: Callable[[Handler], ModelClien
     assert "retry after 12s" in str(err)
 
 
-# --- header parsing -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("51s", 51.0),
-        ("1.5s", 1.5),
-        ("250ms", 0.25),
-        ("1m30s", 90.0),
-        ("2h", 7200.0),
-        ("6m0s", 360.0),
-        ("1h2m3.5s", 3723.5),
-        ("12", 12.0),
-        ("12.5", 12.5),
-        (" 7s ", 7.0),
-        ("0", 0.0),
-        ("", None),
-        ("soon", None),
-        ("-5", None),
-        ("-5s", None),
-        ("5 s", None),
-        ("s", None),
-        ("5x", None),
-        ("nan", None),
-        ("inf", None),
-        ("1m30", None),
-    ],
-)
-def test_parse_duration(text: str, expected: float | None) -> None:
-    result = parse_duration(text)
-    if expected is None:
-        assert result is None
-    else:
-        assert result == pytest.approx(expected)
-
-
-def test_parse_rate_limit_headers() -> None:
-    headers = httpx.Headers(
-        {
-            "x-ratelimit-limit-requests": "150",
-            "x-ratelimit-remaining-requests": "0",
-            "x-ratelimit-reset-requests": "51s",
-            "x-ratelimit-limit-tokens": "800000",
-            "x-ratelimit-remaining-tokens": "123456",
-            "x-ratelimit-reset-tokens": "250ms",
-        }
-    )
-    assert parse_rate_limit_headers(headers) == RateLimitInfo(150, 0, 800_000, 123_456, 51.0, 0.25)
-
-
-def test_parse_rate_limit_headers_absent_or_junk() -> None:
-    assert parse_rate_limit_headers(httpx.Headers({"content-type": "application/json"})) is None
-    assert parse_rate_limit_headers(httpx.Headers({"x-ratelimit-limit-requests": "lots"})) is None
-    partial = parse_rate_limit_headers(
-        httpx.Headers({"x-ratelimit-remaining-tokens": "9", "x-ratelimit-reset-tokens": "?"})
-    )
-    assert partial == RateLimitInfo(remaining_tokens=9)
-
-
 # --- malformed 2xx ------------------------------------------------------------
 
 
@@ -509,11 +438,6 @@ def test_200_with_error_object_reports_provider_message(
     err = call_error(make_client(respond(200, body)))
     assert isinstance(err, MalformedResponse)
     assert "upstream model crashed" in str(err)
-
-
-def test_parse_completion_rejects_non_dict() -> None:
-    with pytest.raises(MalformedResponse):
-        parse_completion(None, status=200, request_id=None, latency_s=0.0, rate_limits=None)
 
 
 # --- transport failures --------------------------------------------------------

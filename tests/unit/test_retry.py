@@ -7,7 +7,7 @@ import random
 import pytest
 
 from jobs.settings import Settings
-from worker.client import (
+from worker.errors import (
     AuthFailed,
     ConnectionFailed,
     MalformedResponse,

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jobs.jsoncheck import MAX_JSON_DEPTH
 from jobs.tokens import estimate_prompt_tokens
 from jobs.validation import (
-    MAX_JSON_DEPTH,
     BatchValidationError,
     CheckedRequest,
     RequestLimits,
