@@ -41,11 +41,13 @@ def dispatch(settings: Settings, app: Celery) -> int:
         )
         if picked:
             with app.producer_or_acquire() as producer:
-                for job_id, priority in picked:
+                for job_id, priority, _ in picked:
                     app.send_task(
                         TASK_RUN_JOB, args=[job_id], queue=queue_for(priority), producer=producer
                     )
-            store.mark_dispatched(session, [job_id for job_id, _ in picked])
+            store.mark_dispatched(session, [job_id for job_id, _, _ in picked])
     if recovered:
         log_event("requeued", jobs=recovered, reason="lease expired")
+    for job_id, priority, batch_id in picked:
+        log_event("queued", job=job_id, batch=batch_id, status="queued", queue=queue_for(priority))
     return len(picked)

@@ -9,8 +9,9 @@ touched.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -91,3 +92,14 @@ def worker_process(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess
         yield worker
     finally:
         worker.stop()
+
+
+@pytest.fixture
+def events(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], list[str]]]:
+    """The logfmt lines logged during the test (``batch_infer`` logger)."""
+    logger = logging.getLogger("batch_infer")
+    propagate = logger.propagate
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger="batch_infer")
+    yield lambda: [r.getMessage() for r in caplog.records if r.name == "batch_infer"]
+    logger.propagate = propagate

@@ -88,7 +88,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """A real Celery worker in its own OS process, as on a dyno."""
 
-    def __init__(self, settings: Settings, log_path: Path, concurrency: int = 20) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        concurrency: int = 20,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.log_path = log_path
         argv = [
             sys.executable, "-m", "celery", "-A", "worker.app", "worker",
@@ -96,7 +102,7 @@ class WorkerProcess:
             "--queues", "inference.interactive,inference.bulk,inference.control",
             "--without-gossip", "--without-mingle", "--loglevel", "INFO",
         ]  # fmt: skip
-        env = settings_env(settings)
+        env = settings_env(settings) | (extra_env or {})
         env["REMAP_SIGTERM"] = "SIGQUIT"
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._log, stderr=self._log)

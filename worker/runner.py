@@ -15,6 +15,7 @@ Outcomes, each logged as one logfmt line:
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -27,7 +28,9 @@ from jobs.db import session_scope
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
-from worker.client import Completion, ModelClient, ModelError, RateLimited
+from worker.client import ModelClient
+from worker.errors import ModelError, RateLimited
+from worker.responses import Completion
 from worker.retry import RetryPolicy
 from worker.throttle import (
     RequestTooLarge,
@@ -117,7 +120,13 @@ class Runner:
                 throttle.release(reservation)
                 log_event("skipped", **fields, reason="no longer running")
                 return "skipped"
-            log_event("attempt", **fields, attempt=number, reserved_tokens=reserve)
+            log_event(
+                "attempt",
+                **fields,
+                attempt=number,
+                reserved_tokens=reserve,
+                request=self._body(job.request),
+            )
             started = time.monotonic()
             try:
                 completion = self.client.chat(job.request)
@@ -148,6 +157,10 @@ class Runner:
             return self._succeed(
                 job.id, fields, number, completion, max_tokens, throttle, reservation
             )
+
+    def _body(self, body: dict[str, Any]) -> str | None:
+        """A body for the log only when LOG_BODIES is set (``None`` fields are dropped)."""
+        return json.dumps(body, separators=(",", ":")) if self.settings.log_bodies else None
 
     def _charge(self, completion: Completion, max_tokens: int) -> int:
         usage = completion.usage
@@ -231,6 +244,7 @@ class Runner:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             tokens=usage.total_tokens,
+            response=self._body(completion.body),
         )
         return "succeeded"
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy import text as text_sql
 
 from jobs import api
+from jobs.connections import redis_client
 from jobs.db import session_scope
 from jobs.models import Attempt
 from jobs.settings import Settings
@@ -57,7 +59,41 @@ def test_batch_and_enqueue_through_a_worker_process(
     assert stats.duplicate_bodies == 0
     log = worker_process.log()
     assert "event=succeeded" in log and "event=attempt" in log
-    assert settings.inference_key not in log
+    assert_key_nowhere(settings, log)
+
+
+def assert_key_nowhere(settings: Settings, *texts: str) -> None:
+    """The key is in no log text, no database row and no Redis key or value."""
+    key = settings.inference_key
+    assert key and settings.database_url and settings.redis_url
+    for text in texts:
+        assert key not in text
+    with session_scope(settings.database_url) as s:
+        for table in ("batches", "jobs", "attempts"):
+            rows = s.execute(text_sql(f"SELECT t::text FROM {table} t")).scalars().all()
+            assert rows and not any(key in row for row in rows), table
+    client = redis_client(settings.redis_url)
+    try:
+        keys = client.keys("*")
+        assert keys
+        for name in keys:
+            assert key.encode() not in name
+            kind = client.type(name)
+            if kind == b"string":
+                values = [client.get(name) or b""]
+            elif kind == b"list":
+                values = client.lrange(name, 0, -1)
+            elif kind == b"hash":
+                values = list(client.hgetall(name).values())
+            elif kind == b"zset":
+                values = client.zrange(name, 0, -1)
+            elif kind == b"set":
+                values = list(client.smembers(name))
+            else:
+                values = []
+            assert not any(key.encode() in v for v in values), name
+    finally:
+        client.close()
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -95,8 +131,18 @@ def test_cli_submit_wait_status_results_usage(
     rows = json.loads(usage.stdout)
     assert sum(r["calls"] for r in rows) == 12
     assert sum(r["total_tokens"] for r in rows) > 0
-    for proc in (done, status, results, usage):
-        assert settings.inference_key not in proc.stdout + proc.stderr
+    assert_key_nowhere(
+        settings, *(p.stdout + p.stderr for p in (done, status, results, usage)),
+        out.read_text(), worker_process.log(),
+    )  # fmt: skip
+
+    # cancel and retry on a finished batch: nothing to do, said plainly.
+    cancel = run_cli(settings, "cancel", str(batch_id))
+    assert (cancel.returncode, cancel.stdout.strip()) == (
+        0, f"batch {batch_id}: cancelled 0 queued jobs",
+    )  # fmt: skip
+    retry = run_cli(settings, "retry", str(batch_id))
+    assert retry.stdout.strip() == f"batch {batch_id}: re-queued 0 failed jobs"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -231,3 +231,23 @@ def test_ledger_sum_matches_simulator_over_many_jobs(harness: Harness) -> None:
     with session_scope(harness.settings.database_url) as s:
         ledger = s.execute(select(func.sum(Attempt.total_tokens))).scalar_one()
     assert ledger == harness.sim.stats().total_tokens
+
+
+def test_bodies_are_logged_only_when_asked(
+    clean_db: str, redis_url: str, simulator: Simulator, events: Callable[[], list[str]]
+) -> None:
+    seen = 0
+    for log_bodies in (False, True):
+        h = Harness(make_settings(clean_db, redis_url, simulator.url, log_bodies=log_bodies),
+                    simulator)  # fmt: skip
+        try:
+            job_id = store_job(clean_db, body("a secret prompt"))
+            assert h.runner.run(job_id) == "succeeded"
+            lines = events()
+            text = "\n".join(lines[seen:])
+            seen = len(lines)
+            assert "event=succeeded" in text
+            assert ("a secret prompt" in text) is log_bodies
+            assert ("Simulated reply" in text) is log_bodies
+        finally:
+            h.close()

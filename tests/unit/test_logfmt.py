@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
-import pytest
+from collections.abc import Callable
 
 from jobs.logfmt import format_event, log_event
 
@@ -24,9 +22,6 @@ def test_floats_and_bools() -> None:
     )
 
 
-def test_log_event_writes_one_line(caplog: pytest.LogCaptureFixture) -> None:
-    logger = logging.getLogger("batch_infer")
-    logger.propagate = True
-    with caplog.at_level(logging.INFO, logger="batch_infer"):
-        log_event("succeeded", job=1, tokens=30)
-    assert [r.getMessage() for r in caplog.records] == ["event=succeeded job=1 tokens=30"]
+def test_log_event_writes_one_line(events: Callable[[], list[str]]) -> None:
+    log_event("succeeded", job=1, tokens=30)
+    assert events() == ["event=succeeded job=1 tokens=30"]
