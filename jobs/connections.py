@@ -19,6 +19,7 @@ from celery import Celery
 from jobs.constants import (
     QUEUE_BULK,
     QUEUE_CONTROL,
+    REDBEAT_LOCK_KEY,
     REDBEAT_PREFIX,
     TASK_RUN_JOB,
 )
@@ -81,7 +82,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Heroku: SIGTERM, then SIGKILL 30 s later. With REMAP_SIGTERM=SIGQUIT
         # (Procfile) the worker gets 20 s to finish or hand back in-flight jobs.
         "worker_soft_shutdown_timeout": 20.0,
-        "worker_enable_soft_shutdown_on_idle": True,
+        # No ETA tasks here, so an idle worker has nothing to hand back: exit at once.
+        "worker_enable_soft_shutdown_on_idle": False,
         "worker_hijack_root_logger": False,
         "task_default_queue": QUEUE_CONTROL,
         "task_routes": {TASK_RUN_JOB: {"queue": QUEUE_BULK}},
@@ -89,6 +91,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redbeat_redis_url": url,
         "redbeat_redis_use_ssl": tls,
         "redbeat_key_prefix": REDBEAT_PREFIX,
+        "redbeat_lock_key": REDBEAT_LOCK_KEY,
         # A standby beat takes over this long after the active one dies.
         "redbeat_lock_timeout": 300,
         "beat_max_loop_interval": 60,

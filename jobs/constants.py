@@ -23,6 +23,8 @@ TASK_NIGHTLY_BATCH = "worker.tasks.nightly_batch"
 
 #: redbeat keeps its schedule and its single-beat lock under this prefix.
 REDBEAT_PREFIX = KEY_PREFIX + "redbeat:"
+#: The lock only one beat process holds at a time.
+REDBEAT_LOCK_KEY = REDBEAT_PREFIX + "lock"
 
 
 def throttle_log_key(bucket: str) -> str:
@@ -33,3 +35,8 @@ def throttle_log_key(bucket: str) -> str:
 def throttle_pause_key(bucket: str) -> str:
     """Redis-time (ms) until which the bucket admits nothing, set after a 429."""
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:pause"
+
+
+def calibration_key(model: str, script: str) -> str:
+    """List of recent provider/estimate prompt-token ratios (newest first)."""
+    return f"{KEY_PREFIX}calib:{model}:{script}"
