@@ -395,8 +395,8 @@ def retry_batch(session: Session, batch_id: int) -> int:
 
 def dispatchable(
     session: Session, *, bulk_room: int, redeliver_after_s: float
-) -> list[tuple[int, int]]:
-    """Lock queued jobs to publish, as ``(id, priority)``: interactive ones first,
+) -> list[tuple[int, int, int | None]]:
+    """Lock queued jobs to publish, as ``(id, priority, batch_id)``: interactive ones first,
     then up to ``bulk_room`` bulk ones.
 
     A job published long ago and still queued lost its message (a Redis flush);
@@ -407,18 +407,18 @@ def dispatchable(
         Job.status == JobStatus.QUEUED,
         or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale),
     )
-    picked: list[tuple[int, int]] = []
+    picked: list[tuple[int, int, int | None]] = []
     for priority, limit in ((Priority.INTERACTIVE, 1000), (Priority.BULK, bulk_room)):
         if limit <= 0:
             continue
         rows = session.execute(
-            select(Job.id)
+            select(Job.id, Job.batch_id)
             .where(ready, Job.priority == priority)
             .order_by(Job.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        picked.extend((job_id, int(priority)) for job_id in rows.scalars())
+        picked.extend((job_id, int(priority), batch_id) for job_id, batch_id in rows)
     return picked
 
 
@@ -439,3 +439,46 @@ def outstanding_bulk(session: Session) -> int:
 
 def mark_dispatched(session: Session, job_ids: Sequence[int]) -> None:
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(dispatched_at=func.now()))
+
+
+@dataclass(frozen=True)
+class RecentCall:
+    """A call the ledger saw start within the last window (to re-seed a lost bucket)."""
+
+    age_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    max_tokens: int | None
+    answered: bool
+
+
+def recent_calls(session: Session, *, window_s: float) -> list[RecentCall]:
+    """Calls started in the last ``window_s`` seconds, by the database's clock.
+
+    A call still in flight has no usage yet: its job's prompt estimate stands in.
+    """
+    age = func.extract("epoch", func.now() - Attempt.started_at)
+    rows = session.execute(
+        select(
+            age,
+            Attempt.http_status,
+            Attempt.prompt_tokens,
+            Attempt.completion_tokens,
+            Job.est_prompt_tokens,
+            Job.request["max_tokens"].as_integer(),
+        )
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Attempt.started_at > func.now() - dt.timedelta(seconds=window_s))
+        # A 429 was not admitted by the provider and holds no place in its window.
+        .where(or_(Attempt.http_status.is_(None), Attempt.http_status != 429))
+    )
+    return [
+        RecentCall(
+            age_s=float(age_s),
+            prompt_tokens=prompt if status is not None and prompt else est,
+            completion_tokens=completion,
+            max_tokens=max_tokens,
+            answered=status is not None,
+        )
+        for age_s, status, prompt, completion, est, max_tokens in rows
+    ]

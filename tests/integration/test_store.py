@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -185,14 +186,18 @@ def _queue_lengths(redis_url: str) -> tuple[int, int]:
 
 
 def test_dispatch_fills_the_window_and_publishes_each_job_once(
-    clean_db: str, redis_url: str
+    clean_db: str, redis_url: str, events: Callable[[], list[str]]
 ) -> None:
     settings = Settings(database_url=clean_db, redis_url=redis_url, dispatch_window=5)
     app = celery_app(settings)
-    make_batch(clean_db, 12)
+    batch_id = make_batch(clean_db, 12)
     with session_scope(clean_db) as s:
         interactive = store.create_job(s, item(99), priority=Priority.INTERACTIVE)
     assert dispatch(settings, app) == 6  # the interactive job skips the window
+    queued = [line for line in events() if "event=queued" in line]
+    assert len(queued) == 6
+    assert f"event=queued job={interactive} status=queued queue=inference.interactive" in queued
+    assert sum(f"batch={batch_id} " in line for line in queued) == 5
     assert _queue_lengths(redis_url) == (1, 5)
     assert dispatch(settings, app) == 0  # window full: nothing more
     with session_scope(clean_db) as s:
@@ -251,3 +256,22 @@ def test_lost_messages_are_published_again(clean_db: str, redis_url: str) -> Non
     with session_scope(clean_db) as s:
         statuses = s.execute(select(Job.status)).scalars().all()
     assert statuses == [JobStatus.QUEUED] * 3
+
+
+def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
+    a, b, c = job_ids(clean_db, make_batch(clean_db, 3))
+    with session_scope(clean_db) as s:
+        for job_id in (a, b, c):
+            store.claim(s, job_id, lease_s=60)
+            store.begin_attempt(s, job_id, lease_s=60)
+        store.finish_attempt(s, a, 1, latency_ms=5, http_status=200, usage=(30, 7, 37))
+        store.finish_attempt(s, b, 1, latency_ms=5, http_status=429, error_kind="rate_limited")
+    with session_scope(clean_db) as s:
+        calls = sorted(store.recent_calls(s, window_s=60), key=lambda r: r.answered)
+    assert [(r.answered, r.prompt_tokens, r.completion_tokens, r.max_tokens) for r in calls] == [
+        (False, 10, 0, 50),  # in flight: the estimate stands in
+        (True, 30, 7, 50),
+    ]
+    assert all(0 <= r.age_s < 60 for r in calls)
+    with session_scope(clean_db) as s:
+        assert store.recent_calls(s, window_s=0.000001) == []
