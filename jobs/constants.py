@@ -37,6 +37,11 @@ def throttle_pause_key(bucket: str) -> str:
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:pause"
 
 
+def throttle_init_key(bucket: str) -> str:
+    """Present while the bucket's log is seeded; its absence means the log was lost."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:init"
+
+
 def calibration_key(model: str, script: str) -> str:
     """List of recent provider/estimate prompt-token ratios (newest first)."""
     return f"{KEY_PREFIX}calib:{model}:{script}"

@@ -452,7 +452,7 @@ class RecentCall:
     answered: bool
 
 
-def recent_calls(session: Session, *, window_s: float) -> list[RecentCall]:
+def recent_calls(session: Session, *, window_s: float, model: str) -> list[RecentCall]:
     """Calls started in the last ``window_s`` seconds, by the database's clock.
 
     A call still in flight has no usage yet: its job's prompt estimate stands in.
@@ -468,6 +468,7 @@ def recent_calls(session: Session, *, window_s: float) -> list[RecentCall]:
             Job.request["max_tokens"].as_integer(),
         )
         .join(Job, Job.id == Attempt.job_id)
+        .where(Attempt.model == model)
         .where(Attempt.started_at > func.now() - dt.timedelta(seconds=window_s))
         # A 429 was not admitted by the provider and holds no place in its window.
         .where(or_(Attempt.http_status.is_(None), Attempt.http_status != 429))

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import redis
 
+from jobs import store
 from jobs.connections import celery_app, redis_client
+from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.logfmt import log_event
 from jobs.settings import MODEL_LIMITS, Settings
+from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
 from worker.throttle import Throttle
@@ -40,7 +44,13 @@ class Runtime:
         )
         self._throttles: dict[str, Throttle] = {}
         self._lock = threading.Lock()
-        self.runner = Runner(settings, self.client, self.throttle_for, stop=self.stop)
+        self.runner = Runner(
+            settings,
+            self.client,
+            self.throttle_for,
+            stop=self.stop,
+            calibrator=Calibrator(self.redis),
+        )
         self._wake = threading.Event()
         self._dispatcher: threading.Thread | None = None
 
@@ -55,15 +65,41 @@ class Runtime:
                     known = MODEL_LIMITS[model]
                     rpm, tpm = known.rpm, known.tpm
                 bucket = f"{model}:{self.settings.key_fingerprint}"
+                window_s = 60.0 + self.settings.window_margin_s
                 throttle = Throttle(
                     self.redis,
                     bucket,
                     rpm=rpm,
                     tpm=tpm,
-                    window_s=60.0 + self.settings.window_margin_s,
+                    window_s=window_s,
+                    seed=self._seed_for(model, window_s),
                 )
                 self._throttles[model] = throttle
             return throttle
+
+    def _seed_for(self, model: str, window_s: float) -> Callable[[], list[tuple[float, int]]]:
+        """Rebuild a lost bucket from the ledger's calls of the last window."""
+        settings = self.settings
+        assert settings.database_url is not None
+        url = settings.database_url
+
+        def seed() -> list[tuple[float, int]]:
+            with session_scope(url) as session:
+                calls = store.recent_calls(session, window_s=window_s, model=model)
+            return [
+                (
+                    call.age_s,
+                    call.prompt_tokens
+                    + (
+                        call.completion_tokens
+                        if call.answered and settings.tpm_charge == "actual"
+                        else (call.max_tokens or settings.default_max_tokens)
+                    ),
+                )
+                for call in calls
+            ]
+
+        return seed
 
     def start_dispatcher(self) -> None:
         """Start this process's dispatcher loop (one per worker process)."""

@@ -2,17 +2,39 @@
 
 The provider counts requests per minute (rpm) and tokens per minute (tpm) over a
 sliding 60 s window. :class:`Throttle` keeps one admissions log per bucket in Redis
-(see :mod:`worker.throttle_store`) and admits a request at the earliest instant at
-which the window ending there, with the request added, stays within both limits.
+(scripts in :mod:`worker.throttle_lua`, wrapper in :mod:`worker.throttle_store`) and
+admits a request at the earliest instant at which every window holding it stays
+within both limits.
 
 A call to :meth:`Throttle.acquire` reserves that instant in one atomic script call and
-then sleeps locally until it comes; nobody polls. After a non-zero sleep one cheap
-confirm call checks whether a provider 429 paused the bucket meanwhile, in which case
-the reservation moves behind the pause. When the request is done the caller settles
-the reservation with the tokens it wants charged (the real prompt plus ``max_tokens``,
-or prompt plus completion); a request that was never sent is released. That makes at
-most three Redis calls per admitted request (reserve, confirm, settle), plus one more
-confirm each time a pause moves a sleeping reservation.
+then sleeps locally until it comes; nobody polls. Every sleeper confirms its slot when
+it wakes (one cheap script call): the slot may have moved meanwhile, because
+
+* a provider 429 paused the bucket (the reservation moves behind the pause), or
+* an interactive request took the slot over (bulk only; see below), or
+* the provider reported somebody else's usage of the key (see :meth:`Throttle.observe`),
+
+in which case the caller sleeps again until its new slot and confirms once more.
+When the request is done the caller settles the reservation with the tokens it wants
+charged (the real prompt plus ``max_tokens``, or prompt plus completion); a request
+that was never sent is released. Redis round trips per admitted request: reserve,
+confirm (only if it had to wait), settle; plus one confirm per move of a sleeping
+reservation. The first call on a lost bucket with a ``seed`` callable pays one more.
+
+Priorities. Bulk requests queue first come, first served at the end of the log.
+An interactive request takes the earliest free instant if one exists; otherwise it
+takes over the slot of the earliest bulk reservation that has not started yet, and
+that bulk reservation moves to the end of the queue. Takeovers are capped so that no
+window holding a taken-over slot holds more than ``floor(interactive_share * rpm)``
+interactive entries: bulk keeps the rest of the window while it waits. Takeovers are
+looked for within two windows of now; an interactive request that finds none there
+joins the end of the queue like a bulk one.
+
+Seeding. The provider remembers the last window even when Redis loses the log
+(restart, flush, expiry after an idle window). A bucket without its initialised
+marker is seeded before anything is admitted: with the ``seed`` callable's history
+of recent calls, or, without one, by assuming the window may be full and pausing the
+bucket for one window.
 
 All decisions use Redis ``TIME``; the local monotonic clock only measures sleeps.
 
@@ -24,8 +46,9 @@ Errors::
     +-- ThrottleInterrupted  the ``stop`` event was set while waiting
 
 Redis failures (``redis.ConnectionError``, ``redis.TimeoutError`` and other
-``redis.RedisError``) propagate unchanged so callers can retry the task; a reservation
-stranded by such a failure only costs capacity until it leaves the window.
+``redis.RedisError``) and failures of the ``seed`` callable propagate unchanged so
+callers can retry the task; a reservation stranded by such a failure only costs
+capacity until it leaves the window.
 """
 
 from __future__ import annotations
@@ -35,15 +58,27 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
 
-from worker.throttle_store import ThrottleStore
+from jobs.models import Priority
+from worker.throttle_store import InitMode, SlotDecision, SlotStatus, ThrottleStore
 
 #: Upper bound on ``max_wait`` so that ``math.inf`` still converts to milliseconds.
 _LONGEST_WAIT_S = 1e9
+
+#: Share of each limit by which the provider may report more usage than our window
+#: holds before :meth:`Throttle.observe` assumes somebody else uses the key. The
+#: provider counted its window when it answered, ours is counted now: calls that left
+#: the window since make the provider look busier than we are, calls admitted since
+#: make it look idler. The slack (at least one request, one token) absorbs the first.
+OBSERVE_SLACK = 0.02
+
+#: What a ``seed`` callable returns: ``(age in seconds, tokens)`` per call admitted in
+#: the last window, ages measured on one clock at the time of the call.
+History = Sequence[tuple[float, int]]
 
 
 class ThrottleError(Exception):
@@ -74,10 +109,33 @@ class Reservation:
 
 @dataclass(frozen=True)
 class WindowUsage:
-    """Requests and tokens admitted in the window ending now."""
+    """Requests and tokens in the window ending now, external phantoms included.
+
+    ``external_requests`` and ``external_tokens`` are the part learnt from the
+    provider's headers (somebody else using the key).
+    """
 
     requests: int
     tokens: int
+    external_requests: int = 0
+    external_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ExternalUsage:
+    """Usage by others that one :meth:`Throttle.observe` call added to the window."""
+
+    requests: int
+    tokens: int
+
+
+def no_history() -> list[tuple[float, int]]:
+    """A ``seed`` for a bucket known to have had no calls in the last window.
+
+    Right for tests and for a key nobody has used yet; a worker should read its
+    ledger instead.
+    """
+    return []
 
 
 def earliest_slot(
@@ -90,12 +148,13 @@ def earliest_slot(
     tpm: int,
     cost: int,
 ) -> int:
-    """Return the slot the reserve script picks, given the log as ``(score, tokens)`` pairs.
+    """Return the slot at the end of the queue, given the log as ``(score, tokens)`` pairs.
 
-    This is the reference statement of the Lua computation, used to cross-check it.
-    Entries at or before ``now_ms - window_ms`` are pruned. The slot is the earliest
-    ``t`` no earlier than now, the pause end and the newest entry such that the entries
-    scored in ``(t - window_ms, t]``, plus the new one, fit ``rpm`` and ``tpm``.
+    This is the reference statement of the Lua computation for a bulk request, used
+    to cross-check it. Entries at or before ``now_ms - window_ms`` are pruned. The slot
+    is the earliest ``t`` no earlier than now, the pause end and the newest entry such
+    that the entries scored in ``(t - window_ms, t]``, plus the new one, fit ``rpm``
+    and ``tpm``.
     """
     live = sorted((e for e in entries if e[0] > now_ms - window_ms), key=lambda e: e[0])
     floor = max(now_ms, pause_until_ms, live[-1][0] if live else now_ms)
@@ -107,12 +166,89 @@ def earliest_slot(
     return floor
 
 
+def interactive_slot(
+    entries: Sequence[tuple[int, int, str]],
+    *,
+    now_ms: int,
+    pause_until_ms: int,
+    window_ms: int,
+    rpm: int,
+    tpm: int,
+    cap: int,
+    cost: int,
+) -> tuple[int, str | None]:
+    """Return an interactive request's slot and the bulk member it takes over, if any.
+
+    This is the reference statement of the Lua computation, over the log as
+    ``(score, tokens, member)`` triples. With ``floor = max(now, pause end)``:
+
+    1. ``floor`` itself, if every window containing it still fits with the request
+       added (spare capacity: nobody moves);
+    2. else the slot of the first bulk member (``b.`` prefix, in score then member
+       order) scored after now, at or after the floor and before ``floor + 2 W``,
+       such that every window containing that slot holds fewer than ``cap``
+       interactive (``i.``) entries and, if the request costs more than the bulk
+       entry, still fits ``tpm`` after the swap;
+    3. else the end of the queue, as :func:`earliest_slot`.
+    """
+    live = sorted((e for e in entries if e[0] > now_ms - window_ms), key=lambda e: (e[0], e[2]))
+    floor = max(now_ms, pause_until_ms)
+
+    def inside(end: int) -> list[tuple[int, int, str]]:
+        return [e for e in live if end - window_ms < e[0] <= end]
+
+    def ends(start: int) -> list[int]:
+        # Window totals only grow at entry scores: these ends cover every window
+        # that contains ``start``.
+        return [start, *(e[0] for e in live if start < e[0] < start + window_ms)]
+
+    if all(
+        len(inside(end)) + 1 <= rpm and sum(e[1] for e in inside(end)) + cost <= tpm
+        for end in ends(floor)
+    ):
+        return floor, None
+    if cap > 0:
+        for score, tokens, member in live:
+            if score >= floor + 2 * window_ms:
+                break
+            if score <= now_ms or score < floor or not member.startswith("b."):
+                continue
+            delta = cost - tokens
+            if all(
+                sum(1 for e in inside(end) if e[2].startswith("i.")) + 1 <= cap
+                and (delta <= 0 or sum(e[1] for e in inside(end)) + delta <= tpm)
+                for end in ends(score)
+            ):
+                return score, member
+    pairs = [(score, tokens) for score, tokens, _ in live]
+    slot = earliest_slot(
+        pairs,
+        now_ms=now_ms,
+        pause_until_ms=pause_until_ms,
+        window_ms=window_ms,
+        rpm=rpm,
+        tpm=tpm,
+        cost=cost,
+    )
+    return slot, None
+
+
 class Throttle:
     """Admit requests for one bucket (model plus key fingerprint) within rpm and tpm.
 
     ``bucket`` is an opaque label such as ``"kimi-k2-5:ab12cd34ef56"``; never the key
     itself, since it ends up in Redis key names. Every client of a bucket must use the
-    same limits and window. One instance is safe to share between threads.
+    same limits, window and ``interactive_share``. One instance is safe to share
+    between threads.
+
+    ``seed`` returns the calls admitted during the last window, as ``(age seconds,
+    tokens)`` pairs (the worker reads them from its ledger). It is called when the
+    bucket has no initialised marker: a new bucket, or one whose log Redis lost. The
+    first acquirer to get there logs the history at ``Redis now - age``; concurrent
+    acquirers never log it twice. With ``seed=None`` such a bucket is treated as if the
+    provider's window were full: nothing is admitted until one window from then. The
+    marker expires with the log, one window after the last booked slot, so a bucket
+    left idle that long is seeded (or, without ``seed``, paused) again on next use.
     """
 
     def __init__(
@@ -123,17 +259,29 @@ class Throttle:
         rpm: int,
         tpm: int,
         window_s: float = 60.0,
+        interactive_share: float = 0.5,
+        seed: Callable[[], History] | None = None,
     ) -> None:
         if rpm < 1 or tpm < 1:
             raise ValueError(f"throttle limits must be positive, got rpm={rpm} tpm={tpm}")
         window_ms = round(window_s * 1000)
         if window_ms < 1:
             raise ValueError(f"throttle window must be at least 1 ms, got {window_s} s")
+        if not 0.0 <= interactive_share <= 1.0:
+            raise ValueError(f"interactive_share must lie in [0, 1], got {interactive_share}")
         self.bucket = bucket
         self.rpm = rpm
         self.tpm = tpm
         self.window_s = window_ms / 1000
+        self.interactive_share = interactive_share
+        self._window_ms = window_ms
+        self._cap = math.floor(interactive_share * rpm)
+        self._seed = seed
         self._store = ThrottleStore(redis, bucket, window_ms=window_ms)
+        # One thread per instance reads the history at a time; the others reuse its
+        # seeding instead of querying the ledger too. Bumped after every seeding.
+        self._seeding = threading.Lock()
+        self._seedings = 0
 
     def acquire(
         self,
@@ -141,13 +289,17 @@ class Throttle:
         *,
         max_wait: float = 3000.0,
         stop: threading.Event | None = None,
+        priority: int = Priority.BULK,
     ) -> Reservation:
         """Block until a request costing ``tokens`` may start, and return its reservation.
 
-        Raises :class:`RequestTooLarge` at once if ``tokens`` exceeds tpm, and
+        ``priority`` is a :class:`jobs.models.Priority` value: interactive requests go
+        ahead of waiting bulk ones (within the interactive share). Raises
+        :class:`RequestTooLarge` at once if ``tokens`` exceeds tpm, and
         :class:`ThrottleTimeout` (holding no slot) if the slot is more than ``max_wait``
-        seconds away, counting from this call (zero or less: only a free slot right now
-        will do). Setting ``stop`` ends the wait early with
+        seconds away, counting from this call (zero or less: only a free slot right
+        now will do); a bulk reservation moved later by an interactive takeover can
+        also time out when it wakes. Setting ``stop`` ends the wait early with
         :class:`ThrottleInterrupted` after releasing the slot.
         """
         if tokens < 0:
@@ -157,16 +309,15 @@ class Throttle:
                 f"request needs {tokens} tokens but bucket {self.bucket} allows only "
                 f"{self.tpm} tokens per {self.window_s:g} s; shrink the prompt or max_tokens"
             )
+        kind = "i." if Priority(priority) is Priority.INTERACTIVE else "b."
         # A caller whose budget is already spent may pass a negative wait: it means
         # "only if free right now", not a programming error. Infinity means "a long time".
         max_wait = min(max(max_wait, 0.0), _LONGEST_WAIT_S)
         if stop is not None and stop.is_set():
             raise ThrottleInterrupted(f"stop requested before waiting on bucket {self.bucket}")
         deadline = time.monotonic() + max_wait
-        rid = uuid.uuid4().hex
-        decision = self._store.reserve(
-            rid, tokens, rpm=self.rpm, tpm=self.tpm, max_wait_ms=math.floor(max_wait * 1000)
-        )
+        rid = kind + uuid.uuid4().hex
+        decision = self._place(rid, tokens, math.floor(max_wait * 1000), confirm=False)
         while True:
             delay_ms = decision.slot_ms - decision.now_ms
             if not decision.admitted:
@@ -176,18 +327,54 @@ class Throttle:
                 )
             if delay_ms <= 0:
                 return Reservation(id=rid, tokens=tokens, start_ms=decision.slot_ms)
-            self._wait(rid, decision.slot_ms, delay_ms / 1000, stop)
+            self._wait(rid, tokens, decision.slot_ms, delay_ms / 1000, stop)
             remaining_ms = max(0, math.floor((deadline - time.monotonic()) * 1000))
-            decision = self._store.confirm(
+            decision = self._place(rid, tokens, remaining_ms, confirm=True)
+
+    def _place(self, rid: str, tokens: int, max_wait_ms: int, *, confirm: bool) -> SlotDecision:
+        """Reserve or confirm; seed the bucket first if the script finds it lost.
+
+        Another process may seed the bucket at the same moment: the script logs the
+        history only while the bucket is still uninitialised, so it never counts twice.
+        """
+
+        def place(init: InitMode, history: Sequence[tuple[int, int]] = ()) -> SlotDecision:
+            return self._store.place(
                 rid,
-                decision.slot_ms,
                 tokens,
                 rpm=self.rpm,
                 tpm=self.tpm,
-                max_wait_ms=remaining_ms,
+                max_wait_ms=max_wait_ms,
+                interactive_cap=self._cap,
+                confirm=confirm,
+                init=init,
+                history=history,
             )
 
-    def _wait(self, rid: str, slot_ms: int, seconds: float, stop: threading.Event | None) -> None:
+        seedings = self._seedings
+        decision = place(InitMode.ASSUME_FULL if self._seed is None else InitMode.CHECK)
+        if decision.status is SlotStatus.UNSEEDED:
+            with self._seeding:
+                if self._seedings != seedings:  # a sibling thread seeded meanwhile
+                    decision = place(InitMode.CHECK)
+                if decision.status is SlotStatus.UNSEEDED:
+                    decision = place(InitMode.SEED, self._history())
+                    self._seedings += 1
+        return decision
+
+    def _history(self) -> list[tuple[int, int]]:
+        """The seed callable's history as ``(age ms, tokens)``, within one window."""
+        assert self._seed is not None
+        history: list[tuple[int, int]] = []
+        for age_s, tokens in self._seed():
+            age_ms = max(0, math.floor(age_s * 1000)) if math.isfinite(age_s) else None
+            if age_ms is not None and age_ms < self._window_ms:
+                history.append((age_ms, max(0, int(tokens))))
+        return history
+
+    def _wait(
+        self, rid: str, tokens: int, slot_ms: int, seconds: float, stop: threading.Event | None
+    ) -> None:
         """Sleep until the slot, releasing it if the sleep ends any other way."""
         try:
             if stop is None:
@@ -197,10 +384,10 @@ class Throttle:
         except BaseException:
             # KeyboardInterrupt or SystemExit: give the slot back if Redis still answers.
             with contextlib.suppress(redis.RedisError):
-                self._store.release(rid, slot_ms)
+                self._store.release(rid, slot_ms, tokens)
             raise
         if interrupted:
-            self._store.release(rid, slot_ms)
+            self._store.release(rid, slot_ms, tokens)
             raise ThrottleInterrupted(f"stop requested while waiting on bucket {self.bucket}")
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
@@ -216,7 +403,7 @@ class Throttle:
 
     def release(self, reservation: Reservation) -> None:
         """Give back the slot of a request that was never sent."""
-        self._store.release(reservation.id, reservation.start_ms)
+        self._store.release(reservation.id, reservation.start_ms, reservation.tokens)
 
     def pause(self, seconds: float) -> None:
         """Admit nothing for ``seconds`` from now (Redis time), e.g. after a provider 429.
@@ -234,7 +421,63 @@ class Throttle:
         """Seconds until the bucket admits again because of a pause (0.0 if none)."""
         return self._store.pause_remaining_ms() / 1000
 
+    def observe(
+        self,
+        remaining_requests: int | None,
+        remaining_tokens: int | None,
+        reset_requests_s: float | None,
+        reset_tokens_s: float | None,
+    ) -> ExternalUsage:
+        """Learn from a response's ``x-ratelimit-remaining-*`` and ``-reset-*`` headers.
+
+        When the provider reports less remaining than the window ending now implies
+        (by more than :data:`OBSERVE_SLACK`), somebody else uses the key: external
+        phantom entries are added for the shortfall, leaving the window when the
+        provider says its window resets (after a full window if it does not say).
+        Reservations already booked for slots that no longer fit move later; their
+        holders find out when they confirm. Our own entries are never removed, and an
+        observation already accounted for adds nothing, so repeating one is harmless.
+        Returns what was added. Costs one script call, none when the reported
+        remainders leave no room for external usage at all.
+        """
+        slack_requests = max(1, math.ceil(self.rpm * OBSERVE_SLACK))
+        slack_tokens = max(1, math.ceil(self.tpm * OBSERVE_SLACK))
+        requests = None if remaining_requests is None else max(0, remaining_requests)
+        tokens = None if remaining_tokens is None else max(0, remaining_tokens)
+        short_requests = requests is not None and self.rpm - requests > slack_requests
+        short_tokens = tokens is not None and self.tpm - tokens > slack_tokens
+        if not (short_requests or short_tokens):
+            return ExternalUsage(requests=0, tokens=0)
+        added = self._store.observe(
+            uuid.uuid4().hex,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            remaining_requests=requests,
+            remaining_tokens=tokens,
+            reset_requests_ms=_reset_ms(reset_requests_s, self._window_ms),
+            reset_tokens_ms=_reset_ms(reset_tokens_s, self._window_ms),
+            slack_requests=slack_requests,
+            slack_tokens=slack_tokens,
+        )
+        return ExternalUsage(requests=added[0], tokens=added[1])
+
     def usage(self) -> WindowUsage:
-        """Requests and tokens admitted in the window ending now (later slots excluded)."""
-        requests, tokens = self._store.usage()
-        return WindowUsage(requests=requests, tokens=tokens)
+        """Requests and tokens in the window ending now (later slots excluded).
+
+        Seeded history and external phantoms count: this is the window the bucket
+        admits against.
+        """
+        logged = self._store.usage()
+        return WindowUsage(
+            requests=logged.requests,
+            tokens=logged.tokens,
+            external_requests=logged.external_requests,
+            external_tokens=logged.external_tokens,
+        )
+
+
+def _reset_ms(seconds: float | None, window_ms: int) -> int | None:
+    """A reset header in ms, capped at one window; ``None`` if absent or unreadable."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(math.ceil(seconds * 1000), window_ms)

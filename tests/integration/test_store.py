@@ -267,11 +267,13 @@ def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
         store.finish_attempt(s, a, 1, latency_ms=5, http_status=200, usage=(30, 7, 37))
         store.finish_attempt(s, b, 1, latency_ms=5, http_status=429, error_kind="rate_limited")
     with session_scope(clean_db) as s:
-        calls = sorted(store.recent_calls(s, window_s=60), key=lambda r: r.answered)
+        calls = sorted(
+            store.recent_calls(s, window_s=60, model="kimi-k2-5"), key=lambda r: r.answered
+        )
     assert [(r.answered, r.prompt_tokens, r.completion_tokens, r.max_tokens) for r in calls] == [
         (False, 10, 0, 50),  # in flight: the estimate stands in
         (True, 30, 7, 50),
     ]
     assert all(0 <= r.age_s < 60 for r in calls)
     with session_scope(clean_db) as s:
-        assert store.recent_calls(s, window_s=0.000001) == []
+        assert store.recent_calls(s, window_s=0.000001, model="kimi-k2-5") == []

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-import bisect
 import multiprocessing
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import redis
 
-from jobs.constants import throttle_log_key, throttle_pause_key
+from jobs.constants import throttle_init_key, throttle_log_key, throttle_pause_key
+from tests.integration.throttle_helpers import (
+    BUCKET,
+    CountingRedis,
+    command_calls,
+    counting_client,
+    log_size,
+    make,
+    members,
+    redis_now_ms,
+    wait_until,
+    worst_window,
+)
 from worker.throttle import (
     RequestTooLarge,
     Reservation,
@@ -23,71 +34,37 @@ from worker.throttle import (
     ThrottleTimeout,
     WindowUsage,
     earliest_slot,
+    no_history,
 )
-from worker.throttle_store import ThrottleStore
+from worker.throttle_store import InitMode, ThrottleStore
 
 pytestmark = pytest.mark.integration
-
-BUCKET = "test-model:0123456789ab"
-
-
-class CountingRedis(redis.Redis):
-    """A client that counts the commands it sends (round trips, pipelines aside)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent = 0
-        self._count_lock = threading.Lock()
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        with self._count_lock:
-            self.sent += 1
-        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[CountingRedis]:
     """A counting client on the flushed test database (see conftest's ``redis_url``)."""
-    client = CountingRedis.from_url(redis_url)
+    client = counting_client(redis_url)
     yield client
     client.close()
-
-
-def log_size(client: redis.Redis) -> int:
-    return int(client.zcard(throttle_log_key(BUCKET)))
-
-
-def members(client: redis.Redis) -> dict[str, int]:
-    """The log as ``member -> score``."""
-    raw = cast(
-        "list[tuple[bytes, float]]",
-        client.zrange(throttle_log_key(BUCKET), 0, -1, withscores=True),
-    )
-    return {member.decode(): int(score) for member, score in raw}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 # --- decisions ------------------------------------------------------------------------
 
 
 def test_first_limit_at_once_then_one_window_later(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=5, tpm=10_000, window_s=1.0)
+    throttle = make(r, rpm=5, tpm=10_000, window_s=1.0)
     first = [throttle.acquire(10, max_wait=0) for _ in range(5)]
     assert throttle.usage() == WindowUsage(requests=5, tokens=50)
     sixth = throttle.acquire(10)
     # The sixth may only start when the first leaves the window (t - W, t].
     assert sixth.start_ms == first[0].start_ms + 1000
-    assert log_size(r) == 6
+    # Its confirm pruned whatever had left the window by then; the sixth stays logged.
+    assert members(r)[f"{sixth.id}:10"] == sixth.start_ms
 
 
 def test_token_limit_binds(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=100, tpm=100, window_s=1.0)
+    throttle = make(r, rpm=100, tpm=100, window_s=1.0)
     a = throttle.acquire(60, max_wait=0)
     throttle.acquire(40, max_wait=0)  # exactly fills the budget
     with pytest.raises(ThrottleTimeout):
@@ -97,7 +74,7 @@ def test_token_limit_binds(r: CountingRedis) -> None:
 
 
 def test_settle_changes_the_next_slot(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=100, tpm=100, window_s=1.0)
+    throttle = make(r, rpm=100, tpm=100, window_s=1.0)
     a = throttle.acquire(60, max_wait=0)
     throttle.acquire(40, max_wait=0)
     throttle.settle(a, 10)  # reserved 60, used 10
@@ -105,13 +82,13 @@ def test_settle_changes_the_next_slot(r: CountingRedis) -> None:
     throttle.acquire(50, max_wait=0)  # fits only because of the lower charge
     throttle.settle(a, 60)  # charged more after all: the next slot moves out
     assert throttle.usage().tokens == 150
+    assert members(r)[f"{a.id}:60"] == a.start_ms
     d = throttle.acquire(1)
     assert d.start_ms == a.start_ms + 1000
-    assert members(r)[f"{a.id}:60"] == a.start_ms
 
 
 def test_release_frees_a_slot(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=2, tpm=1000, window_s=1.0)
+    throttle = make(r, rpm=2, tpm=1000, window_s=1.0)
     throttle.acquire(1, max_wait=0)
     b = throttle.acquire(1, max_wait=0)
     throttle.release(b)
@@ -121,7 +98,7 @@ def test_release_frees_a_slot(r: CountingRedis) -> None:
 
 
 def test_request_too_large(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=10, tpm=100, window_s=1.0)
+    throttle = make(r, rpm=10, tpm=100, window_s=1.0)
     with pytest.raises(RequestTooLarge, match=r"101 tokens .* only 100 tokens"):
         throttle.acquire(101)
     assert log_size(r) == 0
@@ -129,7 +106,7 @@ def test_request_too_large(r: CountingRedis) -> None:
 
 
 def test_timeout_takes_no_slot(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=2.0)
+    throttle = make(r, rpm=1, tpm=1000, window_s=2.0)
     a = throttle.acquire(1, max_wait=0)
     started = time.monotonic()
     with pytest.raises(ThrottleTimeout, match="beyond max_wait"):
@@ -142,7 +119,7 @@ def test_timeout_takes_no_slot(r: CountingRedis) -> None:
 
 
 def test_negative_max_wait_means_only_now(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=1.0)
+    throttle = make(r, rpm=1, tpm=1000, window_s=1.0)
     throttle.acquire(1, max_wait=-5)
     with pytest.raises(ThrottleTimeout):
         throttle.acquire(1, max_wait=-5)
@@ -150,7 +127,7 @@ def test_negative_max_wait_means_only_now(r: CountingRedis) -> None:
 
 def test_pause_delays_waiting_and_new_reservations(r: CountingRedis) -> None:
     # Two-second window: the pause must land while the third reservation still sleeps.
-    throttle = Throttle(r, BUCKET, rpm=2, tpm=1000, window_s=2.0)
+    throttle = make(r, rpm=2, tpm=1000, window_s=2.0)
     a = throttle.acquire(1, max_wait=0)
     throttle.acquire(1, max_wait=0)
     with ThreadPoolExecutor(1) as pool:
@@ -173,7 +150,7 @@ def test_pause_delays_waiting_and_new_reservations(r: CountingRedis) -> None:
 
 
 def test_pause_never_shortens(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=2, tpm=1000, window_s=1.0)
+    throttle = make(r, rpm=2, tpm=1000, window_s=1.0)
     throttle.pause(5)
     throttle.pause(1)
     assert throttle.paused_for() > 4
@@ -183,7 +160,7 @@ def test_pause_never_shortens(r: CountingRedis) -> None:
 
 
 def test_pause_beyond_max_wait_during_sleep_times_out(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=2.0)
+    throttle = make(r, rpm=1, tpm=1000, window_s=2.0)
     a = throttle.acquire(1, max_wait=0)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(throttle.acquire, 1, max_wait=3)
@@ -196,7 +173,7 @@ def test_pause_beyond_max_wait_during_sleep_times_out(r: CountingRedis) -> None:
 
 
 def test_stop_event_interrupts_the_wait(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=1, tpm=1000, window_s=30.0)
+    throttle = make(r, rpm=1, tpm=1000, window_s=30.0)
     throttle.acquire(1, max_wait=0)
     stop = threading.Event()
     with ThreadPoolExecutor(1) as pool:
@@ -212,18 +189,21 @@ def test_stop_event_interrupts_the_wait(r: CountingRedis) -> None:
 
 
 def test_bucket_keys_carry_ttls(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=5, tpm=1000, window_s=1.0)
+    throttle = make(r, rpm=5, tpm=1000, window_s=1.0)
     throttle.acquire(1)
     throttle.pause(0.2)
     assert 0 < r.pttl(throttle_log_key(BUCKET)) <= 2000
     assert 0 < r.pttl(throttle_pause_key(BUCKET)) <= 200
+    # The initialised marker lives exactly as long as the log: both go together.
+    assert 0 < r.pttl(throttle_init_key(BUCKET)) <= 2000
+    assert abs(r.pttl(throttle_init_key(BUCKET)) - r.pttl(throttle_log_key(BUCKET))) <= 50
 
 
 def test_lua_matches_reference_on_random_logs(r: CountingRedis) -> None:
     rng = random.Random(20261129)
     log_key, pause_key = throttle_log_key(BUCKET), throttle_pause_key(BUCKET)
     for case in range(300):
-        r.delete(log_key, pause_key)
+        r.delete(log_key, pause_key, throttle_init_key(BUCKET))
         window_ms = rng.choice([50, 700, 5000, 60_000])
         rpm, tpm = rng.randint(1, 12), rng.randint(1, 2000)
         seconds, micros = r.time()
@@ -240,7 +220,9 @@ def test_lua_matches_reference_on_random_logs(r: CountingRedis) -> None:
             r.set(pause_key, pause_until, px=pause_until - now)
         cost = rng.randint(0, tpm)
         store = ThrottleStore(r, BUCKET, window_ms=window_ms)
-        decision = store.reserve("new", cost, rpm=rpm, tpm=tpm, max_wait_ms=10**9)
+        decision = store.reserve(
+            "new", cost, rpm=rpm, tpm=tpm, max_wait_ms=10**9, init=InitMode.SEED
+        )
         expected = earliest_slot(
             entries,
             now_ms=decision.now_ms,
@@ -259,21 +241,6 @@ def test_lua_matches_reference_on_random_logs(r: CountingRedis) -> None:
 
 WINDOW_S = 1.0
 RPM, TPM, MAX_COST = 20, 1000, 120
-
-
-def worst_window(records: list[tuple[int, int]], window_ms: int) -> tuple[int, int]:
-    """Most requests and most tokens in any half-open span [s, s + W) of the admissions."""
-    records = sorted(records)
-    starts = [start for start, _ in records]
-    prefix = [0]
-    for _, tokens in records:
-        prefix.append(prefix[-1] + tokens)
-    most_requests = most_tokens = 0
-    for i, start in enumerate(starts):
-        j = bisect.bisect_left(starts, start + window_ms)
-        most_requests = max(most_requests, j - i)
-        most_tokens = max(most_tokens, prefix[j] - prefix[i])
-    return most_requests, most_tokens
 
 
 def assert_within_limits_and_busy(records: list[tuple[int, int]]) -> None:
@@ -306,15 +273,10 @@ def hammer(throttle: Throttle, stop: threading.Event, seed: int, out: list[tuple
     return 0
 
 
-def command_calls(client: redis.Redis) -> dict[str, int]:
-    stats = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-
-
 def test_threads_never_over_admit(r: CountingRedis) -> None:
-    throttle = Throttle(r, BUCKET, rpm=RPM, tpm=TPM, window_s=WINDOW_S)
-    throttle.acquire(0)  # loads the scripts, so the count below is steady-state
-    r.flushdb()
+    throttle = make(r, rpm=RPM, tpm=TPM, window_s=WINDOW_S)
+    # Loads the scripts and seeds the bucket, so the count below is steady-state.
+    throttle.release(throttle.acquire(0))
     stop = threading.Event()
     records: list[tuple[int, int]] = []
     before_server = command_calls(r)
@@ -346,7 +308,7 @@ def process_worker(
 ) -> None:
     """One OS process with a few threads on the shared bucket; ships its admissions back."""
     client = redis.Redis.from_url(redis_url)
-    throttle = Throttle(client, BUCKET, rpm=RPM, tpm=TPM, window_s=WINDOW_S)
+    throttle = Throttle(client, BUCKET, rpm=RPM, tpm=TPM, window_s=WINDOW_S, seed=no_history)
     stop = threading.Event()
     records: list[tuple[int, int]] = []
     barrier.wait()
@@ -392,3 +354,171 @@ def test_processes_never_over_admit(r: CountingRedis, redis_url: str) -> None:
         f"\nprocesses: admitted={len(records)} worst window (requests, tokens)="
         f"{worst_window(records, int(WINDOW_S * 1000))}"
     )
+
+
+# --- seeding a lost bucket ------------------------------------------------------------
+
+
+def test_seeded_history_holds_admissions_until_it_ages_out(r: CountingRedis) -> None:
+    limit = 5
+    throttle = make(r, rpm=limit, tpm=10_000, window_s=1.0, seed=lambda: [(0.5, 10)] * limit)
+    before = redis_now_ms(r)
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(1, max_wait=0)
+    seeded = [score for m, score in members(r).items() if m.startswith("s.")]
+    assert len(seeded) == limit
+    assert all(before - 500 <= score <= redis_now_ms(r) - 500 for score in seeded)
+    assert throttle.usage() == WindowUsage(requests=limit, tokens=10 * limit)
+    # The first new call starts when the history leaves the window, half a second on.
+    first = throttle.acquire(1)
+    assert first.start_ms == max(seeded) + 1000
+    assert first.start_ms >= before + 500
+
+
+def test_concurrent_first_acquirers_seed_once(r: CountingRedis) -> None:
+    """Separate instances (as separate processes would) all read the history; one logs it."""
+    instances, history = 6, [(0.1, 7)] * 3
+    calls = 0
+    calls_lock = threading.Lock()
+    everyone_read = threading.Barrier(instances)
+
+    def seed() -> list[tuple[float, int]]:
+        nonlocal calls
+        with calls_lock:
+            calls += 1
+        everyone_read.wait(timeout=10)  # all of them found the bucket unseeded
+        return history
+
+    throttles = [make(r, rpm=100, tpm=10_000, window_s=1.0, seed=seed) for _ in range(instances)]
+    with ThreadPoolExecutor(instances) as pool:
+        done = list(pool.map(lambda t: t.acquire(1, max_wait=0), throttles))
+    assert calls == instances
+    log = members(r)
+    assert sum(1 for m in log if m.startswith("s.")) == len(history)
+    assert sum(1 for m in log if m.startswith("b.")) == len(done) == instances
+    assert throttles[0].usage().requests == instances + len(history)
+    # Once initialised, nobody asks for the history again.
+    throttles[0].acquire(1, max_wait=0)
+    assert calls == instances
+
+
+def test_threads_of_one_instance_read_the_history_once(r: CountingRedis) -> None:
+    calls = 0
+
+    def seed() -> list[tuple[float, int]]:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.2)  # a slow ledger query: the other threads queue behind it
+        return [(0.1, 5)]
+
+    throttle = make(r, rpm=100, tpm=10_000, window_s=1.0, seed=seed)
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda _: throttle.acquire(1, max_wait=0), range(10)))
+    assert calls == 1
+    assert throttle.usage() == WindowUsage(requests=11, tokens=15)
+
+
+def test_without_seed_a_fresh_bucket_waits_one_window(r: CountingRedis) -> None:
+    throttle = make(r, rpm=100, tpm=10_000, window_s=1.0, seed=None)
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(1, max_wait=0.5)
+    assert 0.5 < throttle.paused_for() <= 1.0
+    pause_until = int(r.get(throttle_pause_key(BUCKET)) or 0)
+    assert log_size(r) == 0
+    first = throttle.acquire(1)
+    assert first.start_ms >= pause_until
+    # Initialised now: the next calls are admitted at once, no second pause.
+    throttle.acquire(1, max_wait=0)
+    assert r.exists(throttle_init_key(BUCKET)) == 1
+
+
+def test_flushed_redis_is_reseeded_and_never_overfills(r: CountingRedis) -> None:
+    rpm, tpm, window_ms = 10, 1000, 1000
+    records: list[tuple[int, int]] = []
+    records_lock = threading.Lock()
+    seeded = 0
+
+    def seed() -> list[tuple[float, int]]:
+        # The ledger row follows the admission by a moment; let in-flight ones land.
+        nonlocal seeded
+        time.sleep(0.05)
+        now = redis_now_ms(r)
+        with records_lock:
+            seeded += 1
+            return [((now - s) / 1000, t) for s, t in records if now - s < window_ms]
+
+    throttle = make(r, rpm=rpm, tpm=tpm, window_s=window_ms / 1000, seed=seed)
+    stop = threading.Event()
+
+    def run(n: int) -> None:
+        rng = random.Random(n)
+        while not stop.is_set():
+            cost = rng.randint(1, 150)
+            try:
+                reservation = throttle.acquire(cost, max_wait=30, stop=stop)
+            except ThrottleInterrupted:
+                return
+            with records_lock:
+                records.append((reservation.start_ms, cost))
+
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(run, n) for n in range(12)]
+        time.sleep(1.3)
+        r.flushdb()  # Redis lost everything; the provider did not
+        flushed_at = redis_now_ms(r)
+        time.sleep(1.7)
+        stop.set()
+        for future in futures:
+            future.result(timeout=30)
+    assert seeded >= 2  # once at the start, again after the flush
+    after = [s for s, _ in records if s >= flushed_at]
+    assert len(after) >= rpm  # it kept admitting after the flush
+    requests, tokens = worst_window(records, window_ms)
+    assert requests <= rpm
+    assert tokens <= tpm
+
+
+# --- round trips per admitted call ----------------------------------------------------
+
+
+def test_redis_commands_per_admitted_call(r: CountingRedis, redis_url: str) -> None:
+    """Immediate: reserve + settle. Waited: + confirm. Displaced bulk: + one more confirm."""
+    warm = Throttle(r, "warm-up", rpm=5, tpm=1000, window_s=1.0, seed=no_history)
+    warm.settle(warm.acquire(1), 1)  # loads the scripts and seeds nothing we measure
+    # With rpm=1 the default share would allow no takeover at all (floor of 0.5).
+    throttle = make(r, rpm=1, tpm=1000, window_s=1.0, interactive_share=1.0)
+    throttle.release(throttle.acquire(1))  # initialises the bucket
+
+    sent = r.sent
+    immediate = throttle.acquire(10, max_wait=0)
+    throttle.settle(immediate, 5)
+    immediate_cost = r.sent - sent
+
+    bulk_client = counting_client(redis_url)
+    try:
+        bulk_throttle = make(bulk_client, rpm=1, tpm=1000, window_s=1.0, interactive_share=1.0)
+        with ThreadPoolExecutor(1) as pool:
+
+            def bulk_call() -> Reservation:
+                reservation = bulk_throttle.acquire(10)
+                bulk_throttle.settle(reservation, 5)
+                return reservation
+
+            waiting: Future[Reservation] = pool.submit(bulk_call)
+            wait_until(lambda: log_size(r) == 2)
+            booked = members(r)
+            sent = r.sent
+            interactive = throttle.acquire(10, priority=0)  # takes the bulk slot over
+            throttle.settle(interactive, 5)
+            waited_cost = r.sent - sent
+            displaced = waiting.result(timeout=10)
+        displaced_cost = bulk_client.sent
+    finally:
+        bulk_client.close()
+    assert interactive.start_ms == booked[f"{displaced.id}:10"]
+    assert displaced.start_ms == interactive.start_ms + 1000
+    print(
+        f"\nRedis commands: immediate={immediate_cost} waited={waited_cost} "
+        f"displaced bulk={displaced_cost}"
+    )
+    assert (immediate_cost, waited_cost, displaced_cost) == (2, 3, 4)

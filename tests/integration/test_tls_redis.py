@@ -29,7 +29,7 @@ from jobs.constants import QUEUE_BULK, REDBEAT_PREFIX, throttle_log_key
 from jobs.settings import Settings
 from jobs.simulator import Simulator
 from tests.support import ROOT, WorkerProcess, make_settings, settings_env
-from worker.throttle import Throttle, WindowUsage
+from worker.throttle import Throttle, WindowUsage, no_history
 
 pytestmark = pytest.mark.integration
 
@@ -190,7 +190,7 @@ def test_redis_client_over_tls(tls_conn: redis.Redis) -> None:
 
 
 def test_throttle_over_tls(tls_conn: redis.Redis) -> None:
-    throttle = Throttle(tls_conn, BUCKET, rpm=10, tpm=10_000, window_s=60.0)
+    throttle = Throttle(tls_conn, BUCKET, rpm=10, tpm=10_000, window_s=60.0, seed=no_history)
     first = throttle.acquire(300, max_wait=0)
     second = throttle.acquire(200, max_wait=0)
     assert throttle.usage() == WindowUsage(requests=2, tokens=500)

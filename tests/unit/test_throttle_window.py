@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.throttle import earliest_slot
+from worker.throttle import Throttle, earliest_slot, interactive_slot, no_history
 
 
 def brute_force_slot(
@@ -92,3 +95,131 @@ def test_sequential_schedule_never_overfills_a_window() -> None:
         inside = [tokens for s, tokens in log[i:] if s < start + window_ms]
         assert len(inside) <= rpm
         assert sum(inside) <= tpm
+
+
+# --- interactive placement ------------------------------------------------------------
+
+
+def inside(
+    entries: list[tuple[int, int, str]], end: int, window_ms: int
+) -> list[tuple[int, int, str]]:
+    return [e for e in entries if end - window_ms < e[0] <= end]
+
+
+def fits_new(
+    entries: list[tuple[int, int, str]], t: int, cost: int, w: int, rpm: int, tpm: int
+) -> bool:
+    """Every window containing ``t``, checked millisecond by millisecond, takes one more."""
+    return all(
+        len(inside(entries, end, w)) + 1 <= rpm
+        and sum(e[1] for e in inside(entries, end, w)) + cost <= tpm
+        for end in range(t, t + w)
+    )
+
+
+def fits_swap(
+    entries: list[tuple[int, int, str]], k: int, cost: int, w: int, tpm: int, cap: int
+) -> bool:
+    """The interactive request may replace entry ``k``: cap and (if it costs more) tpm hold."""
+    score, tokens, _ = entries[k]
+    delta = cost - tokens
+    return all(
+        sum(1 for e in inside(entries, end, w) if e[2].startswith("i.")) + 1 <= cap
+        and (delta <= 0 or sum(e[1] for e in inside(entries, end, w)) + delta <= tpm)
+        for end in range(score, score + w)
+    )
+
+
+@st.composite
+def schedules(draw: st.DrawFn) -> dict[str, object]:
+    """A valid log built by placing entries one after another, some booked ahead of now."""
+    window_ms = draw(st.integers(2, 30))
+    rpm = draw(st.integers(1, 5))
+    tpm = draw(st.integers(1, 40))
+    now_ms = 100
+    entries: list[tuple[int, int, str]] = []
+    t = now_ms - window_ms + 1
+    for i in range(draw(st.integers(0, 12))):
+        t += draw(st.integers(0, window_ms // 2))
+        cost = draw(st.integers(0, tpm))
+        slot = earliest_slot(
+            [(s, c) for s, c, _ in entries],
+            now_ms=t, pause_until_ms=0, window_ms=window_ms, rpm=rpm, tpm=tpm, cost=cost,
+        )  # fmt: skip
+        kind = draw(st.sampled_from(["b.", "b.", "i.", "x."]))
+        entries.append((slot, cost, f"{kind}{i:02d}"))
+    return {
+        "entries": entries,
+        "now_ms": now_ms,
+        "pause_until_ms": draw(st.one_of(st.just(0), st.integers(now_ms, now_ms + 40))),
+        "window_ms": window_ms,
+        "rpm": rpm,
+        "tpm": tpm,
+        "cap": draw(st.integers(0, rpm)),
+        "cost": draw(st.integers(0, tpm)),
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedules())
+def test_interactive_slot_is_the_first_valid_option(case: dict[str, Any]) -> None:
+    slot, displaced = interactive_slot(**case)
+    now, w, rpm, tpm = case["now_ms"], case["window_ms"], case["rpm"], case["tpm"]
+    cap, cost = case["cap"], case["cost"]
+    live = sorted((e for e in case["entries"] if e[0] > now - w), key=lambda e: (e[0], e[2]))
+    floor = max(now, case["pause_until_ms"])
+    gap = fits_new(live, floor, cost, w, rpm, tpm)
+    candidates = [
+        k
+        for k, (score, _, member) in enumerate(live)
+        if member.startswith("b.") and score > now and floor <= score < floor + 2 * w
+    ]
+    first_swap = next(
+        (k for k in candidates if cap > 0 and fits_swap(live, k, cost, w, tpm, cap)), None
+    )
+    if gap:
+        assert (slot, displaced) == (floor, None)
+    elif first_swap is not None:
+        assert (slot, displaced) == (live[first_swap][0], live[first_swap][2])
+    else:
+        pairs = [(s, c) for s, c, _ in live]
+        assert displaced is None
+        assert slot == brute_force_slot(
+            pairs, now_ms=now, pause_until_ms=case["pause_until_ms"], window_ms=w, rpm=rpm,
+            tpm=tpm, cost=cost,
+        )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedules())
+def test_interactive_placement_keeps_every_booked_window_within_limits(
+    case: dict[str, Any],
+) -> None:
+    slot, displaced = interactive_slot(**case)
+    now, w, rpm, tpm = case["now_ms"], case["window_ms"], case["rpm"], case["tpm"]
+    live = [e for e in case["entries"] if e[0] > now - w]
+    after = [e for e in live if e[2] != displaced] + [(slot, case["cost"], "i.new")]
+    if displaced is not None:
+        (moved_tokens,) = [e[1] for e in live if e[2] == displaced]
+        moved = earliest_slot(
+            [(s, c) for s, c, _ in after], now_ms=now, pause_until_ms=case["pause_until_ms"],
+            window_ms=w, rpm=rpm, tpm=tpm, cost=moved_tokens,
+        )  # fmt: skip
+        assert moved >= max(s for s, _, _ in live)  # to the end of the queue
+        after.append((moved, moved_tokens, displaced))
+        # Where the request took a slot over, interactive entries stay within the cap.
+        for end in range(slot, slot + w):
+            assert sum(1 for e in inside(after, end, w) if e[2].startswith("i.")) <= case["cap"]
+    # Every window holding a booked (future) entry is within both limits.
+    for score, _, _ in after:
+        if score > now:
+            window = inside(after, score, w)
+            assert len(window) <= rpm
+            assert sum(e[1] for e in window) <= tpm
+
+
+def test_share_outside_zero_to_one_is_refused() -> None:
+    client = redis.Redis()  # never connects: the arguments are checked first
+    with pytest.raises(ValueError, match="interactive_share"):
+        Throttle(client, "b", rpm=10, tpm=10, interactive_share=1.5)
+    assert no_history() == []

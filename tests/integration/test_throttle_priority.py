@@ -1,0 +1,276 @@
+"""Interactive requests ahead of waiting bulk ones, within their share, against real Redis."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from jobs.constants import throttle_init_key, throttle_log_key, throttle_pause_key
+from jobs.models import Priority
+from tests.integration.throttle_helpers import (
+    BUCKET,
+    CountingRedis,
+    counting_client,
+    entries,
+    log_size,
+    make,
+    members,
+    most_interactive,
+    overfull_future_windows,
+    random_schedule,
+    redis_now_ms,
+    wait_until,
+    worst_window,
+    write_log,
+)
+from worker.throttle import (
+    Reservation,
+    ThrottleInterrupted,
+    earliest_slot,
+    interactive_slot,
+)
+from worker.throttle_store import InitMode, ThrottleStore
+
+pytestmark = pytest.mark.integration
+
+INTERACTIVE, BULK = int(Priority.INTERACTIVE), int(Priority.BULK)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[CountingRedis]:
+    """A counting client on the flushed test database (see conftest's ``redis_url``)."""
+    client = counting_client(redis_url)
+    yield client
+    client.close()
+
+
+def book(store: ThrottleStore, rid: str, *, rpm: int, tpm: int, cap: int, cost: int = 1) -> int:
+    """Reserve without waiting (as a sleeper would before its sleep); return the slot."""
+    decision = store.reserve(
+        rid, cost, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap, init=InitMode.SEED
+    )
+    assert decision.admitted
+    return decision.slot_ms
+
+
+def test_lua_matches_reference_for_interactive(r: CountingRedis) -> None:
+    rng = random.Random(20260301)
+    log_key, pause_key = throttle_log_key(BUCKET), throttle_pause_key(BUCKET)
+    takeovers = 0
+    for case in range(250):
+        r.delete(log_key, pause_key, throttle_init_key(BUCKET))
+        window_ms = rng.choice([50, 700, 5000])
+        rpm, tpm = rng.randint(1, 10), rng.randint(10, 2000)
+        cap = rng.randint(0, rpm)
+        now = redis_now_ms(r)
+        log = random_schedule(
+            rng,
+            now_ms=now,
+            window_ms=window_ms,
+            rpm=rpm,
+            tpm=tpm,
+            kinds=["b.", "b.", "i.", "x.", "s."],
+        )
+        write_log(r, log)
+        pause_until = 0
+        if rng.random() < 0.2:
+            pause_until = now + rng.randint(1, 2 * window_ms)
+            r.set(pause_key, pause_until, px=pause_until - now)
+        cost = rng.randint(0, tpm)
+        store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+        decision = store.reserve(
+            "i.new", cost, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap,
+            init=InitMode.SEED,
+        )  # fmt: skip
+        expected, displaced = interactive_slot(
+            log,
+            now_ms=decision.now_ms,
+            pause_until_ms=pause_until,
+            window_ms=window_ms,
+            rpm=rpm,
+            tpm=tpm,
+            cap=cap,
+            cost=cost,
+        )
+        assert decision.admitted
+        assert decision.slot_ms == expected, f"case {case}"
+        after = members(r)
+        assert after[f"i.new:{cost}"] == expected
+        if displaced is not None:
+            takeovers += 1
+            # The displaced entry went to the end of the queue, as a new bulk request would.
+            rest = [(s, c) for s, c, m in log if m != displaced and s > decision.now_ms - window_ms]
+            moved = earliest_slot(
+                [*rest, (expected, cost)],
+                now_ms=decision.now_ms,
+                pause_until_ms=pause_until,
+                window_ms=window_ms,
+                rpm=rpm,
+                tpm=tpm,
+                cost=int(displaced.rsplit(":", 1)[1]),
+            )
+            assert after[displaced] == moved, f"case {case}"
+        assert not overfull_future_windows(
+            entries(r), now_ms=decision.now_ms, window_ms=window_ms, rpm=rpm, tpm=tpm
+        ), f"case {case}"
+    assert takeovers >= 20  # the random logs exercised the takeover path
+
+
+def test_interactive_takes_the_earliest_booked_bulk_slot(r: CountingRedis) -> None:
+    rpm, tpm, window_ms, cap = 5, 10**6, 2000, 2
+    store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+    for i in range(15):  # five start now; ten wait one and two windows
+        book(store, f"b.{i:02d}", rpm=rpm, tpm=tpm, cap=cap)
+    before = members(r)
+    tail = max(before.values())
+    now = redis_now_ms(r)
+    waiting = sorted((score, m) for m, score in before.items() if score > now)
+    assert len(waiting) == 10
+    slot = book(store, "i.first", rpm=rpm, tpm=tpm, cap=cap)
+    assert slot == waiting[0][0]  # the very next slot, not the end of the queue
+    after = members(r)
+    displaced = waiting[0][1]
+    assert after[displaced] > tail  # moved to the end of the queue
+    assert len(after) == 16
+    # Everybody else kept their slot.
+    assert {m: s for m, s in after.items() if m not in (displaced, "i.first:1")} == {
+        m: s for m, s in before.items() if m != displaced
+    }
+    assert not overfull_future_windows(
+        entries(r), now_ms=now, window_ms=window_ms, rpm=rpm, tpm=tpm
+    )
+
+
+def test_interactive_share_caps_takeovers(r: CountingRedis) -> None:
+    rpm, tpm, window_ms, cap = 6, 10**6, 2000, 2  # interactive_share = 1/3
+    store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+    for i in range(24):
+        book(store, f"b.{i:02d}", rpm=rpm, tpm=tpm, cap=cap)
+    booked = set(members(r).values())
+    now = redis_now_ms(r)
+    slots = [book(store, f"i.{i}", rpm=rpm, tpm=tpm, cap=cap) for i in range(5)]
+    log = entries(r)
+    assert slots == sorted(slots)  # first come, first served among interactive ones
+    assert all(slot in booked for slot in slots[:4])  # these took bulk slots over
+    assert most_interactive(log, window_ms) <= cap
+    # The third could not join the first two in their window: bulk keeps the rest of it.
+    assert slots[2] >= slots[0] + window_ms
+    # Takeovers are only looked for within two windows; beyond, the end of the queue.
+    assert slots[4] > max(booked)
+    assert not overfull_future_windows(log, now_ms=now, window_ms=window_ms, rpm=rpm, tpm=tpm)
+
+
+def test_interactive_larger_than_the_bulk_slot_respects_tpm(r: CountingRedis) -> None:
+    rpm, tpm, window_ms, cap = 100, 100, 2000, 50
+    store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+    book(store, "b.0", rpm=rpm, tpm=tpm, cap=cap, cost=100)  # fills the window now
+    small = book(store, "b.1", rpm=rpm, tpm=tpm, cap=cap, cost=10)
+    big = book(store, "b.2", rpm=rpm, tpm=tpm, cap=cap, cost=90)
+    assert small == big  # both wait for the first to leave the window
+    now = redis_now_ms(r)
+    # 50 tokens do not fit in place of the 10-token reservation (50 + 90 > 100), but
+    # they do in place of the 90-token one.
+    slot = book(store, "i.x", rpm=rpm, tpm=tpm, cap=cap, cost=50)
+    assert slot == big
+    after = members(r)
+    assert after["b.1:10"] == small
+    assert after["b.2:90"] > big
+    assert not overfull_future_windows(
+        entries(r), now_ms=now, window_ms=window_ms, rpm=rpm, tpm=tpm
+    )
+
+
+def test_stop_releases_a_displaced_reservation(r: CountingRedis) -> None:
+    throttle = make(r, rpm=1, tpm=1000, window_s=2.0, interactive_share=1.0)
+    first = throttle.acquire(1, max_wait=0)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(throttle.acquire, 1, stop=stop)
+        wait_until(lambda: log_size(r) == 2)
+        store = ThrottleStore(r, BUCKET, window_ms=2000)
+        book(store, "i.jump", rpm=1, tpm=1000, cap=1)  # moves the sleeper out of its slot
+        stop.set()
+        with pytest.raises(ThrottleInterrupted):
+            waiting.result(timeout=10)
+    # The moved entry was found and removed, not left to block the queue.
+    assert set(members(r)) == {f"{first.id}:1", "i.jump:1"}
+
+
+def test_interactive_starts_ahead_of_a_hundred_booked_bulk_calls(r: CountingRedis) -> None:
+    rpm, window_s = 50, 1.0
+    throttle = make(r, rpm=rpm, tpm=10**6, window_s=window_s)
+    bulk: list[Reservation] = []
+    with ThreadPoolExecutor(100) as pool:
+        futures = [pool.submit(throttle.acquire, 1) for _ in range(100)]
+        wait_until(lambda: log_size(r) == 100)
+        now = redis_now_ms(r)
+        booked = sorted(s for m, s in members(r).items() if s > now)
+        assert len(booked) >= 40  # a window's worth of bulk calls is waiting
+        called = time.monotonic()
+        interactive = throttle.acquire(1, priority=INTERACTIVE)
+        waited = time.monotonic() - called
+        bulk = [f.result(timeout=30) for f in futures]
+    waiting_bulk = [b.start_ms for b in bulk if b.start_ms > now]
+    print(
+        f"\ninteractive waited {waited:.2f} s for slot +{interactive.start_ms - now} ms, "
+        f"ahead of {len(waiting_bulk)} bulk calls booked before it"
+    )
+    assert interactive.start_ms < booked[-1]
+    # It jumped the whole waiting queue: no bulk call booked before it started earlier.
+    assert min(waiting_bulk) >= interactive.start_ms
+    records = [(b.start_ms, 1) for b in [*bulk, interactive]]
+    assert worst_window(records, int(window_s * 1000))[0] <= rpm
+
+
+def test_mixed_priorities_never_over_admit_and_bulk_progresses(r: CountingRedis) -> None:
+    rpm, tpm, window_ms, share = 20, 10**6, 1000, 0.5
+    throttle = make(r, rpm=rpm, tpm=tpm, window_s=window_ms / 1000, interactive_share=share)
+    throttle.release(throttle.acquire(0))
+    stop = threading.Event()
+    records: list[tuple[int, int, int, float]] = []
+    lock = threading.Lock()
+
+    def run(seed: int, priority: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                reservation = throttle.acquire(rng.randint(1, 50), stop=stop, priority=priority)
+            except ThrottleInterrupted:
+                return
+            with lock:
+                records.append(
+                    (reservation.start_ms, reservation.tokens, priority, time.monotonic() - started)
+                )
+
+    sent = r.sent
+    with ThreadPoolExecutor(40) as pool:
+        # Interactive demand below its share (the usual case): it should barely wait.
+        futures = [pool.submit(run, n, INTERACTIVE if n % 10 == 0 else BULK) for n in range(40)]
+        time.sleep(3.0)
+        stop.set()
+        for future in futures:
+            future.result(timeout=30)
+    sent = r.sent - sent
+    requests, tokens = worst_window([(s, t) for s, t, _, _ in records], window_ms)
+    assert requests <= rpm
+    assert tokens <= tpm
+    waits = {p: [w for _, _, q, w in records if q == p] for p in (INTERACTIVE, BULK)}
+    starts = sorted(s for s, _, _, _ in records)
+    windows = (starts[-1] - starts[0]) // window_ms
+    print(
+        f"\nmixed: interactive={len(waits[INTERACTIVE])} "
+        f"(median wait {statistics.median(waits[INTERACTIVE]):.2f} s), "
+        f"bulk={len(waits[BULK])} (median wait {statistics.median(waits[BULK]):.2f} s), "
+        f"worst window={requests}, commands per admitted call={sent / len(records):.2f}"
+    )
+    assert statistics.median(waits[INTERACTIVE]) < 0.75 * statistics.median(waits[BULK])
+    # Bulk still fills what interactive leaves of every window.
+    assert len(waits[BULK]) >= (rpm - int(share * rpm)) * (windows - 1)
+    assert sent <= 4 * len(records) + 2 * 40

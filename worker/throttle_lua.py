@@ -1,0 +1,434 @@
+"""The Lua scripts of the global throttle; :mod:`worker.throttle_store` runs them.
+
+Each bucket owns three keys (see :mod:`jobs.constants`): a sorted set logging every
+admission, a pause marker holding the Redis time (ms) until which nothing may start,
+and an "initialised" marker saying the log has been seeded since it was last lost.
+
+Log members are ``<id>:<tokens>`` with a score of the admission time in ms of Redis
+time. The first two characters of the id say what the entry is:
+
+``b.``  a bulk reservation; while its slot lies in the future an interactive request
+        may take the slot over, and the entry moves to the end of the queue.
+``i.``  an interactive reservation; never moved by anybody else.
+``s.``  a call from before the log was lost, seeded from the caller's ledger.
+``x.``  an external phantom: usage of the key by somebody else, learnt from the
+        provider's rate-limit headers.
+
+Every script reads the clock with Redis ``TIME``. Slots are found so that no window
+``(t - W, t]`` holding a slot that has not started yet exceeds rpm or tpm; the
+pure-Python statements of the same computations are
+:func:`worker.throttle.earliest_slot` and :func:`worker.throttle.interactive_slot`.
+"""
+
+from __future__ import annotations
+
+#: Helpers shared by every script. Entries held in Lua tables are ``{score, tokens,
+#: member}`` and sorted by score. ``fit_after`` scans at most ``rpm`` entries back:
+#: the count limit alone forbids a longer window.
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function entry_tokens(member)
+  return tonumber(string.match(member, ':(%d+)$')) or 0
+end
+
+local function kind(member)
+  return string.sub(member, 1, 2)
+end
+
+local function find(log, id, slot)
+  local prefix = id .. ':'
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', log, slot, slot)) do
+    if string.sub(member, 1, #prefix) == prefix then
+      return member
+    end
+  end
+  return nil
+end
+
+local function load(log, lo_excl, hi)
+  local raw = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(lo_excl), hi, 'WITHSCORES')
+  local out = {}
+  for i = 1, #raw, 2 do
+    out[#out + 1] = {tonumber(raw[i + 1]), entry_tokens(raw[i]), raw[i]}
+  end
+  return out
+end
+
+local function prune(log, now, window)
+  redis.call('ZREMRANGEBYSCORE', log, '-inf', fmt(now - window))
+end
+
+-- Earliest t >= floor and >= arr[n]'s score at which arr[1..n] plus one more entry
+-- costing `cost` fit the window ending at t.
+local function fit_after(arr, n, floor, window, rpm, tpm, cost)
+  if n > 0 and arr[n][1] > floor then
+    floor = arr[n][1]
+  end
+  local count, tokens = 0, cost
+  for i = n, math.max(1, n - rpm + 1), -1 do
+    count = count + 1
+    tokens = tokens + arr[i][2]
+    if count + 1 > rpm or tokens > tpm then
+      return math.max(floor, arr[i][1] + window)
+    end
+  end
+  return floor
+end
+
+-- The slot at the end of the queue: after every logged entry.
+local function next_slot(log, floor, window, rpm, tpm, cost)
+  local raw = redis.call('ZREVRANGE', log, 0, rpm - 1, 'WITHSCORES')
+  local arr = {}
+  for i = #raw - 1, 1, -2 do
+    arr[#arr + 1] = {tonumber(raw[i + 1]), entry_tokens(raw[i])}
+  end
+  return fit_after(arr, #arr, floor, window, rpm, tpm, cost)
+end
+
+-- Move booked (future) entries later, in order, where entries inserted in the past
+-- (seeds, phantoms) leave them no room. An entry whose window holds nothing that
+-- changed keeps its slot, and so does every entry after it.
+local function reschedule(log, now, window, rpm, tpm, dirty_until)
+  local arr = load(log, now - window, '+inf')
+  for k = 1, #arr do
+    local e = arr[k]
+    if e[1] > now then
+      if e[1] >= dirty_until then
+        break
+      end
+      local slot = fit_after(arr, k - 1, e[1], window, rpm, tpm, e[2])
+      if slot ~= e[1] then
+        e[1] = slot
+        redis.call('ZADD', log, fmt(slot), e[3])
+        dirty_until = math.max(dirty_until, slot + window)
+      end
+    end
+  end
+end
+
+-- Expire the log and the initialised marker together, after the newest entry's window.
+local function touch(log, init, now, window)
+  local last = now
+  local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+  if #top > 0 and tonumber(top[2]) > last then
+    last = tonumber(top[2])
+  end
+  local ttl = fmt(last - now + window + 1000)
+  redis.call('PEXPIRE', log, ttl)
+  redis.call('SET', init, '1', 'PX', ttl)
+end
+
+-- The slot for an interactive request and the bulk member it takes over (or nil):
+-- the floor itself if the request fits there without moving anybody; else the
+-- earliest not-yet-started bulk reservation in [floor, floor + 2W) whose slot it may
+-- take (the windows around it stay within tpm and hold at most `cap` interactive
+-- entries); else the end of the queue.
+local function interactive_place(log, cost, now, floor, window, rpm, tpm, cap)
+  local arr = load(log, floor - window, fmt(floor + 3 * window))
+  local n = #arr
+  -- Requests, tokens and interactive entries in the window ending at each entry.
+  local C, F, G = {}, {}, {}
+  local lo, hi, cnt, tok, inter = 1, 0, 0, 0, 0
+  for j = 1, n do
+    local s = arr[j][1]
+    while hi < n and arr[hi + 1][1] <= s do
+      hi = hi + 1
+      cnt = cnt + 1
+      tok = tok + arr[hi][2]
+      if kind(arr[hi][3]) == 'i.' then inter = inter + 1 end
+    end
+    while arr[lo][1] <= s - window do
+      cnt = cnt - 1
+      tok = tok - arr[lo][2]
+      if kind(arr[lo][3]) == 'i.' then inter = inter - 1 end
+      lo = lo + 1
+    end
+    C[j], F[j], G[j] = cnt, tok, inter
+  end
+  local fits = true
+  local c0, t0 = 1, cost
+  for j = 1, n do
+    local s = arr[j][1]
+    if s <= floor then
+      c0 = c0 + 1
+      t0 = t0 + arr[j][2]
+    elseif s < floor + window and (C[j] + 1 > rpm or F[j] + cost > tpm) then
+      fits = false
+      break
+    end
+  end
+  if fits and c0 <= rpm and t0 <= tpm then
+    return floor, nil
+  end
+  if cap > 0 then
+    for k = 1, n do
+      local e = arr[k]
+      local s = e[1]
+      if s >= floor + 2 * window then
+        break
+      end
+      if s > now and s >= floor and kind(e[3]) == 'b.' then
+        local delta = cost - e[2]
+        local ok = true
+        local j = k
+        while j <= n and arr[j][1] < s + window do
+          if G[j] + 1 > cap or (delta > 0 and F[j] + delta > tpm) then
+            ok = false
+            break
+          end
+          j = j + 1
+        end
+        if ok then
+          return s, e[3]
+        end
+      end
+    end
+  end
+  return next_slot(log, floor, window, rpm, tpm, cost), nil
+end
+"""
+
+#: Reserve a slot for a new request, or confirm (and if need be move) a held one.
+#: KEYS[1] log, KEYS[2] pause marker, KEYS[3] initialised marker.
+#: ARGV[1] reservation id (``b.``/``i.`` prefix), ARGV[2] tokens, ARGV[3] window ms,
+#: ARGV[4] rpm, ARGV[5] tpm, ARGV[6] interactive cap (takeovers per window),
+#: ARGV[7] max wait ms (from now), ARGV[8] 1 to confirm a held reservation,
+#: ARGV[9] init mode, then (ARGV[10], ARGV[11]), ... (age ms, tokens) seed pairs.
+#:
+#: Init mode applies when the initialised marker is missing: 0 = change nothing and
+#: answer "unseeded"; 1 = assume the provider's window may be full and pause the bucket
+#: for one window; 2 = log the seed pairs at now - age. Either way the marker is set.
+#:
+#: Confirming keeps a logged entry whose slot no pause covers: it is admitted if the
+#: slot has come, or left to sleep again if an interactive takeover moved it later.
+#: A lost entry, or one a pause now covers, is placed again as if new.
+#:
+#: Returns {slot ms, now ms, status}: 1 = slot held, 0 = slot beyond max wait and
+#: nothing held, 2 = unseeded (nothing changed).
+ACQUIRE_LUA = (
+    _LUA_COMMON
+    + """
+local log, pause_key, init = KEYS[1], KEYS[2], KEYS[3]
+local id, cost = ARGV[1], tonumber(ARGV[2])
+local window, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local cap, max_wait = tonumber(ARGV[6]), tonumber(ARGV[7])
+local confirming, mode = ARGV[8] == '1', tonumber(ARGV[9])
+local member = id .. ':' .. fmt(cost)
+local now = now_ms()
+prune(log, now, window)
+
+if redis.call('EXISTS', init) == 0 then
+  if mode == 0 then
+    return {0, now, 2}
+  end
+  if mode == 1 then
+    local wanted = now + window
+    if wanted > tonumber(redis.call('GET', pause_key) or 0) then
+      redis.call('SET', pause_key, fmt(wanted), 'PX', fmt(window))
+    end
+  else
+    local newest = nil
+    for i = 10, #ARGV - 1, 2 do
+      local age = math.max(0, tonumber(ARGV[i]))
+      if age < window then
+        local score = now - age
+        redis.call('ZADD', log, fmt(score),
+          's.' .. id .. '.' .. fmt((i - 8) / 2) .. ':' .. fmt(tonumber(ARGV[i + 1])))
+        if newest == nil or score > newest then newest = score end
+      end
+    end
+    if newest ~= nil then
+      reschedule(log, now, window, rpm, tpm, newest + window)
+    end
+  end
+  touch(log, init, now, window)
+end
+
+local pause_until = tonumber(redis.call('GET', pause_key) or 0)
+if confirming then
+  local score = redis.call('ZSCORE', log, member)
+  if score then
+    score = tonumber(score)
+    if not (pause_until > now and score < pause_until) then
+      if score - now > max_wait then
+        redis.call('ZREM', log, member)
+        return {score, now, 0}
+      end
+      return {score, now, 1}
+    end
+    redis.call('ZREM', log, member)
+  end
+end
+
+local floor = math.max(now, pause_until)
+local slot, displaced
+if string.sub(id, 1, 2) == 'i.' then
+  slot, displaced = interactive_place(log, cost, now, floor, window, rpm, tpm, cap)
+else
+  slot = next_slot(log, floor, window, rpm, tpm, cost)
+end
+if slot - now > max_wait then
+  return {slot, now, 0}
+end
+if displaced then
+  redis.call('ZREM', log, displaced)
+  redis.call('ZADD', log, fmt(slot), member)
+  local moved = next_slot(log, floor, window, rpm, tpm, entry_tokens(displaced))
+  redis.call('ZADD', log, fmt(moved), displaced)
+else
+  redis.call('ZADD', log, fmt(slot), member)
+end
+touch(log, init, now, window)
+return {slot, now, 1}
+"""
+)
+
+#: Rewrite a logged entry's token count, keeping its slot.
+#: KEYS[1] log. ARGV[1] reservation id, ARGV[2] slot ms, ARGV[3] tokens.
+#: Returns 1 if rewritten, 0 if the entry is gone (already out of the window).
+SETTLE_LUA = (
+    _LUA_COMMON
+    + """
+local member = find(KEYS[1], ARGV[1], ARGV[2])
+if not member then
+  return 0
+end
+redis.call('ZREM', KEYS[1], member)
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1] .. ':' .. ARGV[3])
+return 1
+"""
+)
+
+#: Remove the entry of a request that was never sent, wherever a takeover moved it.
+#: KEYS[1] log. ARGV[1] reservation id, ARGV[2] last known slot ms, ARGV[3] tokens
+#: as reserved. Returns 1 if removed, 0 if it was not there.
+RELEASE_LUA = (
+    _LUA_COMMON
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[1] .. ':' .. ARGV[3]) == 1 then
+  return 1
+end
+local member = find(KEYS[1], ARGV[1], ARGV[2])
+if not member then
+  return 0
+end
+return redis.call('ZREM', KEYS[1], member)
+"""
+)
+
+#: Stop admissions until now + the given delay, never shortening an existing pause.
+#: KEYS[1] pause marker. ARGV[1] pause ms.
+#: Returns the pause end (ms, Redis time). The marker expires when the pause ends.
+PAUSE_LUA = (
+    _LUA_COMMON
+    + """
+local now = now_ms()
+local wanted = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or 0)
+if wanted > current then
+  redis.call('SET', KEYS[1], fmt(wanted), 'PX', fmt(wanted - now))
+  return wanted
+end
+return current
+"""
+)
+
+#: Requests and tokens logged in the window ending now (later slots not counted),
+#: and the part of them that is external phantoms.
+#: KEYS[1] log. ARGV[1] window ms.
+#: Returns {requests, tokens, external requests, external tokens}.
+USAGE_LUA = (
+    _LUA_COMMON
+    + """
+local now = now_ms()
+local members = redis.call('ZRANGEBYSCORE', KEYS[1],
+  '(' .. fmt(now - tonumber(ARGV[1])), fmt(now))
+local tokens, ext_requests, ext_tokens = 0, 0, 0
+for _, member in ipairs(members) do
+  local t = entry_tokens(member)
+  tokens = tokens + t
+  if kind(member) == 'x.' then
+    ext_requests = ext_requests + 1
+    ext_tokens = ext_tokens + t
+  end
+end
+return {#members, tokens, ext_requests, ext_tokens}
+"""
+)
+
+#: Top the window up with external phantoms to the usage the provider reports.
+#: KEYS[1] log, KEYS[2] initialised marker.
+#: ARGV[1] window ms, ARGV[2] rpm, ARGV[3] tpm, ARGV[4] remaining requests,
+#: ARGV[5] remaining tokens, ARGV[6] requests reset ms, ARGV[7] tokens reset ms
+#: (each -1 when unknown), ARGV[8] slack requests, ARGV[9] slack tokens,
+#: ARGV[10] phantom id.
+#:
+#: The window ending now (our entries, seeds and phantoms already added) is compared
+#: with ``limit - remaining - slack``; only the shortfall is added, so repeating an
+#: observation adds nothing. Request phantoms carry no tokens; a token shortfall goes
+#: on one phantom that also counts one request. A phantom sits at
+#: ``now - W + reset`` so that it leaves the window when the provider's does (a full
+#: window when the reset is unknown). Booked entries that no longer fit move later.
+#: Nothing happens on a bucket not initialised yet: its seed will count our own calls.
+#: Returns {requests added, tokens added}.
+OBSERVE_LUA = (
+    _LUA_COMMON
+    + """
+local log, init = KEYS[1], KEYS[2]
+local window, rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rem_r, rem_t = tonumber(ARGV[4]), tonumber(ARGV[5])
+local reset_r, reset_t = tonumber(ARGV[6]), tonumber(ARGV[7])
+local slack_r, slack_t, pid = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local now = now_ms()
+if redis.call('EXISTS', init) == 0 then
+  return {0, 0}
+end
+prune(log, now, window)
+local inside = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - window), fmt(now))
+local have_t = 0
+for _, member in ipairs(inside) do
+  have_t = have_t + entry_tokens(member)
+end
+local need_r, need_t = 0, 0
+if rem_r >= 0 and reset_r ~= 0 then
+  need_r = rpm - rem_r - slack_r - #inside
+end
+if rem_t >= 0 and reset_t ~= 0 then
+  need_t = tpm - rem_t - slack_t - have_t
+end
+local function expiry_score(reset)
+  if reset < 0 or reset > window then
+    reset = window
+  end
+  return now - window + reset
+end
+local added_r, added_t, newest = 0, 0, nil
+if need_t > 0 then
+  newest = expiry_score(reset_t)
+  redis.call('ZADD', log, fmt(newest), 'x.' .. pid .. '.t:' .. fmt(need_t))
+  added_r, added_t = 1, need_t
+end
+if need_r > added_r then
+  local score = expiry_score(reset_r)
+  for i = added_r + 1, need_r do
+    redis.call('ZADD', log, fmt(score), 'x.' .. pid .. '.' .. fmt(i) .. ':0')
+  end
+  added_r = need_r
+  if newest == nil or score > newest then newest = score end
+end
+if newest == nil then
+  return {0, 0}
+end
+reschedule(log, now, window, rpm, tpm, newest + window)
+touch(log, init, now, window)
+return {added_r, added_t}
+"""
+)
