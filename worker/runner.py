@@ -21,16 +21,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+import redis
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jobs import store
 from jobs.db import session_scope
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
+from worker.calibrate import Calibrator
 from worker.client import ModelClient
 from worker.errors import ModelError, RateLimited
-from worker.responses import Completion
+from worker.responses import Completion, RateLimitInfo
 from worker.retry import RetryPolicy
 from worker.throttle import (
     RequestTooLarge,
@@ -45,6 +49,19 @@ Outcome = Literal["skipped", "succeeded", "failed", "handed_back"]
 #: A task gives its job back this long before the visibility timeout would
 #: make Redis deliver the message a second time.
 VISIBILITY_MARGIN_S = 120.0
+#: How long one step keeps retrying through a Postgres or Redis outage (a
+#: restart, a failover) before the task gives up; a paid answer waits this long
+#: to be recorded rather than be lost.
+OUTAGE_PATIENCE_S = 120.0
+#: Errors that mean "the service is briefly away", not "the request is wrong".
+OUTAGES: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class Runner:
         *,
         stop: threading.Event | None = None,
         policy: RetryPolicy | None = None,
+        calibrator: Calibrator | None = None,
     ) -> None:
         assert settings.database_url is not None
         self.settings = settings
@@ -79,6 +97,7 @@ class Runner:
             cap=settings.backoff_max,
         )
         self._db = settings.database_url
+        self.calibrator = calibrator
         self._rng = random.Random()
         self._limits = RequestLimits(
             context_tokens=settings.context_tokens,
@@ -88,6 +107,24 @@ class Runner:
 
     def _lease_s(self) -> float:
         return self.settings.job_lease_seconds
+
+    def _through_outage(self, what: str, op: Callable[[], T], **fields: Any) -> T:
+        """Run ``op``, retrying with backoff while Postgres or Redis is away.
+
+        Sleeps ignore the stop event on purpose: during a shutdown, recording a
+        call the provider already answered matters more than exiting early.
+        """
+        deadline = time.monotonic() + OUTAGE_PATIENCE_S
+        delay = 0.25
+        while True:
+            try:
+                return op()
+            except OUTAGES as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log_event("outage", **fields, step=what, error=type(exc).__name__, retry_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def run(self, job_id: int) -> Outcome:
         deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
@@ -103,13 +140,21 @@ class Runner:
         except ValidationError as exc:
             return self._fail(job.id, fields, "invalid_request", str(exc))
         max_tokens = checked.max_tokens or self.settings.default_max_tokens
-        reserve = max(checked.est_prompt_tokens, job.est_prompt_tokens) + max_tokens
+        raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
+        prompt = (
+            self.calibrator.estimate(job.model, job.request, raw_prompt)
+            if self.calibrator is not None
+            else raw_prompt
+        )
+        reserve = prompt + max_tokens
         throttle = self.throttle_for(job.model)
         failures = 0
         while True:
             wait_budget = deadline - time.monotonic() - self.settings.read_timeout
             try:
-                reservation = throttle.acquire(reserve, max_wait=wait_budget, stop=self.stop)
+                reservation = throttle.acquire(
+                    reserve, max_wait=wait_budget, stop=self.stop, priority=job.priority
+                )
             except RequestTooLarge as exc:
                 return self._fail(job.id, fields, "request_too_large", str(exc))
             except (ThrottleTimeout, ThrottleInterrupted) as exc:
@@ -154,8 +199,23 @@ class Runner:
                 if self.stop.wait(delay):
                     return self._hand_back(job.id, fields, "worker shutting down")
                 continue
+            if self.calibrator is not None:
+                self.calibrator.record(
+                    job.model, job.request, raw_prompt, completion.usage.prompt_tokens
+                )
             return self._succeed(
                 job.id, fields, number, completion, max_tokens, throttle, reservation
+            )
+
+    @staticmethod
+    def _observe(throttle: Throttle, limits: RateLimitInfo | None) -> None:
+        """Let the bucket see what the provider says is left (someone else may share the key)."""
+        if limits is not None:
+            throttle.observe(
+                limits.remaining_requests,
+                limits.remaining_tokens,
+                limits.reset_requests_s,
+                limits.reset_tokens_s,
             )
 
     def _body(self, body: dict[str, Any]) -> str | None:
@@ -182,6 +242,7 @@ class Runner:
             # worker on the bucket wait out the provider's reset.
             throttle.release(reservation)
             throttle.pause(exc.retry_after or self.policy.rate_limit_fallback)
+        self._observe(throttle, exc.rate_limits)
         usage = getattr(exc, "usage", None)
         with session_scope(self._db) as session:
             store.finish_attempt(
@@ -211,6 +272,7 @@ class Runner:
         reservation: Reservation,
     ) -> Outcome:
         throttle.settle(reservation, self._charge(completion, max_tokens))
+        self._observe(throttle, completion.rate_limits)
         usage = completion.usage
         triple = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
         latency_ms = int(completion.latency_s * 1000)

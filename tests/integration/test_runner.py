@@ -18,9 +18,10 @@ from jobs.settings import Settings
 from jobs.simulator import Simulator, SimulatorConfig
 from jobs.validation import CheckedRequest
 from tests.support import TEST_KEY, make_settings
+from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
-from worker.throttle import Throttle
+from worker.throttle import Throttle, no_history
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,12 @@ class Harness:
             settings.inference_url, settings.inference_key, timeout=default_timeout(2.0, 2.0)
         )
         self.throttle = Throttle(
-            self.redis, settings.bucket_name, rpm=settings.rpm, tpm=settings.tpm, window_s=2.0
+            self.redis,
+            settings.bucket_name,
+            rpm=settings.rpm,
+            tpm=settings.tpm,
+            window_s=2.0,
+            seed=no_history,
         )
         self.stop = threading.Event()
         self.runner = Runner(settings, self.client, lambda _model: self.throttle, stop=self.stop)
@@ -251,3 +257,24 @@ def test_bodies_are_logged_only_when_asked(
             assert ("Simulated reply" in text) is log_bodies
         finally:
             h.close()
+
+
+def test_calibrated_reservation_learns_from_the_provider(
+    clean_db: str, redis_url: str, simulator: Simulator, events: Callable[[], list[str]]
+) -> None:
+    h = Harness(make_settings(clean_db, redis_url, simulator.url), simulator)
+    h.runner.calibrator = Calibrator(h.redis, clock=lambda: 1e9 * len(events()))
+    try:
+        prompt = body("word " * 400, max_tokens=10)
+        reserved = []
+        for _ in range(3):
+            assert h.runner.run(store_job(clean_db, prompt)) == "succeeded"
+            line = next(x for x in reversed(events()) if "event=attempt" in x)
+            reserved.append(int(line.split("reserved_tokens=")[1].split()[0]))
+        job = h.job(store_job(clean_db, prompt))  # prompt_tokens the simulator counts
+        assert job.status == JobStatus.QUEUED
+        charged = simulator.stats().prompt_tokens // 3
+        # The raw estimate errs high; after one answer the reservation follows the provider.
+        assert reserved[0] > reserved[-1] >= charged + 10
+    finally:
+        h.close()

@@ -1,0 +1,108 @@
+"""Learn how the provider counts prompt tokens, per model and script.
+
+:func:`jobs.tokens.estimate_prompt_tokens` over-estimates on purpose (it must
+never be why a tokens/min limit is crossed), but by how much depends on the
+tokenizer and the text: Latin text costs far fewer tokens per byte than CJK.
+An estimate that is twice too high halves throughput when tokens bind, so the
+throttle reserves ``raw estimate * factor``, where the factor is learned from
+the ``prompt_tokens`` the provider reports.
+
+The factor is the *largest* actual/raw ratio among the last
+:data:`SAMPLES` calls of that model and script, plus :data:`MARGIN`: it tracks
+the tokenizer closely but errs high, so a reservation rarely falls short of
+what the provider charges. Samples live in Redis (shared by every worker and
+dyno on the key); each process caches the factor for :data:`CACHE_S` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import unicodedata
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import redis
+
+from jobs.constants import calibration_key
+from jobs.tokens import text_of_content
+
+Script = Literal["latin", "cjk"]
+
+#: Ratios kept per model and script.
+SAMPLES = 64
+#: Headroom on the largest recent ratio.
+MARGIN = 1.05
+#: Seconds a process reuses a factor before reading Redis again.
+CACHE_S = 10.0
+#: Bounds of the factor: the raw estimate is never trusted below a tenth of
+#: itself, nor inflated more than threefold.
+MIN_FACTOR, MAX_FACTOR = 0.1, 3.0
+#: Share of CJK characters above which a prompt counts as CJK.
+CJK_SHARE = 0.3
+#: Calls too small to say anything about the tokenizer (fixed overheads dominate).
+MIN_RAW_TOKENS = 32
+
+
+def _is_cjk(char: str) -> bool:
+    return unicodedata.east_asian_width(char) in ("W", "F")
+
+
+def dominant_script(body: Mapping[str, Any]) -> Script:
+    """``cjk`` when enough of the prompt's characters are wide East Asian ones."""
+    messages = body.get("messages")
+    texts: Iterable[str] = (
+        (text_of_content(m.get("content")) for m in messages if isinstance(m, dict))
+        if isinstance(messages, list)
+        else ()
+    )
+    total = cjk = 0
+    for text in texts:
+        for char in text[:20_000]:
+            if not char.isspace():
+                total += 1
+                cjk += _is_cjk(char)
+    return "cjk" if total and cjk / total >= CJK_SHARE else "latin"
+
+
+class Calibrator:
+    """Shared per-model, per-script correction of the prompt-token estimate."""
+
+    def __init__(self, client: redis.Redis, *, clock: Any = time.monotonic) -> None:
+        self._redis = client
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def factor(self, model: str, script: Script) -> float:
+        """The current factor; 1.0 until the provider has reported anything."""
+        key = (model, script)
+        now = self._clock()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None and now - cached[1] < CACHE_S:
+                return cached[0]
+        raw = self._redis.lrange(calibration_key(model, script), 0, SAMPLES - 1)
+        ratios = [float(x) for x in raw]
+        value = min(MAX_FACTOR, max(MIN_FACTOR, max(ratios) * MARGIN)) if ratios else 1.0
+        with self._lock:
+            self._cache[key] = (value, now)
+        return value
+
+    def estimate(self, model: str, body: Mapping[str, Any], raw_tokens: int) -> int:
+        """The prompt tokens to reserve for ``body``, whose raw estimate is ``raw_tokens``."""
+        return max(1, math.ceil(raw_tokens * self.factor(model, dominant_script(body))))
+
+    def record(
+        self, model: str, body: Mapping[str, Any], raw_tokens: int, actual_tokens: int
+    ) -> None:
+        """Learn from one call the provider answered with its ``prompt_tokens``."""
+        if raw_tokens < MIN_RAW_TOKENS or actual_tokens <= 0:
+            return
+        key = calibration_key(model, dominant_script(body))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lpush(key, f"{actual_tokens / raw_tokens:.4f}")
+        pipe.ltrim(key, 0, SAMPLES - 1)
+        pipe.expire(key, 7 * 24 * 3600)
+        pipe.execute()
