@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.db import session_scope
@@ -108,7 +109,16 @@ class Runner:
     def _lease_s(self) -> float:
         return self.settings.job_lease_seconds
 
-    def _through_outage(self, what: str, op: Callable[[], T], **fields: Any) -> T:
+    def _in_tx(self, step: Callable[[Session], T]) -> T:
+        """Run ``step`` in one transaction, retried whole through a brief outage."""
+
+        def op() -> T:
+            with session_scope(self._db) as session:
+                return step(session)
+
+        return self._through_outage(op)
+
+    def _through_outage(self, op: Callable[[], T]) -> T:
         """Run ``op``, retrying with backoff while Postgres or Redis is away.
 
         Sleeps ignore the stop event on purpose: during a shutdown, recording a
@@ -122,14 +132,13 @@ class Runner:
             except OUTAGES as exc:
                 if time.monotonic() + delay > deadline:
                     raise
-                log_event("outage", **fields, step=what, error=type(exc).__name__, retry_s=delay)
+                log_event("outage", error=type(exc).__name__, retry_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     def run(self, job_id: int) -> Outcome:
         deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
-        with session_scope(self._db) as session:
-            job = store.claim(session, job_id, lease_s=self._lease_s())
+        job = self._in_tx(lambda session: store.claim(session, job_id, lease_s=self._lease_s()))
         if job is None:
             log_event("skipped", job=job_id, reason="finished or leased elsewhere")
             return "skipped"
@@ -159,8 +168,9 @@ class Runner:
                 return self._fail(job.id, fields, "request_too_large", str(exc))
             except (ThrottleTimeout, ThrottleInterrupted) as exc:
                 return self._hand_back(job.id, fields, f"throttle: {exc}")
-            with session_scope(self._db) as session:
-                number = store.begin_attempt(session, job.id, lease_s=self._lease_s())
+            number = self._in_tx(
+                lambda session: store.begin_attempt(session, job.id, lease_s=self._lease_s())
+            )
             if number is None:
                 throttle.release(reservation)
                 log_event("skipped", **fields, reason="no longer running")
@@ -244,7 +254,8 @@ class Runner:
             throttle.pause(exc.retry_after or self.policy.rate_limit_fallback)
         self._observe(throttle, exc.rate_limits)
         usage = getattr(exc, "usage", None)
-        with session_scope(self._db) as session:
+
+        def _step(session: Session) -> None:
             store.finish_attempt(
                 session,
                 job_id,
@@ -261,6 +272,8 @@ class Runner:
                 ),
             )
 
+        self._in_tx(_step)
+
     def _succeed(
         self,
         job_id: int,
@@ -276,8 +289,9 @@ class Runner:
         usage = completion.usage
         triple = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
         latency_ms = int(completion.latency_s * 1000)
+
         # The ledger row and the result commit together: recorded exactly once.
-        with session_scope(self._db) as session:
+        def _step(session: Session) -> None:
             store.finish_attempt(
                 session,
                 job_id,
@@ -297,6 +311,8 @@ class Runner:
                 finish_reason=completion.finish_reason,
                 usage=triple,
             )
+
+        self._in_tx(_step)
         log_event(
             "succeeded",
             **fields,
@@ -319,13 +335,17 @@ class Runner:
         *,
         attempt: int | None = None,
     ) -> Outcome:
-        with session_scope(self._db) as session:
+        def _step(session: Session) -> None:
             store.record_failure(session, job_id, code=code, message=message[:2000])
+
+        self._in_tx(_step)
         log_event("failed", **fields, status="failed", attempt=attempt, error=code, message=message)
         return "failed"
 
     def _hand_back(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome:
-        with session_scope(self._db) as session:
+        def _step(session: Session) -> None:
             store.hand_back(session, job_id, reason=reason[:2000])
+
+        self._in_tx(_step)
         log_event("handed_back", **fields, status="queued", reason=reason)
         return "handed_back"

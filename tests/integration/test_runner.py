@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from jobs import store
@@ -278,3 +279,19 @@ def test_calibrated_reservation_learns_from_the_provider(
         assert reserved[0] > reserved[-1] >= charged + 10
     finally:
         h.close()
+
+
+def test_brief_outages_are_retried_not_fatal(
+    harness: Harness, events: Callable[[], list[str]]
+) -> None:
+    failures = [redis.ConnectionError("gone"), redis.TimeoutError("slow")]
+
+    def flaky() -> int:
+        if failures:
+            raise failures.pop(0)
+        return 7
+
+    assert harness.runner._through_outage(flaky) == 7
+    assert sum("event=outage" in line for line in events()) == 2
+    with pytest.raises(ValueError, match="not an outage"):
+        harness.runner._through_outage(lambda: (_ for _ in ()).throw(ValueError("not an outage")))
