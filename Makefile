@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PKGS := jobs worker migrations tests
+PKGS := jobs worker migrations tests bench
 
 .PHONY: install lint format test test-unit demo bench clean stop
 
@@ -31,6 +31,11 @@ test-unit: install
 
 demo: install
 	$(BIN)/python -m jobs demo
+
+# Measures the whole stack against the strict simulator and writes BENCHMARKS.md
+# (about 45 minutes; QUICK=1: limits x10, latencies /10, much shorter; ONLY="rpm priority").
+bench: install
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
 
 # Stops the embedded PostgreSQL and Redis under var/ if they are running.
 stop: install

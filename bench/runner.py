@@ -1,0 +1,204 @@
+"""Select scenarios, run them one after another, keep going past failures, write the table."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bench import scenarios_rate as rate
+from bench import scenarios_system as system
+from bench.report import Machine, load_average, render
+from bench.rows import Row
+from bench.stack import DEFAULT_REDIS_DB, Run, Servers
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named scenario; ``full_only`` ones are skipped in quick mode."""
+
+    name: str
+    title: str
+    func: Callable[[Run], Row]
+    full_only: bool = False
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("rpm-w1", "RPM-bound, 1 worker", rate.rpm_1),
+    Scenario("rpm-w3", "RPM-bound, 3 workers", rate.rpm_3),
+    Scenario("rpm10x-w1", "RPM-bound at 10x limits, 1 worker", rate.rpm10x_1, full_only=True),
+    Scenario("rpm10x-w3", "RPM-bound at 10x limits, 3 workers", rate.rpm10x_3, full_only=True),
+    Scenario("tpm-reserve", "TPM-bound, charge=reserve", rate.tpm_reserve),
+    Scenario("tpm-actual", "TPM-bound, charge=actual", rate.tpm_actual),
+    Scenario("restart", "Start-up and Redis FLUSHDB mid-run", rate.restart),
+    Scenario("shared-key", "Another client on the same key", rate.shared_key),
+    Scenario("priority", "Interactive jobs over a bulk backlog", system.priority),
+    Scenario("overhead-throughput", "Limits lifted: jobs/s and CPU", system.overhead_throughput),
+    Scenario("overhead-rss", "Worker RSS with 100 calls in flight", system.overhead_rss),
+    Scenario("overhead-submit", "Submitting a big batch file", system.overhead_submit),
+    Scenario("baseline-celery", "Celery rate_limit baseline", system.baseline),
+)
+
+
+def select(names: Sequence[str] | None, quick: bool) -> list[Scenario]:
+    """Scenarios matching ``names`` (exact names or prefixes), in the standard order."""
+    pool = [s for s in SCENARIOS if not (quick and s.full_only)]
+    if not names:
+        return pool
+    unknown = [n for n in names if not any(s.name.startswith(n) for s in SCENARIOS)]
+    if unknown:
+        known = ", ".join(s.name for s in SCENARIOS)
+        raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}; known: {known}")
+    picked = [s for s in pool if any(s.name == n or s.name.startswith(n) for n in names)]
+    if not picked:
+        raise SystemExit("every selected scenario runs in full mode only; drop --quick")
+    return picked
+
+
+def run_one(scenario: Scenario, run: Run) -> Row:
+    """Run a scenario; a failure becomes a row with the error, never an exception."""
+    t0 = time.perf_counter()
+    try:
+        row = scenario.func(run)
+    except Exception as exc:  # noqa: BLE001 - one failed scenario must not stop the run
+        row = Row(scenario.name, scenario.title)
+        row.error = f"{type(exc).__name__}: {exc}"
+        (run.logs / f"{scenario.name}-error.txt").write_text(traceback.format_exc())
+    row.seconds = time.perf_counter() - t0
+    _scan_worker_logs(row, run.logs, scenario.name)
+    return row
+
+
+def _is_deadlock(line: str) -> bool:
+    # Once per incident: the traceback's last line, or a logged event (the dispatcher's).
+    return "DeadlockDetected" in line and (
+        line.startswith("sqlalchemy.exc.") or line.startswith("event=")
+    )
+
+
+#: Worker log lines worth counting in every row: (metric key, line predicate).
+LOG_CHECKS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("worker_log_tracebacks", lambda line: line.startswith("Traceback (most recent call last)")),
+    ("worker_log_task_exceptions", lambda line: "raised unexpected:" in line),
+    ("worker_log_unrecoverable", lambda line: "Unrecoverable error" in line),
+    ("worker_log_deadlocks", _is_deadlock),
+)
+
+
+def _scan_worker_logs(row: Row, logs: Path, name: str) -> None:
+    """Count tracebacks, task exceptions, deadlocks and fatal errors in the row's worker logs."""
+    paths = sorted(logs.glob(f"{name}-worker*.log"))
+    if not paths:
+        return
+    texts = [p.read_text(errors="replace") for p in paths]
+    for key, check in LOG_CHECKS:
+        row.metrics[key] = sum(check(line) for text in texts for line in text.splitlines())
+    for text in texts:
+        line = next((ln for ln in text.splitlines() if "Unrecoverable error" in ln), None)
+        if line is not None:
+            row.notes.append(f"A worker logged: {line.strip()[:300]}")
+            break
+
+
+def _command(argv: Sequence[str]) -> str:
+    """The command that produced the file, as markdown (``make bench`` when run by make)."""
+    direct = "python -m bench" + "".join(" " + shlex.quote(a) for a in argv)
+    if os.environ.get("MAKELEVEL"):
+        quick = " QUICK=1" if "--quick" in argv else ""
+        return f"`make bench{quick}`, which ran `{direct}`"
+    return f"`{direct}`"
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure the whole stack against the simulator; write BENCHMARKS.md.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="limits x10, latencies /10, about two windows a row"
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="scenario names or prefixes (e.g. rpm)"
+    )
+    parser.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write")
+    parser.add_argument(
+        "--redis-db",
+        type=int,
+        default=int(os.environ.get("BENCH_REDIS_DB", DEFAULT_REDIS_DB)),
+        help=f"Redis database number the run owns and flushes (default {DEFAULT_REDIS_DB})",
+    )
+    parser.add_argument(
+        "--logs", help="directory for worker and simulator logs (default: VAR_DIR/bench/<time>)"
+    )
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(args_list)
+    if args.list:
+        for s in SCENARIOS:
+            print(f"{s.name:<22} {s.title}{'  (full mode only)' if s.full_only else ''}")
+        return 0
+    selected = select(args.only, args.quick)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    default_logs = Path(os.environ.get("VAR_DIR") or "var") / "bench" / stamp
+    logs = Path(args.logs) if args.logs else default_logs
+    logs.mkdir(parents=True, exist_ok=True)
+    servers = Servers.resolve(args.redis_db)
+    run = Run(servers=servers, logs=logs, quick=args.quick)
+    out_path = Path(args.out)
+    if not out_path.is_absolute():
+        out_path = Path.cwd() / out_path
+    machine = Machine.current()
+    started, load_before = _utc_now(), load_average()
+    server_text = (
+        f"PostgreSQL {_host(servers.postgres_url)}, Redis {_host(servers.redis_url)} "
+        f"database {args.redis_db}"
+    )
+    print(f"bench: {len(selected)} scenario(s); logs in {logs}", flush=True)
+    rows: list[Row] = []
+
+    def write() -> None:
+        text = render(
+            rows,
+            machine=machine,
+            command=_command(args_list),
+            started=started,
+            finished=_utc_now(),
+            quick=args.quick,
+            load_before=load_before,
+            load_after=load_average(),
+            servers=server_text,
+        )
+        out_path.write_text(text)
+
+    for scenario in selected:
+        print(f"bench: {scenario.name} ...", flush=True)
+        row = run_one(scenario, run)
+        rows.append(row)
+        verdict = row.error or (
+            "all targets met" if not row.missed else f"missed: {[t.label for t in row.missed]}"
+        )
+        print(f"bench: {scenario.name} done in {row.seconds:.0f} s: {verdict}", flush=True)
+        write()
+    print(f"bench: wrote {out_path}", flush=True)
+    return 1 if any(r.error for r in rows) else 0
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}"

@@ -1,0 +1,300 @@
+"""Scenarios about pace under the limits: RPM-bound, TPM-bound, restarts, a shared key.
+
+Full mode uses the real limits (150 RPM / 800,000 TPM) and latencies; quick mode multiplies
+limits by 10 and divides latencies by 10, so the same number of calls is in flight while
+each run lasts about two windows instead of five.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from bench import ledger
+from bench.loads import PacedClient, bodies
+from bench.measure import (
+    BATCH_TIME_SLACK,
+    admissions,
+    limits_text,
+    record_pace,
+    record_sim,
+    record_sim_targets,
+    seconds,
+    sleep_until,
+    wait_batch,
+)
+from bench.rows import Row
+from bench.stack import Charge, Run, SimSpec, StackSpec
+from jobs import api
+
+BASE_RPM = 150
+BASE_TPM = 800_000
+#: Simulated latency of a call in full mode, seconds (uniform).
+LATENCY = (2.0, 20.0)
+#: Completion tokens the simulator gives a call on average (16 + hash % 48, under max_tokens).
+MEAN_COMPLETION = 39.5
+
+
+@dataclass(frozen=True)
+class Load:
+    """A saturating batch: limits, workers, request size and how many windows it lasts."""
+
+    rpm: int
+    tpm: int
+    workers: int
+    prompt_tokens: int
+    max_tokens: int
+    charge: Charge
+    latency: tuple[float, float]
+    windows: int
+
+    def calls_per_window(self) -> int:
+        per_call = self.prompt_tokens + (
+            self.max_tokens if self.charge == "reserve" else MEAN_COMPLETION
+        )
+        return max(1, min(self.rpm, math.floor(self.tpm / per_call)))
+
+
+def saturate(run: Run, name: str, title: str, load: Load) -> Row:
+    """Submit ``windows`` windows' worth of calls at once and measure the pace they ran at."""
+    row = Row(name, title)
+    per_window = load.calls_per_window()
+    count = per_window * load.windows
+    row.description = (
+        f"{count:,} jobs of ~{load.prompt_tokens:,} prompt tokens, max_tokens "
+        f"{load.max_tokens:,}, charge={load.charge}, latency {load.latency[0]:g}-"
+        f"{load.latency[1]:g} s, submitted at once to {load.workers} worker process(es) "
+        f"with WORKER_CONCURRENCY=100 and default DISPATCH_WINDOW."
+    )
+    m = row.metrics
+    m.update(workers=load.workers, limits=limits_text(load.rpm, load.tpm), requests=count)
+    m.update(limit_rpm=load.rpm, limit_tpm=load.tpm)
+    sim = SimSpec(rpm=load.rpm, tpm=load.tpm, charge=load.charge, latency=load.latency)
+    with run.stack(name, StackSpec(sim, rpm=load.rpm, tpm=load.tpm)) as st:
+        st.start_workers(load.workers)
+        payload = bodies(name, count, load.prompt_tokens, load.max_tokens)
+        t0 = time.perf_counter()
+        batch = api.submit_batch(payload, name=name, settings=st.settings)
+        m["submit_s"] = seconds(time.perf_counter() - t0)
+        del payload
+        # Enough for a slow start plus the ideal schedule; a slower system is cut off
+        # here (and misses its batch-time target) rather than stretching the run.
+        budget = 60.0 * (load.windows + 2) + 2 * load.latency[1]
+        wait_batch(batch, budget, row)
+        record_sim(row, st.simulator)
+        calls = ledger.calls(st.database_url)
+        created, finished = ledger.batch_span(st.database_url, batch.id)
+        counts = ledger.job_counts(st.database_url)
+    adm = admissions(calls, load.charge, load.max_tokens, load.rpm, load.tpm)
+    record_pace(row, adm, calls, load.rpm, load.tpm)
+    ideal = (math.ceil(count / adm.binding_calls) - 1) * 60.0 + sum(load.latency) / 2
+    m["ideal_batch_s"] = round(ideal, 1)
+    if calls:
+        m["first_call_after_submit_s"] = round(calls[0].started - created, 2)
+    m["jobs_succeeded"] = counts.get("succeeded", 0)
+    m["jobs_failed"] = counts.get("failed", 0)
+    if finished is not None:
+        elapsed = finished - created
+        m["elapsed_s"] = round(elapsed, 1)
+        m["batch_vs_ideal"] = round(elapsed / ideal, 3)
+        row.target(
+            f"batch time <= {BATCH_TIME_SLACK:.2f} x ideal",
+            elapsed <= BATCH_TIME_SLACK * ideal,
+            f"{elapsed:.1f} s vs ideal {ideal:.1f} s",
+        )
+    else:
+        row.target("batch finished", False, f"cut off after {budget:.0f} s")
+    record_sim_targets(row)
+    row.target("every job succeeded", counts.get("succeeded", 0) == count, str(counts))
+    return row
+
+
+def _rpm_load(run: Run, workers: int, factor: int) -> Load:
+    return Load(
+        rpm=BASE_RPM * factor * run.scale,
+        tpm=BASE_TPM * factor * run.scale,
+        workers=workers,
+        prompt_tokens=1000,
+        max_tokens=200,
+        charge="reserve",
+        latency=run.latency(*LATENCY),
+        windows=2 if run.quick else 5,
+    )
+
+
+def rpm_1(run: Run) -> Row:
+    load = _rpm_load(run, 1, 1)
+    return saturate(run, "rpm-w1", "RPM-bound, 1 worker process", load)
+
+
+def rpm_3(run: Run) -> Row:
+    load = _rpm_load(run, 3, 1)
+    return saturate(run, "rpm-w3", "RPM-bound, 3 worker processes", load)
+
+
+def rpm10x_1(run: Run) -> Row:
+    load = _rpm_load(run, 1, 10)
+    return saturate(run, "rpm10x-w1", "RPM-bound at 10x limits, 1 worker process", load)
+
+
+def rpm10x_3(run: Run) -> Row:
+    load = _rpm_load(run, 3, 10)
+    return saturate(run, "rpm10x-w3", "RPM-bound at 10x limits, 3 worker processes", load)
+
+
+def _tpm_load(run: Run, charge: Charge) -> Load:
+    return Load(
+        rpm=BASE_RPM * run.scale,
+        tpm=BASE_TPM * run.scale,
+        workers=3,
+        prompt_tokens=8000,
+        max_tokens=1000,
+        charge=charge,
+        latency=run.latency(*LATENCY),
+        windows=2 if run.quick else 4,
+    )
+
+
+def tpm_reserve(run: Run) -> Row:
+    load = _tpm_load(run, "reserve")
+    return saturate(run, "tpm-reserve", "TPM-bound, charge=reserve, 3 workers", load)
+
+
+def tpm_actual(run: Run) -> Row:
+    load = _tpm_load(run, "actual")
+    return saturate(run, "tpm-actual", "TPM-bound, charge=actual, 3 workers", load)
+
+
+def _wait_first_admission(database_url: str, deadline: float) -> float | None:
+    """Epoch time of the first admitted call, polling the ledger until ``deadline``."""
+    while time.time() < deadline:
+        first = ledger.first_admission(database_url)
+        if first is not None:
+            return first
+        time.sleep(0.5)
+    return None
+
+
+def restart(run: Run) -> Row:
+    """Start saturated, FLUSHDB the Redis database mid-run; admissions after each event."""
+    rpm, tpm = BASE_RPM * run.scale, BASE_TPM * run.scale
+    latency = run.latency(*LATENCY)
+    flush_after, observe = (75.0, 125.0) if run.quick else (150.0, 130.0)
+    # Room for a slow start (up to a window) plus the run, so the backlog never runs dry.
+    count = rpm * math.ceil((60.0 + flush_after + observe) / 60.0 + 2)
+    row = Row("restart", "Start-up and Redis FLUSHDB mid-run, 3 workers")
+    row.description = (
+        f"{count:,} jobs (250-token prompts, max_tokens 100) submitted to 3 running workers; "
+        f"{flush_after:g} s after the first admitted call the benchmark's Redis database is "
+        "flushed (throttle log, Celery queues and bindings gone), then watched for "
+        f"{observe:g} s. Counts per interval come from the ledger."
+    )
+    m = row.metrics
+    m.update(workers=3, limits=limits_text(rpm, tpm), requests=count, limit_rpm=rpm, limit_tpm=tpm)
+    sim = SimSpec(rpm=rpm, tpm=tpm, latency=latency)
+    with run.stack("restart", StackSpec(sim, rpm=rpm, tpm=tpm)) as st:
+        st.start_workers(3)
+        batch = api.submit_batch(bodies("restart", count, 250, 100), settings=st.settings)
+        start, _ = ledger.batch_span(st.database_url, batch.id)
+        first = _wait_first_admission(st.database_url, start + 240.0)
+        sleep_until((first if first is not None else start) + flush_after)
+        before = st.simulator.stats()
+        flushed = time.time()
+        st.redis_conn.flushdb()
+        sleep_until(flushed + observe)
+        record_sim(row, st.simulator)
+        calls = ledger.calls(st.database_url)
+        counts = ledger.job_counts(st.database_url)
+        m["worker_log_dispatch_errors"] = st.worker_log_count("dispatch_error")
+    m["elapsed_s"] = round(flushed + observe - start, 1)
+    m["sim_rate_limited_after_flush"] = int(m["sim_rate_limited"] or 0) - before["rate_limited"]
+    ok = [c.started for c in calls if c.status == 200]
+    limited = [c.started for c in calls if c.status == 429]
+    m["first_admission_after_start_s"] = seconds(first - start) if first is not None else None
+    m["admitted_first_60s_after_start"] = ledger.count_between(ok, start, start + 60)
+    m["rate_limited_first_60s_after_start"] = ledger.count_between(limited, start, start + 60)
+    m["admitted_60s_before_flush"] = ledger.count_between(ok, flushed - 60, flushed)
+    after = ledger.count_between(ok, flushed, flushed + 60)
+    m["admitted_first_60s_after_flush"] = after
+    m["admitted_60_120s_after_flush"] = ledger.count_between(ok, flushed + 60, flushed + 120)
+    m["rate_limited_after_flush_ledger"] = ledger.count_between(limited, flushed, math.inf)
+    later = [t for t in ok if t >= flushed]
+    m["first_admission_after_flush_s"] = seconds(later[0] - flushed) if later else None
+    m["jobs_at_end"] = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    adm = admissions(calls, "reserve", 100, rpm, tpm)
+    m["ledger_max_admitted_in_window"] = ledger.max_in_window(adm.times, adm.costs, 60.0)[0]
+    started = int(m["admitted_first_60s_after_start"] or 0)
+    row.target(
+        "full quota in the first 60 s after submission (>= 95%)",
+        started >= 0.95 * rpm,
+        f"{started} of {rpm}",
+    )
+    row.target(
+        "no 429 in the first 60 s",
+        m["rate_limited_first_60s_after_start"] == 0,
+        f"{m['rate_limited_first_60s_after_start']}",
+    )
+    row.target(
+        "no 429 after the flush",
+        m["sim_rate_limited_after_flush"] == 0,
+        f"{m['sim_rate_limited_after_flush']} answered 429 (simulator)",
+    )
+    row.target(
+        "keeps pace in the 60 s after the flush (>= 90% of a window)",
+        after >= 0.9 * rpm,
+        f"{after} of {rpm}",
+    )
+    return row
+
+
+def shared_key(run: Run) -> Row:
+    """Our batch plus another client on the same key at a fifth of the RPM."""
+    rpm, tpm = BASE_RPM * run.scale, BASE_TPM * run.scale
+    latency = run.latency(*LATENCY)
+    other_rpm = rpm // 5
+    duration = 130.0 if run.quick else 240.0
+    count = rpm * math.ceil(duration / 60.0 + 2)
+    row = Row("shared-key", "Shared key: another client sends 20% of the RPM, 3 workers")
+    row.description = (
+        f"A saturating batch of {count:,} jobs (250-token prompts) while a plain httpx "
+        f"client sends {other_rpm} requests/min on the same key (no throttle, no backoff), "
+        f"for {duration:g} s."
+    )
+    m = row.metrics
+    m.update(workers=3, limits=limits_text(rpm, tpm), requests=count, limit_rpm=rpm, limit_tpm=tpm)
+    m.update(elapsed_s=duration, other_client_rpm=other_rpm)
+    sim = SimSpec(rpm=rpm, tpm=tpm, latency=latency)
+    with run.stack("shared-key", StackSpec(sim, rpm=rpm, tpm=tpm)) as st:
+        st.start_workers(3)
+        other = PacedClient(st.simulator.url, st.key, other_rpm, 250, latency[1])
+        payload = bodies("shared", count, 250, 100)
+        started = time.time()
+        other.start()
+        api.submit_batch(payload, settings=st.settings)
+        sleep_until(started + duration)
+        other.stop()
+        record_sim(row, st.simulator)
+        calls = ledger.calls(st.database_url)
+    ours_429 = sum(1 for c in calls if c.status == 429)
+    m["ours_calls"] = len(calls)
+    m["ours_admitted"] = sum(1 for c in calls if c.status == 200)
+    m["ours_rate_limited"] = ours_429
+    m["ours_429_fraction_pct"] = round(100.0 * ours_429 / len(calls), 2) if calls else None
+    m["other_sent"] = other.sent
+    m["other_admitted"] = other.statuses.get(200, 0)
+    m["other_rate_limited"] = other.statuses.get(429, 0)
+    m["other_transport_errors"] = other.errors
+    m["other_429_fraction_pct"] = (
+        round(100.0 * other.statuses.get(429, 0) / other.sent, 2) if other.sent else None
+    )
+    adm = admissions(calls, "reserve", 100, rpm, tpm)
+    windows = ledger.steady_windows(adm.times, adm.costs)
+    m["ours_admitted_per_window_after_first"] = ", ".join(str(n) for n, _ in windows) or None
+    fraction = m["ours_429_fraction_pct"]
+    row.target(
+        "<= 5% of our calls answered 429",
+        isinstance(fraction, float) and fraction <= 5.0,
+        f"{fraction}% ({ours_429} of {len(calls)})",
+    )
+    return row
