@@ -15,9 +15,9 @@ from bench.stack import Charge, SimulatorProcess
 from jobs import api
 
 #: Steady state must reach this share of the binding limit.
-STEADY_TARGET_PCT = 95.0
+STEADY_TARGET_PCT = 98.0
 #: A batch may take this much longer than the ideal schedule.
-BATCH_TIME_SLACK = 1.10
+BATCH_TIME_SLACK = 1.03
 WINDOW_S = 60.0
 
 
