@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import os
 import shlex
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from bench import scenarios_rate as rate
@@ -146,6 +150,41 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exclusive(servers: Servers, var_dir: Path) -> TextIO:
+    """Hold a lock for the benchmark's Redis database while this run lasts.
+
+    Two runs on one Redis database would flush each other's queues and throttle state and
+    run each other's jobs, so a second run fails at once instead.
+    """
+    parts = urlsplit(servers.redis_url)
+    lock = var_dir / f".lock-{parts.hostname}-{parts.port}-{parts.path.strip('/') or 0}"
+    handle = open(lock, "a+")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SystemExit(
+            f"bench: {holder} is already benchmarking on {_host(servers.redis_url)} database "
+            f"{parts.path.strip('/')}; wait for it or pass --redis-db N"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a closed CI job) into an exit that still closes the stack."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(args_list)
@@ -154,11 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:<22} {s.title}{'  (full mode only)' if s.full_only else ''}")
         return 0
     selected = select(args.only, args.quick)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    default_logs = Path(os.environ.get("VAR_DIR") or "var") / "bench" / stamp
-    logs = Path(args.logs) if args.logs else default_logs
-    logs.mkdir(parents=True, exist_ok=True)
+    var_bench = Path(os.environ.get("VAR_DIR") or "var") / "bench"
+    var_bench.mkdir(parents=True, exist_ok=True)
     servers = Servers.resolve(args.redis_db)
+    lock = _exclusive(servers, var_bench)
+    _stop_on_sigterm()
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    logs = Path(args.logs) if args.logs else var_bench / stamp
+    logs.mkdir(parents=True, exist_ok=True)
     run = Run(servers=servers, logs=logs, quick=args.quick)
     out_path = Path(args.out)
     if not out_path.is_absolute():
@@ -196,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {scenario.name} done in {row.seconds:.0f} s: {verdict}", flush=True)
         write()
     print(f"bench: wrote {out_path}", flush=True)
+    lock.close()
     return 1 if any(r.error for r in rows) else 0
 
 
