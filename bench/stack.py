@@ -333,7 +333,6 @@ class Stack:
             WORKER_CONCURRENCY=str(self.spec.concurrency),
             PYTHONUNBUFFERED="1",
             # Heroku's SIGTERM, handled as the Procfile's worker does.
-            REMAP_SIGTERM="SIGQUIT",
         )
         return env
 

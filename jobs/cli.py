@@ -207,9 +207,6 @@ def worker_argv(settings: Settings, *, concurrency: int | None = None) -> list[s
 
 def _exec_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    # Heroku sends SIGTERM, then SIGKILL 30 s later: treat SIGTERM as the start
-    # of a cold shutdown, preceded by Celery's time-limited soft shutdown.
-    env["REMAP_SIGTERM"] = "SIGQUIT"
     # Child processes join the servers this process resolved.
     if settings.database_url:
         env["DATABASE_URL"] = settings.database_url

@@ -79,11 +79,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        # Heroku: SIGTERM, then SIGKILL 30 s later. With REMAP_SIGTERM=SIGQUIT
-        # (Procfile) the worker gets 20 s to finish or hand back in-flight jobs.
-        "worker_soft_shutdown_timeout": 20.0,
-        # No ETA tasks here, so an idle worker has nothing to hand back: exit at once.
-        "worker_enable_soft_shutdown_on_idle": False,
+        # Heroku: SIGTERM, then SIGKILL 30 s later. SIGTERM is Celery's warm
+        # shutdown: no new tasks, jobs waiting on the throttle or a backoff hand
+        # themselves back, calls in flight may finish. (Remapping SIGTERM to a
+        # cold shutdown crashes the threads pool, which cannot kill a job.)
         "worker_hijack_root_logger": False,
         "task_default_queue": QUEUE_CONTROL,
         "task_routes": {TASK_RUN_JOB: {"queue": QUEUE_BULK}},

@@ -33,8 +33,10 @@ def queue_for(priority: int) -> str:
 def dispatch(settings: Settings, app: Celery) -> int:
     """Run one sweep; returns how many jobs were published."""
     assert settings.database_url is not None
+    # Its own transaction: the batch rows it touches are not held while publishing.
     with session_scope(settings.database_url) as session:
         recovered = store.requeue_stuck(session)
+    with session_scope(settings.database_url) as session:
         room = settings.dispatch_window - store.outstanding_bulk(session)
         picked = store.dispatchable(
             session, bulk_room=room, redeliver_after_s=settings.dispatch_redeliver_after

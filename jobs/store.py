@@ -337,16 +337,8 @@ def cancel_batch(session: Session, batch_id: int) -> int:
 
     Returns how many jobs were cancelled; a finished batch is left as it is.
     """
-    if (
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status == BatchStatus.IN_PROGRESS)
-            .values(status=BatchStatus.CANCELLED)
-            .returning(Batch.id)
-        ).one_or_none()
-        is None
-    ):
-        return 0
+    # Job rows first, then the batch row: the order every other transaction
+    # takes its locks in, so a cancel cannot deadlock with a running worker.
     ids = (
         session.execute(
             update(Job)
@@ -356,6 +348,11 @@ def cancel_batch(session: Session, batch_id: int) -> int:
         )
         .scalars()
         .all()
+    )
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status == BatchStatus.IN_PROGRESS)
+        .values(status=BatchStatus.CANCELLED)
     )
     _move(session, batch_id, "queued", "cancelled", len(ids))
     return len(ids)

@@ -103,7 +103,6 @@ class WorkerProcess:
             "--without-gossip", "--without-mingle", "--loglevel", "INFO",
         ]  # fmt: skip
         env = settings_env(settings) | (extra_env or {})
-        env["REMAP_SIGTERM"] = "SIGQUIT"
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._log, stderr=self._log)
 

@@ -41,7 +41,7 @@ def _child_started(**_: Any) -> None:
 @worker_shutting_down.connect
 def _stop_waiting(**_: Any) -> None:
     # Jobs sleeping on the throttle or a backoff hand themselves back at once;
-    # calls in flight get the soft-shutdown window to finish.
+    # calls in flight may finish before Heroku's SIGKILL.
     from worker.runtime import get_runtime
 
     get_runtime(settings).shutdown()

@@ -97,4 +97,3 @@ def test_celery_settings_for_long_io_bound_jobs() -> None:
     assert config["worker_prefetch_multiplier"] == 1
     assert config["broker_use_ssl"] is None
     assert config["broker_transport_options"]["visibility_timeout"] == 3600
-    assert config["worker_soft_shutdown_timeout"] < 30
