@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from jobs import db
 from jobs.settings import Settings
+from jobs.validation import RequestLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_KEY = "test-key-" + secrets.token_hex(8)
@@ -129,3 +130,47 @@ class WorkerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+# The example request body from Heroku's Kimi K2.5 model page.
+HEROKU_EXAMPLE: dict[str, Any] = {
+    "model": "kimi-k2-5",
+    "messages": [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hi there! How can I assist you today?"},
+        {"role": "user", "content": "What's the weather like in Portland, Oregon right now?"},
+    ],
+    "temperature": 0.5,
+    "max_tokens": 100,
+    "stream": False,
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Fetches the current weather for a given city.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "city": {
+                            "type": "string",
+                            "description": "The name of the city to get weather for.",
+                        }
+                    },
+                    "required": ["city"],
+                },
+            },
+        }
+    ],
+    "tool_choice": "auto",
+    "top_p": 0.9,
+}
+
+
+#: Kimi K2.5's limits, as request validation sees them.
+LIMITS = RequestLimits(
+    context_tokens=262_144,
+    tpm=800_000,
+    default_max_tokens=4096,
+    known_models=frozenset({"kimi-k2-5"}),
+)

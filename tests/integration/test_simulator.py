@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from jobs.simulator import Simulator, SimulatorConfig
+from tests.support import HEROKU_EXAMPLE
 
 pytestmark = pytest.mark.integration
 
@@ -26,33 +27,6 @@ KEY = "sim-key"
 RESET_RE = re.compile(r"^(\d+ms|\d+(\.\d)?s)$")
 REPO = Path(__file__).resolve().parents[2]
 
-WEATHER_BODY: dict[str, Any] = {
-    "model": "kimi-k2-5",
-    "messages": [
-        {"role": "user", "content": "Hello!"},
-        {"role": "assistant", "content": "Hi there! How can I assist you today?"},
-        {"role": "user", "content": "What's the weather like in Portland, Oregon right now?"},
-    ],
-    "temperature": 0.5,
-    "max_tokens": 100,
-    "stream": False,
-    "tools": [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "description": "Fetches the current weather for a given city.",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"city": {"type": "string", "description": "The city."}},
-                    "required": ["city"],
-                },
-            },
-        }
-    ],
-    "tool_choice": "auto",
-    "top_p": 0.9,
-}
 
 StartSim = Callable[..., Simulator]
 
@@ -241,16 +215,16 @@ def test_usage_is_deterministic_and_follows_chars_per_token(
 
 def test_tools_count_as_prompt_tokens(start_sim: StartSim, client: httpx.Client) -> None:
     sim = start_sim()
-    payload = {**WEATHER_BODY, "tool_choice": "none"}
+    payload = {**HEROKU_EXAMPLE, "tool_choice": "none"}
     r = post(client, sim, payload).json()
-    tools_json = json.dumps(WEATHER_BODY["tools"], sort_keys=True, separators=(",", ":"))
-    expected = sum(4 + math.ceil(len(m["content"]) / 4) for m in WEATHER_BODY["messages"])
+    tools_json = json.dumps(HEROKU_EXAMPLE["tools"], sort_keys=True, separators=(",", ":"))
+    expected = sum(4 + math.ceil(len(m["content"]) / 4) for m in HEROKU_EXAMPLE["messages"])
     assert r["usage"]["prompt_tokens"] == expected + math.ceil(len(tools_json) / 4)
 
 
 def test_tool_call_path(start_sim: StartSim, client: httpx.Client) -> None:
     sim = start_sim()
-    r = post(client, sim, WEATHER_BODY)
+    r = post(client, sim, HEROKU_EXAMPLE)
     assert r.status_code == 200
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
@@ -261,14 +235,14 @@ def test_tool_call_path(start_sim: StartSim, client: httpx.Client) -> None:
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Portland"}
 
-    none = post(client, sim, {**WEATHER_BODY, "tool_choice": "none"}).json()["choices"][0]
+    none = post(client, sim, {**HEROKU_EXAMPLE, "tool_choice": "none"}).json()["choices"][0]
     assert "tool_calls" not in none["message"] and isinstance(none["message"]["content"], str)
 
     second_tool = {"type": "function", "function": {"name": "get_time", "parameters": None}}
     named = {
-        **WEATHER_BODY,
+        **HEROKU_EXAMPLE,
         "messages": [{"role": "user", "content": "What time is it?"}],
-        "tools": [*WEATHER_BODY["tools"], second_tool],
+        "tools": [*HEROKU_EXAMPLE["tools"], second_tool],
         "tool_choice": {"type": "function", "function": {"name": "get_time"}},
     }
     picked = post(client, sim, named).json()["choices"][0]["message"]["tool_calls"][0]
@@ -280,11 +254,11 @@ def test_tool_call_path(start_sim: StartSim, client: httpx.Client) -> None:
     follow_up = {
         "model": "kimi-k2-5",
         "messages": [
-            *WEATHER_BODY["messages"],
+            *HEROKU_EXAMPLE["messages"],
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": call["id"], "content": '{"temp_f": 54}'},
         ],
-        "tools": WEATHER_BODY["tools"],
+        "tools": HEROKU_EXAMPLE["tools"],
         "tool_choice": "required",
     }
     r = post(client, sim, follow_up)

@@ -6,7 +6,6 @@ import multiprocessing
 import random
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -39,14 +38,6 @@ from worker.throttle import (
 from worker.throttle_store import InitMode, ThrottleStore
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[CountingRedis]:
-    """A counting client on the flushed test database (see conftest's ``redis_url``)."""
-    client = counting_client(redis_url)
-    yield client
-    client.close()
 
 
 # --- decisions ------------------------------------------------------------------------

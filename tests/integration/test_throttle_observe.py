@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +13,6 @@ from jobs.constants import throttle_init_key, throttle_log_key
 from tests.integration.throttle_helpers import (
     BUCKET,
     CountingRedis,
-    counting_client,
     entries,
     log_size,
     make,
@@ -29,14 +27,6 @@ from worker.throttle import ExternalUsage, ThrottleTimeout, WindowUsage
 from worker.throttle_store import InitMode, ThrottleStore
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[CountingRedis]:
-    """A counting client on the flushed test database (see conftest's ``redis_url``)."""
-    client = counting_client(redis_url)
-    yield client
-    client.close()
 
 
 def phantoms(client: CountingRedis) -> dict[str, int]:

@@ -6,7 +6,6 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,7 +15,6 @@ from jobs.models import Priority
 from tests.integration.throttle_helpers import (
     BUCKET,
     CountingRedis,
-    counting_client,
     entries,
     log_size,
     make,
@@ -40,14 +38,6 @@ from worker.throttle_store import InitMode, ThrottleStore
 pytestmark = pytest.mark.integration
 
 INTERACTIVE, BULK = int(Priority.INTERACTIVE), int(Priority.BULK)
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[CountingRedis]:
-    """A counting client on the flushed test database (see conftest's ``redis_url``)."""
-    client = counting_client(redis_url)
-    yield client
-    client.close()
 
 
 def book(store: ThrottleStore, rid: str, *, rpm: int, tpm: int, cap: int, cost: int = 1) -> int:

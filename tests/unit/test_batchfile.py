@@ -23,14 +23,8 @@ from jobs.batchfile import (
     read_batch_stream,
     write_output,
 )
-from jobs.validation import BatchValidationError, RequestLimits, ValidationError
-
-LIMITS = RequestLimits(
-    context_tokens=262_144,
-    tpm=800_000,
-    default_max_tokens=4096,
-    known_models=frozenset({"kimi-k2-5"}),
-)
+from jobs.validation import BatchValidationError, ValidationError
+from tests.support import HEROKU_EXAMPLE, LIMITS
 
 FUZZ = settings(
     max_examples=150,
@@ -88,10 +82,9 @@ def test_a_good_file_gives_items_in_order_with_physical_line_numbers() -> None:
 
 
 def test_heroku_example_body_in_a_line_passes() -> None:
-    from tests.unit.test_validation import EXAMPLE
 
-    items = read(jsonl(line("weather", body=EXAMPLE)))
-    assert items[0].request.body == EXAMPLE and items[0].request.max_tokens == 100
+    items = read(jsonl(line("weather", body=HEROKU_EXAMPLE)))
+    assert items[0].request.body == HEROKU_EXAMPLE and items[0].request.max_tokens == 100
 
 
 def test_crlf_bom_and_missing_final_newline_are_accepted() -> None:

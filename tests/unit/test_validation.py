@@ -21,13 +21,7 @@ from jobs.validation import (
     ValidationError,
     check_request,
 )
-
-LIMITS = RequestLimits(
-    context_tokens=262_144,
-    tpm=800_000,
-    default_max_tokens=4096,
-    known_models=frozenset({"kimi-k2-5"}),
-)
+from tests.support import HEROKU_EXAMPLE, LIMITS
 
 FUZZ = settings(
     max_examples=200,
@@ -36,43 +30,9 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-# The example request body from Heroku's Kimi K2.5 model page.
-EXAMPLE: dict[str, Any] = {
-    "model": "kimi-k2-5",
-    "messages": [
-        {"role": "user", "content": "Hello!"},
-        {"role": "assistant", "content": "Hi there! How can I assist you today?"},
-        {"role": "user", "content": "What's the weather like in Portland, Oregon right now?"},
-    ],
-    "temperature": 0.5,
-    "max_tokens": 100,
-    "stream": False,
-    "tools": [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "description": "Fetches the current weather for a given city.",
-                "parameters": {
-                    "type": "object",
-                    "properties": {
-                        "city": {
-                            "type": "string",
-                            "description": "The name of the city to get weather for.",
-                        }
-                    },
-                    "required": ["city"],
-                },
-            },
-        }
-    ],
-    "tool_choice": "auto",
-    "top_p": 0.9,
-}
-
 
 def example(**changes: Any) -> dict[str, Any]:
-    body = copy.deepcopy(EXAMPLE)
+    body = copy.deepcopy(HEROKU_EXAMPLE)
     for key, value in changes.items():
         if value is _DROP:
             body.pop(key, None)
