@@ -3,7 +3,12 @@
 :class:`SimulatorServer` serves a :class:`~jobs.simulator.Simulator` on a socket and can
 close every open connection when the simulator stops; its handler routes
 ``POST /v1/chat/completions`` to :meth:`~jobs.simulator.Simulator.handle_chat` and
-answers ``GET /stats`` and ``POST /reset`` for loopback clients only.
+answers ``GET /stats``, ``GET /calls``, ``POST /reset``, ``POST /faults`` and
+``POST /outage`` for loopback clients only (see :mod:`jobs.simulator` for what they do).
+
+Every answer leaves in a single write on a ``TCP_NODELAY`` socket: a header write and a
+body write on a Nagle socket would wait for the client's delayed ACK (about 40 ms) on
+every keep-alive call.
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ class SimulatorServer(ThreadingHTTPServer):
                 _shutdown_socket(conn)
             self._conns_changed.wait_for(lambda: not self._conns, timeout=timeout)
 
-    def handleerror_reply(self, request: Any, client_address: Any) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):
             return  # the client went away or stop() closed the connection
@@ -120,7 +125,14 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "inference-simulator"
     sys_version = ""
     timeout = 300  # seconds an idle keep-alive connection stays open
+    # Buffered, so that the status line, the headers and the body go out in one write.
+    wbufsize = 64 * 1024
     server: SimulatorServer
+
+    def setup(self) -> None:
+        with contextlib.suppress(OSError):
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # request lines would only clutter test and benchmark output
@@ -150,6 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(reply.body)
+            self.wfile.flush()
         except OSError:
             self.close_connection = True
 
@@ -171,18 +184,71 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         path = self.path.split("?", 1)[0]
+        sim = self.server.sim
         if path == CHAT_PATH:
-            self._send(self.server.sim.handle_chat(self.headers.get("Authorization"), raw))
-        elif path == "/reset" and _is_loopback(self.client_address[0]):
-            self.server.sim.reset()
+            self._send(
+                sim.handle_chat(
+                    self.headers.get("Authorization"), raw, self.headers.get("X-Client-Request-Id")
+                )
+            )
+        elif not _is_loopback(self.client_address[0]):
+            self._send(self._not_found())
+        elif path == "/reset":
+            sim.reset()
             self._send(json_reply(200, {"reset": True}))
+        elif path in ("/faults", "/outage"):
+            self._send(_control(sim, path, raw))
         else:
             self._send(self._not_found())
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] == "/stats" and _is_loopback(self.client_address[0]):
+        path = self.path.split("?", 1)[0]
+        if path not in ("/stats", "/calls") or not _is_loopback(self.client_address[0]):
+            self._send(self._not_found())
+        elif path == "/stats":
             self._send(json_reply(200, self.server.sim.stats().as_dict()))
         else:
-            self._send(self._not_found())
+            stats, calls = self.server.sim.snapshot()
+            payload = {"stats": stats.as_dict(), "calls": [call.as_dict() for call in calls]}
+            self._send(json_reply(200, payload))
 
     do_PUT = do_DELETE = do_PATCH = do_GET  # noqa: N815
+
+
+_FAULT_FIELDS = ("error_rate", "hang_rate", "malformed_rate", "hang_seconds")
+
+
+def _control(sim: Simulator, path: str, raw: bytes | None) -> Reply:
+    """Apply ``POST /faults`` or ``POST /outage``; a bad body gets a 400 naming the field."""
+    try:
+        try:
+            payload = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError("the body is not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise ValueError("the body must be a JSON object")
+        if path == "/faults":
+            fields = _numbers(payload, _FAULT_FIELDS)
+            faults = sim.set_faults(**fields)
+            return json_reply(200, {"faults": faults.as_dict()})
+        fields = _numbers(payload, ("seconds", "status"))
+        if "seconds" not in fields:
+            raise ValueError("seconds: required")
+        status = fields.get("status", 503.0)
+        if not status.is_integer():
+            raise ValueError("status: must be an integer")
+        sim.outage(fields["seconds"], int(status))
+        return json_reply(200, {"outage": {"seconds": fields["seconds"], "status": int(status)}})
+    except (ValueError, OverflowError) as exc:
+        return error_reply(400, str(exc), "invalid_request_error", None)
+
+
+def _numbers(payload: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in payload.items():
+        if name not in allowed:
+            raise ValueError(f"{name}: unknown field (expected {', '.join(allowed)})")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"{name}: must be a number")
+        out[name] = float(value)
+    return out

@@ -458,6 +458,8 @@ class WindowState:
     reset_tokens: float
     #: Seconds until this call would fit (0 when admitted).
     wait: float
+    #: The limiter's ``clock()`` at the verdict: the admission time when admitted.
+    at: float = 0.0
 
     def headers(self) -> dict[str, str]:
         """``x-ratelimit-*`` headers for the dimensions that have a limit."""
@@ -546,6 +548,11 @@ class SlidingWindow:
             self._recent_tokens = 0
             self._log.clear()
 
+    def admissions(self) -> list[tuple[float, int]]:
+        """A copy of the full admission log: ``(admitted_at, tokens)`` in admission order."""
+        with self._lock:
+            return list(self._log)
+
     def max_in_window(self) -> tuple[int, int]:
         """Most requests and most tokens admitted in any window so far."""
         with self._lock:
@@ -585,4 +592,5 @@ class SlidingWindow:
             remaining_tokens=max(0, (self.tpm or 0) - self._recent_tokens),
             reset_tokens=max(0.0, wait_tokens),
             wait=max(0.0, wait),
+            at=now,
         )

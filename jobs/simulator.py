@@ -5,10 +5,24 @@ auth, request validation, deterministic usage and replies (including tool calls 
 reasoning text), a strict sliding-window rate limit on requests and tokens with the
 ``x-ratelimit-*`` headers, and injectable faults (5xx, hangs, malformed bodies, a forced run
 of one status). It counts what the provider would have charged so a benchmark can check the
-client never exceeded the limits and never paid twice for the same body.
+client never exceeded the limits and never paid twice for the same body, and it keeps a
+:class:`~jobs.sim_calls.SimCall` record of every call (:meth:`Simulator.calls`) so a
+fault-injection test can check those invariants call for call. Faults can be changed while
+it runs (:meth:`Simulator.set_faults`, :meth:`Simulator.outage`); clients keep their
+connections.
 
-``GET /stats`` returns :class:`SimulatorStats` as JSON and ``POST /reset`` clears them; both
-answer loopback clients only. Run standalone with ``python -m jobs.simulator --help``.
+Besides the chat endpoint it answers, for loopback clients only:
+
+* ``GET /stats``: :class:`SimulatorStats` as JSON;
+* ``GET /calls``: ``{"stats": {...}, "calls": [{...}, ...]}``, the stats and the kept call
+  records (oldest first, see :class:`~jobs.sim_calls.SimCall`) taken at the same instant;
+* ``POST /reset``: clears the stats, the call records and the rate window;
+* ``POST /faults``: a JSON object with any of ``error_rate``, ``hang_rate``,
+  ``malformed_rate`` and ``hang_seconds`` (:meth:`Simulator.set_faults`); answers the fault
+  settings now in force;
+* ``POST /outage``: ``{"seconds": s, "status": 503}`` (:meth:`Simulator.outage`).
+
+Run standalone with ``python -m jobs.simulator --help``.
 """
 
 from __future__ import annotations
@@ -29,15 +43,20 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Literal
 
+from jobs.sim_calls import MARKER_CHARS, CallIds, CallLog, Outcome, SimCall, SimulatorStats
 from jobs.sim_http import MAX_BODY_BYTES, Reply, SimulatorServer, error_reply, json_reply
 from jobs.sim_limits import (
+    ChatRequest,
     InvalidRequestError,
     SlidingWindow,
     WindowState,
     completion_body,
+    max_in_window,
     parse_request,
     plan_reply,
 )
+
+__all__ = ["Faults", "SimCall", "Simulator", "SimulatorConfig", "SimulatorStats", "main"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,8 @@ class SimulatorConfig:
     latency_max: float = 0.0
     #: Per-call fault probabilities, drawn once per valid call (error, then hang, then
     #: malformed): 500/503 alternately; sleeping ``hang_seconds`` then 504; a 200 whose
-    #: body is truncated JSON. Faulted calls are not admitted and charge nothing.
+    #: body is truncated JSON. Faulted calls are not admitted and charge nothing. These are
+    #: the starting values: :meth:`Simulator.set_faults` changes them at runtime.
     error_rate: float = 0.0
     hang_rate: float = 0.0
     hang_seconds: float = 3600.0
@@ -71,6 +91,9 @@ class SimulatorConfig:
     retry_after: bool = False
     rate_limit_code: str = "rate_limit_exceeded"
     seed: int = 0
+    #: Call records kept for :meth:`Simulator.calls`; the oldest go first beyond this (a
+    #: record takes about 0.4 KB, so the default costs up to about 80 MB). 0 keeps none.
+    call_log_limit: int = 200_000
 
     def __post_init__(self) -> None:
         problems = [
@@ -90,6 +113,7 @@ class SimulatorConfig:
                     "need 0 <= latency_min <= latency_max",
                 ),
                 (self.hang_seconds < 0, "hang_seconds must be >= 0"),
+                (self.call_log_limit < 0, "call_log_limit must be >= 0"),
             )
             if bad
         ]
@@ -101,34 +125,24 @@ class SimulatorConfig:
 
 
 @dataclass(frozen=True)
-class SimulatorStats:
-    """What the simulated provider saw and charged since start or the last reset."""
+class Faults:
+    """The fault settings in force (as in :class:`SimulatorConfig`); see ``set_faults``."""
 
-    calls: int = 0
-    ok: int = 0
-    rate_limited: int = 0
-    client_errors: int = 0
-    server_errors: int = 0
-    hangs: int = 0
-    malformed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    max_requests_in_window: int = 0
-    max_tokens_in_window: int = 0
-    duplicate_bodies: int = 0
+    error_rate: float
+    hang_rate: float
+    malformed_rate: float
+    hang_seconds: float
 
-    def as_dict(self) -> dict[str, int]:
-        """The stats as a plain JSON-ready dict."""
+    def __post_init__(self) -> None:
+        for name in ("error_rate", "hang_rate", "malformed_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")
+        if not 0.0 <= self.hang_seconds < math.inf:
+            raise ValueError("hang_seconds must be a finite number >= 0")
+
+    def as_dict(self) -> dict[str, float]:
+        """The settings as a plain JSON-ready dict."""
         return dataclasses.asdict(self)
-
-
-class _Counters:
-    """Mutable tallies behind :class:`SimulatorStats`; guarded by the simulator's lock."""
-
-    def __init__(self) -> None:
-        self.values = dict.fromkeys((f.name for f in dataclasses.fields(SimulatorStats)), 0)
-        self.ok_bodies: dict[bytes, int] = {}
 
 
 class Simulator:
@@ -144,10 +158,13 @@ class Simulator:
         self._lock = threading.Lock()
         self._rng = random.Random(self.config.seed)
         self._window = SlidingWindow(self.config.rpm, self.config.tpm, self.config.window_s)
-        self._counters = _Counters()
+        self._log = CallLog(self.config.call_log_limit)
         self._numbers = itertools.count(1)
         self._error_flip = 0
         self._forced: tuple[int, float] | None = None
+        self._outage: tuple[int, float] | None = None
+        cfg = self.config
+        self._faults = Faults(cfg.error_rate, cfg.hang_rate, cfg.malformed_rate, cfg.hang_seconds)
         self._stopping = threading.Event()
         self._server: SimulatorServer | None = None
         self._thread: threading.Thread | None = None
@@ -217,38 +234,114 @@ class Simulator:
         with self._lock:
             self._key = key
 
+    def set_faults(
+        self,
+        *,
+        error_rate: float | None = None,
+        hang_rate: float | None = None,
+        malformed_rate: float | None = None,
+        hang_seconds: float | None = None,
+    ) -> Faults:
+        """Change the given fault settings from the next call on; returns those now in force.
+
+        Calls already hanging keep their ``hang_seconds``. :meth:`reset` leaves faults alone.
+        """
+        changes = {
+            name: float(value)
+            for name, value in (
+                ("error_rate", error_rate),
+                ("hang_rate", hang_rate),
+                ("malformed_rate", malformed_rate),
+                ("hang_seconds", hang_seconds),
+            )
+            if value is not None
+        }
+        with self._lock:
+            self._faults = dataclasses.replace(self._faults, **changes)
+            return self._faults
+
+    def faults(self) -> Faults:
+        """The fault settings in force."""
+        with self._lock:
+            return self._faults
+
+    def outage(self, seconds: float, status: int = 503) -> None:
+        """Answer ``status`` to every valid authenticated call for the next ``seconds``.
+
+        Such calls are not admitted and charge nothing; they are counted and logged like a
+        :meth:`force_status` answer. Unlike :meth:`force_status`, bad keys and bad bodies
+        still get their 401/4xx. ``seconds=0`` ends an outage early.
+        """
+        if not 400 <= status <= 599:
+            raise ValueError("outage needs an HTTP error status (400-599)")
+        if not 0 <= seconds < math.inf:
+            raise ValueError("outage seconds must be a finite number >= 0")
+        with self._lock:
+            self._outage = (status, time.monotonic() + seconds) if seconds > 0 else None
+
     def stats(self) -> SimulatorStats:
         """A snapshot of the counters plus the exact most-admitted-in-any-window figures."""
+        return self.snapshot(with_calls=False)[0]
+
+    def calls(self) -> list[SimCall]:
+        """A copy of the kept call records, oldest first (see ``call_log_limit``)."""
         with self._lock:
-            values = dict(self._counters.values)
-        values["max_requests_in_window"], values["max_tokens_in_window"] = (
-            self._window.max_in_window()
+            return self._log.records()
+
+    def snapshot(self, *, with_calls: bool = True) -> tuple[SimulatorStats, list[SimCall]]:
+        """The stats and the call records taken at the same instant, so they agree."""
+        with self._lock:
+            values = self._log.counters()
+            admissions = self._window.admissions()
+            records = self._log.records() if with_calls else []
+        # The window scan is O(admissions): done outside the lock so calls are not held up.
+        values["max_requests_in_window"], values["max_tokens_in_window"] = max_in_window(
+            admissions, self.config.window_s
         )
-        return SimulatorStats(**values)
+        return SimulatorStats(**values), records
 
     def reset(self) -> None:
-        """Clear the counters, the duplicate tracking and the rate-limit window."""
+        """Clear the counters, the call records, the duplicate tracking and the rate window."""
         with self._lock:
-            self._counters = _Counters()
+            self._log = CallLog(self.config.call_log_limit)
             self._window.reset()
 
     # -- request handling (runs on handler threads) --------------------------------------
 
-    def _count(self, **increments: int) -> None:
+    def _record(
+        self,
+        ids: CallIds,
+        status: int,
+        outcome: Outcome,
+        req: ChatRequest | None = None,
+        marker: str | None = None,
+    ) -> None:
+        """Count and log a call that was answered without being admitted."""
+        call = SimCall(
+            request_id=ids.request_id,
+            client_request_id=ids.client_request_id,
+            status=status,
+            outcome=outcome,
+            admitted=False,
+            charged=0,
+            prompt_tokens=0,
+            completion_tokens=0,
+            body_hash=req.digest.hex() if req is not None else None,
+            marker=marker,
+            admitted_at=None,
+        )
         with self._lock:
-            for name, amount in increments.items():
-                self._counters.values[name] += amount
+            self._log.add(call)
 
-    def _forced_status(self) -> tuple[int, float] | None:
+    def _in_force(self, outage: bool) -> tuple[int, float] | None:
+        """The forced (or outage) status still in force, with its seconds left."""
         with self._lock:
-            if self._forced is None:
-                return None
-            status, until = self._forced
-            left = until - time.monotonic()
-            if left <= 0:
-                self._forced = None
-                return None
-            return status, left
+            setting = self._outage if outage else self._forced
+        if setting is None:
+            return None
+        status, until = setting
+        left = until - time.monotonic()
+        return (status, left) if left > 0 else None
 
     def _authorized(self, header: str | None) -> bool:
         scheme, _, token = (header or "").strip().partition(" ")
@@ -258,17 +351,18 @@ class Simulator:
             token.strip().encode(), key.encode()
         )
 
-    def _draw_fault(self) -> str | None:
-        cfg = self.config
+    def _draw_fault(self) -> tuple[str | None, float]:
         with self._lock:
             roll = self._rng.random()
-        if roll < cfg.error_rate:
-            return "error"
-        if roll < cfg.error_rate + cfg.hang_rate:
-            return "hang"
-        if roll < cfg.error_rate + cfg.hang_rate + cfg.malformed_rate:
-            return "malformed"
-        return None
+            faults = self._faults
+        fault = None
+        if roll < faults.error_rate:
+            fault = "error"
+        elif roll < faults.error_rate + faults.hang_rate:
+            fault = "hang"
+        elif roll < faults.error_rate + faults.hang_rate + faults.malformed_rate:
+            fault = "malformed"
+        return fault, faults.hang_seconds
 
     def _limited_reply(self, state: WindowState, wait: float, message: str) -> Reply:
         reply = json_reply(
@@ -286,9 +380,8 @@ class Simulator:
             reply.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return reply
 
-    def _forced_reply(self, status: int, left: float) -> Reply:
+    def _forced_reply(self, status: int, left: float, why: str) -> tuple[Reply, Outcome]:
         if status == 429:
-            self._count(rate_limited=1)
             state = dataclasses.replace(
                 self._window.peek(0),
                 remaining_requests=0,
@@ -296,26 +389,32 @@ class Simulator:
                 reset_requests=left,
                 reset_tokens=left,
             )
-            return self._limited_reply(state, left, "Rate limit reached (forced by the simulator).")
+            return self._limited_reply(state, left, f"Rate limit reached ({why})."), "rate_limited"
         if status >= 500:
-            self._count(server_errors=1)
-            return error_reply(
+            reply = error_reply(
                 status,
-                "The server is unavailable (forced by the simulator).",
+                f"The server is unavailable ({why}).",
                 "server_error",
                 "service_unavailable",
             )
-        self._count(client_errors=1)
-        return error_reply(
-            status, "Request refused (forced by the simulator).", "invalid_request_error", None
-        )
+            return reply, "server_error"
+        reply = error_reply(status, f"Request refused ({why}).", "invalid_request_error", None)
+        return reply, "client_error"
 
-    def _fault_reply(self, fault: str, number: int) -> Reply:
+    def _fault_reply(
+        self,
+        fault: str,
+        hang_seconds: float,
+        number: int,
+        ids: CallIds,
+        req: ChatRequest,
+        marker: str | None,
+    ) -> Reply:
         if fault == "error":
-            self._count(server_errors=1)
             with self._lock:
                 self._error_flip += 1
                 status = 500 if self._error_flip % 2 else 503
+            self._record(ids, status, "server_error", req, marker)
             message = "The server had an error while processing your request (simulated)."
             return error_reply(
                 status,
@@ -324,31 +423,41 @@ class Simulator:
                 "internal_error" if status == 500 else "service_unavailable",
             )
         if fault == "hang":
-            self._count(hangs=1)
-            self._stopping.wait(self.config.hang_seconds)
+            # Logged before the hang so that a test can see the call is in progress.
+            self._record(ids, 504, "hang", req, marker)
+            self._stopping.wait(hang_seconds)
             reply = error_reply(
                 504, "The upstream model timed out (simulated).", "server_error", "timeout"
             )
             reply.headers["Connection"] = "close"
             return reply
-        self._count(malformed=1)
+        self._record(ids, 200, "malformed", req, marker)
         return Reply(200, f'{{"id": "chatcmpl-sim-{number}", "choices": ['.encode(), {})
 
-    def handle_chat(self, authorization: str | None, raw: bytes | None) -> Reply:
-        """Answer one chat-completions call; ``raw`` is ``None`` when the body was too large."""
+    def handle_chat(
+        self, authorization: str | None, raw: bytes | None, client_request_id: str | None = None
+    ) -> Reply:
+        """Answer one chat-completions call; ``raw`` is ``None`` when the body was too large.
+
+        ``client_request_id`` is the caller's ``X-Client-Request-Id``, kept in the call log.
+        """
         number = next(self._numbers)
-        reply = self._chat(authorization, raw, number)
-        reply.headers["x-request-id"] = f"req-sim-{number}"
+        ids = CallIds(f"req-sim-{number}", client_request_id)
+        reply = self._chat(authorization, raw, number, ids)
+        reply.headers["x-request-id"] = ids.request_id
         return reply
 
-    def _chat(self, authorization: str | None, raw: bytes | None, number: int) -> Reply:
+    def _chat(
+        self, authorization: str | None, raw: bytes | None, number: int, ids: CallIds
+    ) -> Reply:
         cfg = self.config
-        self._count(calls=1)
-        forced = self._forced_status()
+        forced = self._in_force(outage=False)
         if forced is not None:
-            return self._forced_reply(*forced)
+            reply, outcome = self._forced_reply(*forced, "forced by the simulator")
+            self._record(ids, reply.status, outcome)
+            return reply
         if not self._authorized(authorization):
-            self._count(client_errors=1)
+            self._record(ids, 401, "client_error")
             return error_reply(
                 401, "Incorrect API key provided.", "authentication_error", "invalid_api_key"
             )
@@ -370,19 +479,44 @@ class Simulator:
                 context_tokens=cfg.context_tokens,
             )
         except InvalidRequestError as exc:
-            self._count(client_errors=1)
+            self._record(ids, exc.status, "client_error")
             return json_reply(exc.status, exc.body())
-        fault = self._draw_fault()
+        user = body.get("user")
+        marker = user[:MARKER_CHARS] if isinstance(user, str) else None
+        outage = self._in_force(outage=True)
+        if outage is not None:
+            reply, outcome = self._forced_reply(*outage, "simulated outage")
+            self._record(ids, reply.status, outcome, req, marker)
+            return reply
+        fault, hang_seconds = self._draw_fault()
         if fault is not None:
-            return self._fault_reply(fault, number)
+            return self._fault_reply(fault, hang_seconds, number, ids, req, marker)
         plan = plan_reply(req, cfg.default_max_tokens)
         if cfg.charge == "reserve":
             cost = req.prompt_tokens + (req.max_tokens or cfg.default_max_tokens)
         else:
             cost = req.prompt_tokens + plan.completion_tokens
-        state = self._window.try_admit(cost)
-        if not state.admitted:
-            self._count(rate_limited=1)
+        # Admission and its record share one critical section, so the stats, the call log
+        # and the window's most-in-any-window figures can never disagree.
+        with self._lock:
+            state = self._window.try_admit(cost)
+            admitted = state.admitted
+            self._log.add(
+                SimCall(
+                    request_id=ids.request_id,
+                    client_request_id=ids.client_request_id,
+                    status=200 if admitted else 429,
+                    outcome="ok" if admitted else "rate_limited",
+                    admitted=admitted,
+                    charged=cost if admitted else 0,
+                    prompt_tokens=req.prompt_tokens if admitted else 0,
+                    completion_tokens=plan.completion_tokens if admitted else 0,
+                    body_hash=req.digest.hex(),
+                    marker=marker,
+                    admitted_at=state.at if admitted else None,
+                )
+            )
+        if not admitted:
             if state.too_large or state.reset_tokens > 0:
                 what = f"tokens per {cfg.window_s:g}s: limit {cfg.tpm}, requested {cost}"
             else:
@@ -394,16 +528,6 @@ class Simulator:
                 latency = self._rng.uniform(cfg.latency_min, cfg.latency_max)
             self._stopping.wait(latency)
         payload = completion_body(req, plan, cfg.chars_per_token, number)
-        with self._lock:
-            values = self._counters.values
-            values["ok"] += 1
-            values["prompt_tokens"] += req.prompt_tokens
-            values["completion_tokens"] += plan.completion_tokens
-            values["total_tokens"] += req.prompt_tokens + plan.completion_tokens
-            seen = self._counters.ok_bodies.get(req.digest, 0) + 1
-            self._counters.ok_bodies[req.digest] = seen
-            if seen == 2:
-                values["duplicate_bodies"] += 1
         return json_reply(200, payload, state.headers())
 
 
@@ -442,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-after", action="store_true", help="send Retry-After on 429")
     parser.add_argument("--rate-limit-code", default="rate_limit_exceeded")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--call-log-limit",
+        type=int,
+        default=SimulatorConfig.call_log_limit,
+        help="call records kept for GET /calls (oldest dropped first; 0 keeps none)",
+    )
     args = parser.parse_args(argv)
     try:
         config = SimulatorConfig(
@@ -463,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             retry_after=args.retry_after,
             rate_limit_code=args.rate_limit_code,
             seed=args.seed,
+            call_log_limit=args.call_log_limit,
         )
     except ValueError as exc:
         parser.error(str(exc))

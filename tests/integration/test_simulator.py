@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from jobs.simulator import Simulator, SimulatorConfig
+from jobs.simulator import Faults, SimCall, Simulator, SimulatorConfig
 from tests.support import HEROKU_EXAMPLE
 
 pytestmark = pytest.mark.integration
@@ -530,6 +531,7 @@ def test_standalone_cli() -> None:
         [
             *(sys.executable, "-m", "jobs.simulator", "--port", "0", "--key", "cli-key-xyz"),
             *("--rpm", "150", "--tpm", "800000", "--latency", "0:0.01", "--charge", "reserve"),
+            *("--call-log-limit", "10"),
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -549,6 +551,18 @@ def test_standalone_cli() -> None:
             assert r.status_code == 200
             assert r.headers["x-ratelimit-limit-requests"] == "150"
             assert c.get(f"{url}/stats").json()["ok"] == 1
+            # A daemon simulator is inspected and steered over HTTP.
+            (call,) = c.get(f"{url}/calls").json()["calls"]
+            assert call["request_id"] == r.headers["x-request-id"]
+            assert call["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+            assert c.post(f"{url}/faults", json={"error_rate": 1.0}).status_code == 200
+            failed = c.post(
+                f"{url}/v1/chat/completions",
+                json=body(),
+                headers={"Authorization": "Bearer cli-key-xyz"},
+            )
+            assert failed.status_code in (500, 503)
+            assert c.post(f"{url}/faults", json={"error_rate": 0.0}).status_code == 200
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -558,3 +572,322 @@ def test_standalone_cli() -> None:
     assert proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["ok"] == 1
     assert "cli-key-xyz" not in out + err
+
+
+# -- the per-call log and runtime fault controls -----------------------------------------
+
+COUNTER_OF = {
+    "ok": "ok",
+    "rate_limited": "rate_limited",
+    "client_error": "client_errors",
+    "server_error": "server_errors",
+    "hang": "hangs",
+    "malformed": "malformed",
+}
+
+
+def derived_stats(calls: list[SimCall], window_s: float) -> dict[str, int]:
+    """The stats recomputed from the call records alone (brute force, independently)."""
+    values = dict.fromkeys(
+        (
+            "calls",
+            *COUNTER_OF.values(),
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "max_requests_in_window",
+            "max_tokens_in_window",
+            "duplicate_bodies",
+        ),
+        0,
+    )
+    values["calls"] = len(calls)
+    for call in calls:
+        values[COUNTER_OF[call.outcome]] += 1
+        assert call.admitted == (call.outcome == "ok")
+        assert (call.admitted_at is not None) == call.admitted
+        if not call.admitted:
+            assert (call.charged, call.prompt_tokens, call.completion_tokens) == (0, 0, 0)
+    ok = [c for c in calls if c.outcome == "ok"]
+    values["prompt_tokens"] = sum(c.prompt_tokens for c in ok)
+    values["completion_tokens"] = sum(c.completion_tokens for c in ok)
+    values["total_tokens"] = values["prompt_tokens"] + values["completion_tokens"]
+    values["duplicate_bodies"] = sum(n >= 2 for n in Counter(c.body_hash for c in ok).values())
+    admitted = [(c.admitted_at, c.charged) for c in ok if c.admitted_at is not None]
+    for end, _ in admitted:
+        inside = [tokens for at, tokens in admitted if end - window_s < at <= end]
+        values["max_requests_in_window"] = max(values["max_requests_in_window"], len(inside))
+        values["max_tokens_in_window"] = max(values["max_tokens_in_window"], sum(inside))
+    return values
+
+
+def poll_until_ok(client: httpx.Client, sim: Simulator, seconds: float = 10.0) -> list[int]:
+    """Post until a 200 comes back; returns every status seen (the last one is 200)."""
+    deadline = time.monotonic() + seconds
+    statuses = [post(client, sim, body("polling")).status_code]
+    while statuses[-1] != 200:
+        assert time.monotonic() < deadline, statuses[-5:]
+        time.sleep(0.05)
+        statuses.append(post(client, sim, body("polling")).status_code)
+    return statuses
+
+
+def test_call_log_matches_responses_and_stats(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=4, window_s=30.0, charge="reserve", default_max_tokens=100)
+    responses = [
+        post(client, sim, body("tagged", user="job-1")),
+        post(client, sim, body("tagged", user="job-1")),  # the same body again
+        post(client, sim, body("capped", max_tokens=7)),
+        post(client, sim, body(), key="wrong-key"),
+        post(client, sim, body(max_tokens=0)),
+        post(client, sim, body("long marker", user="m" * 1000)),
+        post(client, sim, body("over the limit", user="job-2")),
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 200, 401, 400, 200, 429]
+    calls = sim.calls()
+    assert [c.request_id for c in calls] == [r.headers["x-request-id"] for r in responses]
+    assert [c.status for c in calls] == [r.status_code for r in responses]
+    assert [c.outcome for c in calls] == [
+        *("ok", "ok", "ok", "client_error", "client_error", "ok", "rate_limited"),
+    ]
+    for call, r in zip(calls, responses, strict=True):
+        if r.status_code == 200:
+            usage = r.json()["usage"]
+            assert (call.prompt_tokens, call.completion_tokens) == (
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+            )
+    # Reserve mode charges the prompt plus max_tokens (or the default) at admission.
+    assert calls[0].charged == calls[0].prompt_tokens + 100
+    assert calls[2].charged == calls[2].prompt_tokens + 7
+    assert [c.marker for c in calls] == ["job-1", "job-1", None, None, None, "m" * 256, "job-2"]
+    assert calls[0].body_hash == calls[1].body_hash != calls[2].body_hash
+    assert calls[3].body_hash is None and calls[4].body_hash is None
+    assert calls[6].body_hash is not None
+    admitted_at = [c.admitted_at for c in calls if c.admitted_at is not None]
+    assert len(admitted_at) == 4 and admitted_at == sorted(admitted_at)
+
+    stats = sim.stats()
+    assert derived_stats(calls, 30.0) == stats.as_dict()
+    assert (stats.ok, stats.duplicate_bodies, stats.max_requests_in_window) == (4, 1, 4)
+
+    sim.reset()
+    assert sim.calls() == []
+    assert post(client, sim, body()).status_code == 200
+    (after,) = sim.calls()
+    assert after.request_id == f"req-sim-{len(responses) + 1}"  # ids never repeat
+
+
+def test_call_log_charge_actual_and_the_record_limit(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim(charge="actual", call_log_limit=3)
+    responses = [post(client, sim, body(f"call {i}")) for i in range(5)]
+    calls = sim.calls()
+    assert [c.request_id for c in calls] == [r.headers["x-request-id"] for r in responses[-3:]]
+    assert all(c.charged == c.prompt_tokens + c.completion_tokens for c in calls)
+    assert sim.stats().calls == 5  # the counters still count every call
+
+    silent = start_sim(call_log_limit=0)
+    assert post(client, silent, body()).status_code == 200
+    assert silent.calls() == [] and silent.stats().ok == 1
+    with pytest.raises(ValueError, match="call_log_limit"):
+        SimulatorConfig(call_log_limit=-1)
+
+
+def test_call_log_and_stats_agree_during_a_concurrent_faulty_burst(start_sim: StartSim) -> None:
+    sim = start_sim(
+        rpm=25, window_s=30.0, error_rate=0.2, malformed_rate=0.2, latency_min=0.05,
+        latency_max=0.1, seed=7,
+    )  # fmt: skip
+    snapshots: list[tuple[dict[str, int], list[SimCall]]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            stats, calls = sim.snapshot()
+            snapshots.append((stats.as_dict(), calls))
+            time.sleep(0.005)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30.0, limits=httpx.Limits(max_connections=40)) as ac:
+            tasks = [
+                ac.post(
+                    f"{sim.url}/v1/chat/completions",
+                    json=body("same" if i % 10 == 0 else f"burst {i}", user=f"job-{i % 40}"),
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+                for i in range(80)
+            ]
+            return list(await asyncio.gather(*tasks))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        responses = asyncio.run(burst())
+    finally:
+        done.set()
+        watcher.join()
+    stats, calls = sim.snapshot()
+    snapshots.append((stats.as_dict(), calls))
+    assert len(snapshots) >= 2
+    for seen_stats, seen_calls in snapshots:
+        assert derived_stats(seen_calls, 30.0) == seen_stats
+    assert stats.calls == 80 and stats.ok == 25
+    assert stats.server_errors > 0 and stats.malformed > 0 and stats.rate_limited > 0
+    by_id = {c.request_id: c for c in calls}
+    for r in responses:
+        call = by_id[r.headers["x-request-id"]]
+        assert call.status == r.status_code
+        assert call.marker == json.loads(r.request.content)["user"]
+
+
+def test_set_faults_changes_behaviour_at_runtime(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=100)
+    assert post(client, sim, body()).status_code == 200
+    faults = sim.set_faults(error_rate=1.0)
+    assert faults.error_rate == 1.0 and faults.hang_seconds == 3600.0
+    failing = [post(client, sim, body(f"fail {i}")).status_code for i in range(6)]
+    assert sorted(set(failing)) == [500, 503]
+    sim.set_faults(error_rate=0.0)
+    assert post(client, sim, body()).status_code == 200
+
+    sim.set_faults(malformed_rate=1.0)
+    broken = post(client, sim, body())
+    assert broken.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(broken.text)
+    sim.set_faults(malformed_rate=0.0, hang_rate=1.0, hang_seconds=0.2)
+    assert post(client, sim, body()).status_code == 504
+    sim.set_faults(hang_rate=0.0)
+    assert post(client, sim, body()).status_code == 200
+
+    for bad in ({"error_rate": 1.5}, {"hang_rate": -0.1}, {"hang_seconds": math.inf}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sim.set_faults(**bad)
+    assert sim.faults() == Faults(0.0, 0.0, 0.0, 0.2)  # unchanged by the refusals
+
+    calls = sim.calls()
+    assert [c.status for c in calls] == [200, *failing, 200, 200, 504, 200]
+    assert [c.outcome for c in calls[1:7]] == ["server_error"] * 6
+    assert (calls[8].outcome, calls[9].outcome) == ("malformed", "hang")
+    assert all(c.charged == 0 and not c.admitted for c in [*calls[1:7], *calls[8:10]])
+    stats = sim.stats()
+    assert derived_stats(calls, 60.0) == stats.as_dict()
+    assert (stats.server_errors, stats.malformed, stats.hangs, stats.ok) == (6, 1, 1, 3)
+    assert stats.max_requests_in_window == 3
+
+
+def test_outage_answers_its_status_then_recovers(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=100, retry_after=True)
+    assert post(client, sim, body()).status_code == 200
+    sim.outage(30.0)
+    down = post(client, sim, body("during the outage", user="job-9"))
+    assert down.status_code == 503
+    assert down.json()["error"]["type"] == "server_error"
+    # Bad keys and bad bodies still get their own answers.
+    assert post(client, sim, body(), key="wrong-key").status_code == 401
+    assert post(client, sim, body(max_tokens=0)).status_code == 400
+
+    sim.outage(30.0, status=429)
+    limited = post(client, sim, body())
+    assert limited.status_code == 429
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(limited.headers["retry-after"]) >= 1
+
+    sim.outage(1.0)  # a short one replaces it; poll until it is over
+    statuses = poll_until_ok(client, sim)
+    assert set(statuses[:-1]) <= {503}
+    sim.outage(30.0)
+    sim.outage(0)  # ends it early
+    assert post(client, sim, body()).status_code == 200
+    for seconds, status in ((1.0, 200), (-1.0, 503), (math.nan, 503)):
+        with pytest.raises(ValueError, match="outage"):
+            sim.outage(seconds, status)
+
+    calls = sim.calls()
+    outage_calls = [c for c in calls if c.status in (503, 429)]
+    assert len(outage_calls) == 2 + len(statuses) - 1
+    assert all(not c.admitted and c.charged == 0 for c in outage_calls)
+    assert all(c.body_hash is not None for c in outage_calls)
+    assert calls[1].marker == "job-9"
+    stats = sim.stats()
+    assert derived_stats(calls, 60.0) == stats.as_dict()
+    assert stats.server_errors == len(outage_calls) - 1 and stats.rate_limited == 1
+    assert stats.ok == stats.max_requests_in_window == 3
+
+
+def test_calls_faults_and_outage_endpoints(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(rpm=100)
+    r = client.post(f"{sim.url}/faults", json={"error_rate": 1.0, "hang_seconds": 5})
+    assert r.status_code == 200
+    assert r.json()["faults"] == {
+        "error_rate": 1.0,
+        "hang_rate": 0.0,
+        "malformed_rate": 0.0,
+        "hang_seconds": 5.0,
+    }
+    assert post(client, sim, body()).status_code in (500, 503)
+    assert client.post(f"{sim.url}/faults", json={"error_rate": 0}).status_code == 200
+    ok = post(client, sim, body())
+    assert ok.status_code == 200
+
+    for payload, field in (
+        ({"bogus": 1}, "bogus"),
+        ({"error_rate": 2}, "error_rate"),
+        ({"error_rate": True}, "error_rate"),
+        ({"hang_seconds": "5"}, "hang_seconds"),
+        ([1, 2], "object"),
+    ):
+        refused = client.post(f"{sim.url}/faults", json=payload)
+        assert refused.status_code == 400, payload
+        assert field in refused.json()["error"]["message"]
+    assert sim.faults().error_rate == 0.0
+
+    assert client.post(f"{sim.url}/outage", json={"seconds": 30}).status_code == 200
+    assert post(client, sim, body()).status_code == 503
+    r = client.post(f"{sim.url}/outage", json={"seconds": 30, "status": 429})
+    assert r.json() == {"outage": {"seconds": 30.0, "status": 429}}
+    assert post(client, sim, body()).status_code == 429
+    for payload, field in (
+        ({"status": 503}, "seconds"),
+        ({"seconds": 1, "status": 200}, "status"),
+        ({"seconds": 1, "status": 502.5}, "status"),
+        ({"seconds": -1}, "seconds"),
+    ):
+        refused = client.post(f"{sim.url}/outage", json=payload)
+        assert refused.status_code == 400, payload
+        assert field in refused.json()["error"]["message"]
+    bad_json = client.post(f"{sim.url}/outage", content=b"{nope")
+    assert bad_json.status_code == 400
+    assert client.post(f"{sim.url}/outage", json={"seconds": 1}).status_code == 200
+    poll_until_ok(client, sim)
+
+    remote = client.get(f"{sim.url}/calls").json()
+    stats, calls = sim.snapshot()
+    assert remote == {"stats": stats.as_dict(), "calls": [c.as_dict() for c in calls]}
+    assert remote["calls"][1]["request_id"] == ok.headers["x-request-id"]
+    assert remote["calls"][1]["completion_tokens"] == ok.json()["usage"]["completion_tokens"]
+    assert client.post(f"{sim.url}/reset").status_code == 200
+    assert client.get(f"{sim.url}/calls").json()["calls"] == []
+    # Wrong methods are unknown endpoints.
+    assert client.get(f"{sim.url}/faults").status_code == 404
+    assert client.post(f"{sim.url}/calls").status_code == 404
+
+
+def test_call_log_keeps_the_callers_request_id(start_sim: StartSim, client: httpx.Client) -> None:
+    sim = start_sim(key=KEY)
+    headers = {"Authorization": f"Bearer {KEY}", "X-Client-Request-Id": "bi-5-1"}
+    assert client.post(f"{sim.url}/v1/chat/completions", json=body(), headers=headers).is_success
+    headers["Authorization"] = "Bearer wrong"
+    headers["X-Client-Request-Id"] = "bi-5-2"
+    assert (
+        client.post(f"{sim.url}/v1/chat/completions", json=body(), headers=headers).status_code
+        == 401
+    )
+    assert post(client, sim, body()).is_success
+    assert [(c.client_request_id, c.status) for c in sim.calls()] == [
+        ("bi-5-1", 200),
+        ("bi-5-2", 401),
+        (None, 200),
+    ]
