@@ -20,20 +20,40 @@ from celery import Celery
 from sqlalchemy import select, update
 
 from jobs import store
-from jobs.batchfile import BatchItem, normalize_requests, output_line, read_batch_file
+from jobs.batchfile import (
+    BatchItem,
+    check_batch_stream,
+    check_custom_id,
+    iter_batch_stream,
+    normalize_requests,
+    output_line,
+    read_batch_stream,
+)
 from jobs.connections import celery_app
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
+from jobs.jsoncheck import json_kind, json_problem, show_value
 from jobs.logfmt import log_event
 from jobs.models import TERMINAL, Batch, Job, JobStatus, Priority, Source
 from jobs.scheduled import is_file_source, load_callable_requests, run_key
 from jobs.services import resolve
 from jobs.settings import MODEL_LIMITS, Settings
-from jobs.validation import RequestLimits, check_request
+from jobs.validation import RequestLimits, ValidationError, check_request
+
+#: Width of the ``batches.name`` column.
+MAX_NAME_CHARS = 200
 
 
 class NotFoundError(LookupError):
     """No batch or job has that id."""
+
+
+# Ids are Postgres bigints; a larger number would make the query itself fail.
+_MAX_ID = 2**63 - 1
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_ID
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,30 @@ def request_limits(settings: Settings) -> RequestLimits:
         default_max_tokens=settings.default_max_tokens,
         known_models=frozenset(MODEL_LIMITS) | {settings.model_id},
     )
+
+
+def _check_name(name: object) -> None:
+    """Refuse a batch name the ``batches.name`` column cannot hold."""
+    if not isinstance(name, str) or not name:
+        raise ValidationError(f"must be a non-empty string, got {show_value(name)}", field="name")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValidationError(
+            f"is {len(name)} characters long (at most {MAX_NAME_CHARS})", field="name"
+        )
+    problem = json_problem({"name": name}, "")
+    if problem is not None:  # a NUL character or a lone surrogate
+        raise ValidationError(problem.reason, field=problem.field)
+
+
+def _check_metadata(metadata: object) -> None:
+    """Refuse job or batch metadata that a JSONB column cannot hold, naming the field."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise ValidationError(f"must be a JSON object, got {json_kind(metadata)}", field="metadata")
+    problem = json_problem(metadata, "metadata")
+    if problem is not None:
+        raise ValidationError(problem.reason, field=problem.field)
 
 
 def _publish(ctx: Context) -> None:
@@ -135,6 +179,8 @@ class JobHandle:
         return f"JobHandle(id={self.id})"
 
     def _load(self) -> Job:
+        if not _is_id(self.id):
+            raise NotFoundError(f"job {self.id} does not exist")
         with session_scope(self._ctx.database_url) as session:
             job = session.get(Job, self.id)
             if job is None:
@@ -187,6 +233,8 @@ class BatchHandle:
         return f"BatchHandle(id={self.id})"
 
     def progress(self) -> BatchProgress:
+        if not _is_id(self.id):
+            raise NotFoundError(f"batch {self.id} does not exist")
         with session_scope(self._ctx.database_url) as session:
             batch = session.get(Batch, self.id)
             if batch is None:
@@ -293,6 +341,9 @@ def enqueue(
     passes through unchanged in ``fields``.
     """
     ctx = context(settings)
+    _check_metadata(metadata)
+    if custom_id is not None:
+        check_custom_id(custom_id)
     body: dict[str, Any] = {"model": model or ctx.settings.model_id, "messages": messages}
     optional = {
         "max_tokens": max_tokens,
@@ -314,8 +365,9 @@ def enqueue(
 
 def _store_batch(
     ctx: Context,
-    items: list[BatchItem],
+    items: Iterable[BatchItem],
     *,
+    count: int,
     name: str,
     source: Source,
     metadata: dict[str, Any] | None,
@@ -330,9 +382,7 @@ def _store_batch(
             metadata=metadata,
             idempotency_key=idempotency_key,
         )
-    log_event(
-        "batch_submitted", batch=batch_id, jobs=len(items), source=source.value, created=created
-    )
+    log_event("batch_submitted", batch=batch_id, jobs=count, source=source.value, created=created)
     if created:
         _publish(ctx)
     return BatchHandle(batch_id, ctx, created=created)
@@ -354,11 +404,19 @@ def submit_batch(
     nothing is stored then.
     """
     ctx = context(settings)
+    _check_name(name)
+    _check_metadata(metadata)
     items = normalize_requests(
         requests, request_limits(ctx.settings), default_model=ctx.settings.model_id
     )
     return _store_batch(
-        ctx, items, name=name, source=source, metadata=metadata, idempotency_key=idempotency_key
+        ctx,
+        items,
+        count=len(items),
+        name=name,
+        source=source,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -371,17 +429,36 @@ def submit_file(
     source: Source = Source.FILE,
     settings: Settings | None = None,
 ) -> BatchHandle:
-    """Validate an OpenAI Batch JSONL file whole, then store and queue it."""
+    """Validate an OpenAI Batch JSONL file whole, then store and queue it.
+
+    The file is read twice: once to validate every line (keeping only the custom_ids),
+    then again to stream its requests into one transaction a chunk at a time, so memory
+    stays bounded whatever the file's size. A stream that cannot be read twice (a pipe)
+    is validated and held in memory in one pass instead.
+    """
     ctx = context(settings)
-    items = read_batch_file(path, request_limits(ctx.settings))
-    return _store_batch(
-        ctx,
-        items,
-        name=name or Path(path).name,
-        source=source,
-        metadata=metadata,
-        idempotency_key=idempotency_key,
-    )
+    name = Path(path).name[:MAX_NAME_CHARS] if name is None else name
+    _check_name(name)
+    _check_metadata(metadata)
+    limits = request_limits(ctx.settings)
+    with open(path, "rb") as stream:
+        items: Iterable[BatchItem]
+        if stream.seekable():
+            count = check_batch_stream(stream, limits)
+            stream.seek(0)
+            items = iter_batch_stream(stream, limits)
+        else:
+            items = read_batch_stream(stream, limits)
+            count = len(items)
+        return _store_batch(
+            ctx,
+            items,
+            count=count,
+            name=name,
+            source=source,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
 
 
 def get_batch(batch_id: int, *, settings: Settings | None = None) -> BatchHandle:

@@ -7,20 +7,23 @@ and raised as one :class:`~jobs.validation.BatchValidationError`, so a user fixe
 in one round instead of one error at a time.
 
 Reading is streamed in binary and bounded: a line is read with ``readline(MAX_LINE_BYTES
-+ 1)`` so an oversized line is detected without being loaded, nesting depth is measured by
-a linear scan before :func:`json.loads` ever recurses, and raw lines are dropped as soon as
-they are parsed, so memory grows only with the valid requests kept.
++ 2)`` so an oversized line is detected without being loaded (the rest of it is skipped a
+megabyte at a time), nesting depth is measured by a linear scan before :func:`json.loads`
+ever recurses, and raw lines are dropped as soon as they are parsed. A file is read twice:
+:func:`check_batch_stream` validates it whole keeping nothing but its custom_ids, then
+:func:`iter_batch_stream` yields the checked requests one at a time for storage, so neither
+a refused nor an accepted file is ever held in memory whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn, TextIO
 
-from jobs.jsoncheck import MAX_JSON_DEPTH, json_kind, json_too_deep
+from jobs.jsoncheck import MAX_JSON_DEPTH, json_kind, json_too_deep, show_value
 from jobs.validation import (
     MAX_REPORTED_ERRORS,
     BatchValidationError,
@@ -35,6 +38,9 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_LINE_BYTES",
     "BatchItem",
+    "check_batch_stream",
+    "check_custom_id",
+    "iter_batch_stream",
     "normalize_requests",
     "output_line",
     "read_batch_file",
@@ -42,9 +48,10 @@ __all__ = [
     "write_output",
 ]
 
-#: Longest accepted input line, in bytes, not counting its final newline.
+#: Longest accepted input line, in bytes, not counting its final newline (LF or CRLF).
 MAX_LINE_BYTES = 10 * 1024 * 1024
-#: Longest accepted ``custom_id`` (the width of the ``jobs.custom_id`` column).
+#: Longest accepted ``custom_id``, in characters: the width of the ``jobs.custom_id``
+#: column. OpenAI's Batch format documents no limit; 512 is ample for an id.
 MAX_CUSTOM_ID_CHARS = 512
 #: The only method and endpoint a batch line may target.
 BATCH_METHOD = "POST"
@@ -61,6 +68,9 @@ class BatchItem:
     line: int
     custom_id: str
     request: CheckedRequest
+    #: Bytes of the input line (0 when the request did not come from a file); storage
+    #: uses it to keep each INSERT to a few megabytes.
+    size: int = 0
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -91,7 +101,8 @@ def _parse_line(raw: bytes) -> object:
         raise ValidationError(f"not valid JSON: {str(exc)[:200]}") from None
 
 
-def _check_custom_id(value: object) -> str:
+def check_custom_id(value: object) -> str:
+    """Return ``value`` if it is a usable custom_id; raise ValidationError naming ``custom_id``."""
     if not isinstance(value, str):
         what = "missing" if value is None else f"must be a string, got {json_kind(value)}"
         raise ValidationError(what, field="custom_id")
@@ -126,33 +137,29 @@ def _check_batch_line(
         raise ValidationError(
             f"expected a JSON object with custom_id, method, url and body, got {json_kind(obj)}"
         )
-    custom_id = _check_custom_id(obj.get("custom_id"))
+    custom_id = check_custom_id(obj.get("custom_id"))
     collected.claim(custom_id, number)
     method = obj.get("method")
     if method != BATCH_METHOD:
-        raise ValidationError(f"must be {BATCH_METHOD!r}, got {_short(method)}", field="method")
+        raise ValidationError(f"must be {BATCH_METHOD!r}, got {show_value(method)}", field="method")
     url = obj.get("url")
     if url != BATCH_URL:
-        raise ValidationError(f"only {BATCH_URL} is supported, got {_short(url)}", field="url")
+        raise ValidationError(f"only {BATCH_URL} is supported, got {show_value(url)}", field="url")
     if "body" not in obj:
         raise ValidationError("missing (the chat-completion request)", field="body")
     return custom_id, check_request(obj["body"], limits, field_prefix="body")
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 class _Collector:
     """Valid items, claimed custom_ids and problems, accumulated across one batch.
 
     Once a problem is found the batch is going to be refused, so valid items are no
-    longer kept: a bad file costs no more memory than its custom_ids.
+    longer kept. With ``fail_fast`` the first problem is raised at once.
     """
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, *, fail_fast: bool = False) -> None:
         self.label = label
+        self.fail_fast = fail_fast
         self.items: list[BatchItem] = []
         self.errors: list[ValidationError] = []
         self.total = 0
@@ -162,7 +169,7 @@ class _Collector:
         first = self._seen.setdefault(custom_id, number)
         if first != number:
             raise ValidationError(
-                f"duplicate custom_id {_short(custom_id)} (first used on {self.label} {first})",
+                f"duplicate custom_id {show_value(custom_id)} (first used on {self.label} {first})",
                 field="custom_id",
             )
 
@@ -171,10 +178,12 @@ class _Collector:
         if len(self.errors) < MAX_REPORTED_ERRORS:
             self.errors.append(error.at(number, self.label))
         self.items.clear()
+        if self.fail_fast:
+            raise BatchValidationError(self.errors, total=self.total)
 
-    def keep(self, number: int, custom_id: str, request: CheckedRequest) -> None:
+    def keep(self, item: BatchItem) -> None:
         if not self.total:
-            self.items.append(BatchItem(line=number, custom_id=custom_id, request=request))
+            self.items.append(item)
 
     def finish(self) -> list[BatchItem]:
         if self.total:
@@ -189,23 +198,28 @@ def _skip_rest_of_line(stream: BinaryIO) -> None:
             return
 
 
-def read_batch_stream(stream: BinaryIO, limits: RequestLimits) -> list[BatchItem]:
-    """Read and validate a whole OpenAI Batch JSONL stream (binary); return its items.
+def _content_bytes(raw: bytes) -> int:
+    """Length of a line read from a file, without its final LF or CRLF."""
+    if raw.endswith(b"\r\n"):
+        return len(raw) - 2
+    return len(raw) - 1 if raw.endswith(b"\n") else len(raw)
 
-    Blank lines are skipped. Raises ``ValidationError("file is empty")`` when there is no
-    line at all, and one :class:`BatchValidationError` listing every bad line otherwise.
-    Byte offsets in UTF-8 errors are 1-based, like line numbers.
+
+def _scan(stream: BinaryIO, limits: RequestLimits, collected: _Collector) -> Iterator[BatchItem]:
+    """Yield every valid request of a batch stream; problems go to ``collected``.
+
+    At most ``MAX_LINE_BYTES + 2`` bytes of a line are ever read at once.
     """
-    collected = _Collector("line")
     number = 0
     any_line = False
     while True:
-        raw = stream.readline(MAX_LINE_BYTES + 1)
+        raw = stream.readline(MAX_LINE_BYTES + 2)
         if not raw:
             break
         number += 1
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            _skip_rest_of_line(stream)
+        if _content_bytes(raw) > MAX_LINE_BYTES:
+            if not raw.endswith(b"\n"):
+                _skip_rest_of_line(stream)
             any_line = True
             collected.problem(
                 ValidationError(f"too long: more than {MAX_LINE_BYTES} bytes"), number
@@ -216,14 +230,56 @@ def read_batch_stream(stream: BinaryIO, limits: RequestLimits) -> list[BatchItem
         if not raw.strip():
             continue
         any_line = True
+        size = len(raw)
         try:
             custom_id, request = _check_batch_line(_parse_line(raw), limits, collected, number)
         except ValidationError as exc:
             collected.problem(exc, number)
             continue
-        collected.keep(number, custom_id, request)
+        yield BatchItem(line=number, custom_id=custom_id, request=request, size=size)
     if not any_line:
         raise ValidationError("file is empty")
+
+
+def check_batch_stream(stream: BinaryIO, limits: RequestLimits) -> int:
+    """Validate a whole OpenAI Batch JSONL stream (binary); return how many requests it holds.
+
+    Nothing but the custom_ids is kept, so memory does not grow with the requests. Raises
+    like :func:`read_batch_stream`.
+    """
+    collected = _Collector("line")
+    count = sum(1 for _ in _scan(stream, limits, collected))
+    collected.finish()
+    return count
+
+
+def iter_batch_stream(stream: BinaryIO, limits: RequestLimits) -> Iterator[BatchItem]:
+    """Yield the checked requests of a stream one at a time, for storing them as they come.
+
+    Meant for a stream that :func:`check_batch_stream` accepted: a problem (the file changed
+    in between) raises :class:`BatchValidationError` at once, so a caller storing the items
+    in one transaction rolls it back and stores nothing.
+    """
+    yield from _scan(stream, limits, _Collector("line", fail_fast=True))
+
+
+def read_batch_stream(stream: BinaryIO, limits: RequestLimits) -> list[BatchItem]:
+    """Read and validate a whole OpenAI Batch JSONL stream (binary); return its items.
+
+    Blank lines are skipped. Raises ``ValidationError("file is empty")`` when there is no
+    line at all, and one :class:`BatchValidationError` listing every bad line otherwise.
+    Byte offsets in UTF-8 errors are 1-based, like line numbers. A seekable stream is
+    validated first (:func:`check_batch_stream`) and read again only when it is good, so a
+    refused file costs no more memory than its custom_ids.
+    """
+    if stream.seekable():
+        start = stream.tell()
+        check_batch_stream(stream, limits)
+        stream.seek(start)
+        return list(iter_batch_stream(stream, limits))
+    collected = _Collector("line")
+    for item in _scan(stream, limits, collected):
+        collected.keep(item)
     return collected.finish()
 
 
@@ -269,7 +325,7 @@ def normalize_requests(
         except ValidationError as exc:
             collected.problem(exc, number)
             continue
-        collected.keep(number, custom_id, request)
+        collected.keep(BatchItem(line=number, custom_id=custom_id, request=request))
     return collected.finish()
 
 

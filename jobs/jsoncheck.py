@@ -4,8 +4,8 @@
 surrogates, non-finite numbers, integers too large to print, non-string object keys,
 nesting deeper than :data:`MAX_JSON_DEPTH`) and names the offending field;
 :func:`json_too_deep` measures nesting in raw JSON text before anything parses it. The
-small helpers :func:`json_kind`, :func:`show_value`, :func:`is_int` and
-:func:`is_number` describe user values in validation messages.
+small helpers :func:`json_kind`, :func:`show_value`, :func:`child_field`, :func:`is_int` and
+:func:`is_number` describe user values and where they are in validation messages.
 """
 
 from __future__ import annotations
@@ -147,26 +147,34 @@ def _locate_json_problem(root: dict[str, Any], prefix: str) -> JsonProblem | Non
             if isinstance(value, str):
                 problem = _string_problem(value)
                 if problem is not None:
-                    return JsonProblem(problem, _child(path, key))
+                    return JsonProblem(problem, child_field(path, key))
             elif isinstance(value, dict | list):
-                stack.append((value, _child(path, key), depth + 1))
+                stack.append((value, child_field(path, key), depth + 1))
             elif isinstance(value, float):
                 if not math.isfinite(value):
-                    return JsonProblem(f"{value!r} is not a JSON number", _child(path, key))
+                    return JsonProblem(f"{value!r} is not a JSON number", child_field(path, key))
             elif isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
-                return JsonProblem("integer is too large to serialize as JSON", _child(path, key))
+                return JsonProblem(
+                    "integer is too large to serialize as JSON", child_field(path, key)
+                )
             elif not (value is None or isinstance(value, bool | int)):
                 return JsonProblem(
-                    f"a {type(value).__name__} is not a JSON value", _child(path, key)
+                    f"a {type(value).__name__} is not a JSON value", child_field(path, key)
                 )
     return None
 
 
-def _child(path: str, key: object) -> str:
-    """The path of ``key`` inside the container at ``path``."""
+def child_field(path: str, key: object) -> str:
+    """The dotted path of ``key`` inside the container at ``path``, for an error message.
+
+    A long key is cut short and control characters are escaped, so the path stays short
+    and on one line.
+    """
     if isinstance(key, int):
         return f"{path}[{key}]"
     name = str(key)
     if len(name) > _SHOW_CHARS:
         name = name[:_SHOW_CHARS] + "..."
+    if not name.isprintable():
+        name = repr(name)[1:-1]
     return f"{path}.{name}" if path else name

@@ -16,7 +16,7 @@ claimed again, so a duplicate Celery message costs nothing.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,9 @@ from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
 
 #: Rows per INSERT statement when a batch is stored.
 INSERT_CHUNK = 5000
+#: Input bytes per INSERT statement (by :attr:`BatchItem.size`), so a file of large
+#: requests is stored a few megabytes at a time.
+INSERT_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,26 @@ def _move(session: Session, batch_id: int | None, frm: str, to: str, n: int = 1)
     )
 
 
+def _chunks(items: Iterable[BatchItem]) -> Iterator[list[BatchItem]]:
+    """Consecutive runs of items, each within INSERT_CHUNK rows and INSERT_CHUNK_BYTES."""
+    chunk: list[BatchItem] = []
+    size = 0
+    for item in items:
+        chunk.append(item)
+        size += item.size
+        if len(chunk) >= INSERT_CHUNK or size >= INSERT_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def create_batch(
     session: Session,
     *,
     name: str,
     source: str,
-    items: Sequence[BatchItem],
+    items: Iterable[BatchItem],
     priority: Priority = Priority.BULK,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
@@ -92,15 +109,18 @@ def create_batch(
     """Store a batch and all its jobs; returns ``(batch_id, created)``.
 
     With an ``idempotency_key`` that already exists, nothing is written and the
-    existing batch is returned with ``created=False``.
+    existing batch is returned with ``created=False``. ``items`` may be an iterator
+    (a file streamed by :func:`jobs.batchfile.iter_batch_stream`): it is consumed a chunk
+    at a time, and an exception it raises leaves the caller's transaction to roll back.
     """
+    expected = len(items) if isinstance(items, Sequence) else 0
     values = {
         "name": name,
         "source": source,
         "status": BatchStatus.IN_PROGRESS,
         "idempotency_key": idempotency_key,
-        "total": len(items),
-        "queued": len(items),
+        "total": expected,
+        "queued": expected,
         "meta": metadata or {},
     }
     if idempotency_key is not None:
@@ -118,15 +138,9 @@ def create_batch(
             return existing, False
     else:
         batch_id = session.execute(insert(Batch).values(**values).returning(Batch.id)).scalar_one()
-    if not items:
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id)
-            .values(status=BatchStatus.COMPLETED, finished_at=func.now())
-        )
-        return batch_id, True
-    for start in range(0, len(items), INSERT_CHUNK):
-        chunk = items[start : start + INSERT_CHUNK]
+    count = 0
+    for chunk in _chunks(items):
+        count += len(chunk)
         session.execute(
             insert(Job),
             [
@@ -142,6 +156,14 @@ def create_batch(
                 for item in chunk
             ],
         )
+    if not count:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(status=BatchStatus.COMPLETED, finished_at=func.now())
+        )
+    elif count != expected:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(total=count, queued=count))
     return batch_id, True
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.jsoncheck import is_int, is_number, json_kind, json_problem, show_value
+from jobs.jsoncheck import child_field, is_int, is_number, json_kind, json_problem, show_value
 from jobs.tokens import estimate_prompt_tokens
 
 #: Width of the ``jobs.model`` column.
@@ -162,9 +162,11 @@ def _check_model(body: dict[str, Any], limits: RequestLimits, prefix: str) -> st
             f"model id is {len(model)} characters long (at most {MAX_MODEL_CHARS})", field=where
         )
     if limits.known_models is not None and model not in limits.known_models:
+        # Only the table's models and INFERENCE_MODEL_ID have limits the throttle can use.
         raise ValidationError(
-            f"model {show_value(model)} has no known rate limits; "
-            "configure INFERENCE_RPM/INFERENCE_TPM for it",
+            f"model {show_value(model)} has no known rate limits; to use it, set "
+            "INFERENCE_MODEL_ID to it and give its limits in INFERENCE_RPM and INFERENCE_TPM "
+            "(and INFERENCE_CONTEXT_TOKENS)",
             field=where,
         )
     return model
@@ -346,6 +348,21 @@ def _check_parameters(parameters: object, field: str) -> None:
         raise ValidationError(
             f"must be an object mapping names to schemas, got {json_kind(properties)}",
             field=f"{field}.properties",
+        )
+    for name, schema in (properties or {}).items():
+        # A JSON Schema is an object or a boolean; "city": "string" is a common slip.
+        if not isinstance(schema, dict | bool):
+            raise ValidationError(
+                f"a property's schema must be a JSON Schema object, got {show_value(schema)}",
+                field=child_field(f"{field}.properties", name),
+            )
+    required = parameters.get("required")
+    if required is not None and not (
+        isinstance(required, list) and all(isinstance(r, str) for r in required)
+    ):
+        raise ValidationError(
+            f"must be a list of property names, got {show_value(required)}",
+            field=f"{field}.required",
         )
 
 

@@ -400,8 +400,9 @@ def test_refusals_name_the_field_and_the_reason(mutate: Mutate, field: str, frag
 def test_unknown_model_message_says_what_to_configure() -> None:
     error = refuse(example(model="llama-9"))
     assert str(error) == (
-        "body.model: model 'llama-9' has no known rate limits; "
-        "configure INFERENCE_RPM/INFERENCE_TPM for it"
+        "body.model: model 'llama-9' has no known rate limits; to use it, set "
+        "INFERENCE_MODEL_ID to it and give its limits in INFERENCE_RPM and INFERENCE_TPM "
+        "(and INFERENCE_CONTEXT_TOKENS)"
     )
 
 
