@@ -126,7 +126,12 @@ def _publish(ctx: Context) -> None:
 
 @dataclass(frozen=True)
 class JobResult:
-    """What one job produced."""
+    """What one job produced.
+
+    Once retention has purged the job (``purged_at`` set), ``output_text``,
+    ``reasoning_text``, ``tool_calls`` and ``response`` are ``None``; the status,
+    token counts and error stay.
+    """
 
     id: int
     custom_id: str
@@ -142,6 +147,12 @@ class JobResult:
     error_code: str | None
     error: str | None
     response: dict[str, Any] | None
+    #: When retention deleted the bodies; ``None`` while they are kept.
+    purged_at: dt.datetime | None = None
+
+    @property
+    def purged(self) -> bool:
+        return self.purged_at is not None
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,7 @@ class JobHandle:
             error_code=job.error_code,
             error=job.last_error,
             response=job.response,
+            purged_at=job.purged_at,
         )
 
 
@@ -309,8 +321,30 @@ class BatchHandle:
         return count
 
 
+#: Error code of the output line of a succeeded job whose response body retention deleted.
+PURGED_CODE = "purged"
+
+
 def job_output_line(job: Job) -> dict[str, Any]:
+    """The OpenAI Batch output line of a finished job.
+
+    A succeeded job purged by retention keeps its ``status_code`` 200, has a null
+    body and an error ``purged`` saying when; a purged failed or cancelled job
+    reads as before, since its line never carried a body.
+    """
     succeeded = job.status == JobStatus.SUCCEEDED
+    if succeeded and job.purged_at is not None:
+        return output_line(
+            job_id=f"job-{job.id}",
+            custom_id=job.custom_id,
+            status_code=200,
+            response_body=None,
+            request_id=None,
+            error_code=PURGED_CODE,
+            error_message=(
+                f"response body deleted by data retention at {job.purged_at.isoformat()}"
+            ),
+        )
     return output_line(
         job_id=f"job-{job.id}",
         custom_id=job.custom_id,

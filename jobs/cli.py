@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs import api, migrate, reports, services
+from jobs import api, migrate, reports, retention, services
 from jobs.batchfile import write_output
 from jobs.constants import QUEUE_BULK, QUEUE_CONTROL, QUEUE_INTERACTIVE
 from jobs.settings import ConfigError, Settings
@@ -43,6 +43,16 @@ def _date(text: str) -> dt.date:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of days >= 0: {text!r}")
+    return value
 
 
 def progress_line(p: api.BatchProgress, width: int = 30) -> str:
@@ -157,6 +167,27 @@ def cmd_usage(args: argparse.Namespace, out: TextIO) -> int:
         )
     total = sum(row.total_tokens for row in rows)
     out.write(f"{len(rows)} rows, {sum(r.calls for r in rows)} calls, {total} tokens\n")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace, out: TextIO) -> int:
+    ctx = api.context()
+    days = args.older_than_days
+    if days is None:
+        days = ctx.settings.result_retention_days
+        if days == 0:
+            out.write(
+                "nothing purged: RESULT_RETENTION_DAYS=0 keeps results forever "
+                "(pass --older-than-days N to purge anyway)\n"
+            )
+            return 0
+    report = retention.purge(ctx.settings, older_than=days, dry_run=args.dry_run)
+    verb = "would purge" if report.dry_run else "purged"
+    cutoff = report.cutoff.astimezone(dt.UTC)
+    out.write(
+        f"{verb} {report.jobs} jobs finished more than {days} days ago "
+        f"(before {cutoff:%Y-%m-%d %H:%M:%S} UTC)\n"
+    )
     return 0
 
 
@@ -275,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batch_id)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("purge", help="delete the bodies of jobs finished long ago")
+    p.add_argument(
+        "--older-than-days",
+        type=_days,
+        metavar="N",
+        help="days since a job finished (default RESULT_RETENTION_DAYS)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="count the jobs, change nothing")
+    p.set_defaults(func=cmd_purge)
 
     for name, func, text in (
         ("cancel", cmd_cancel, "cancel a batch's queued jobs"),

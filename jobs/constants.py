@@ -13,13 +13,18 @@ KEY_PREFIX = "bi:"
 QUEUE_INTERACTIVE = "inference.interactive"
 #: Queue for bulk jobs (files, ``submit_batch``, nightly runs).
 QUEUE_BULK = "inference.bulk"
-#: Queue for housekeeping (dispatch, maintenance, nightly batch creation).
+#: Queue for housekeeping (dispatch, maintenance, retention purge, nightly batch creation).
 QUEUE_CONTROL = "inference.control"
 
 TASK_RUN_JOB = "worker.tasks.run_job"
 TASK_DISPATCH = "worker.tasks.dispatch"
 TASK_REQUEUE_STUCK = "worker.tasks.requeue_stuck"
 TASK_NIGHTLY_BATCH = "worker.tasks.nightly_batch"
+TASK_PURGE = "worker.tasks.purge"
+
+#: Set by the first dispatcher to see this Redis; its absence means Redis lost its
+#: data (a restart without persistence, a flush), so every published message is gone.
+DISPATCH_EPOCH_KEY = KEY_PREFIX + "dispatch:epoch"
 
 #: redbeat keeps its schedule and its single-beat lock under this prefix.
 REDBEAT_PREFIX = KEY_PREFIX + "redbeat:"

@@ -129,7 +129,8 @@ class Job(Base):
     custom_id: Mapped[str] = mapped_column(String(512))
     priority: Mapped[int] = mapped_column(SmallInteger, default=Priority.BULK)
     model: Mapped[str] = mapped_column(String(200))
-    request: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    #: The request body; NULL once purged by retention (see ``purged_at``).
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     #: Prompt tokens estimated at submission; the throttle reserves this plus max_tokens.
     est_prompt_tokens: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
@@ -154,6 +155,8 @@ class Job(Base):
     #: A running job belongs to its worker until then; later, another may take it over.
     lease_until: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    #: When :mod:`jobs.retention` deleted the request and response bodies; NULL = kept.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
 
     batch: Mapped[Batch | None] = relationship(back_populates="jobs", lazy="raise")
 

@@ -129,6 +129,13 @@ class Settings:
     nightly_name: str = "nightly"
     #: MAINTENANCE_CRON: when stuck jobs are re-queued. Default ``30 3 * * *``.
     maintenance_cron: str = "30 3 * * *"
+    #: RESULT_RETENTION_DAYS: days after a job finished (succeeded, failed or
+    #: cancelled) before its request and response bodies are deleted; the ledger,
+    #: status and counters stay. A non-negative integer; ``0`` keeps bodies
+    #: forever (no purge is scheduled). Default 30.
+    result_retention_days: int = 30
+    #: PURGE_CRON: when beat runs the retention purge, in UTC. Default ``0 4 * * *``.
+    purge_cron: str = "0 4 * * *"
     #: LOG_BODIES: log request/response bodies (``1``). Default off.
     log_bodies: bool = False
     #: VAR_DIR: where the embedded servers keep their data. Default ``./var``.
@@ -212,6 +219,8 @@ class Settings:
             nightly_source=e.get("NIGHTLY_SOURCE") or None,
             nightly_name=e.get("NIGHTLY_NAME", "nightly"),
             maintenance_cron=e.get("MAINTENANCE_CRON", "30 3 * * *"),
+            result_retention_days=_int(e, "RESULT_RETENTION_DAYS", 30, minimum=0),
+            purge_cron=e.get("PURGE_CRON") or "0 4 * * *",
             log_bodies=e.get("LOG_BODIES", "") in ("1", "true", "yes"),
             var_dir=Path(e.get("VAR_DIR", "var")),
         )

@@ -197,7 +197,9 @@ def claim(session: Session, job_id: int, *, lease_s: float) -> ClaimedJob | None
         # Wait for a dispatcher that still holds the row: it publishes before it commits.
         select(Job).where(Job.id == job_id).with_for_update()
     ).scalar_one_or_none()
-    if job is None:
+    # A purged job has no body to send; purging only touches finished jobs and
+    # retry_batch leaves purged ones alone, so this is a guard, not a path.
+    if job is None or job.request is None:
         return None
     now = session.execute(select(func.now())).scalar_one()
     if job.status == JobStatus.QUEUED:
@@ -381,11 +383,18 @@ def cancel_batch(session: Session, batch_id: int) -> int:
 
 
 def retry_batch(session: Session, batch_id: int) -> int:
-    """Put the failed jobs of a batch back in the queue; the batch runs again."""
+    """Put the failed jobs of a batch back in the queue; the batch runs again.
+
+    Jobs whose request was purged by retention cannot run again and stay failed.
+    """
     ids = (
         session.execute(
             update(Job)
-            .where(Job.batch_id == batch_id, Job.status == JobStatus.FAILED)
+            .where(
+                Job.batch_id == batch_id,
+                Job.status == JobStatus.FAILED,
+                Job.purged_at.is_(None),
+            )
             .values(
                 status=JobStatus.QUEUED,
                 finished_at=None,

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.constants import QUEUE_CONTROL, TASK_DISPATCH, TASK_NIGHTLY_BATCH, TASK_REQUEUE_STUCK
+from jobs.constants import (
+    QUEUE_CONTROL,
+    TASK_DISPATCH,
+    TASK_NIGHTLY_BATCH,
+    TASK_PURGE,
+    TASK_REQUEUE_STUCK,
+)
 from jobs.scheduled import parse_cron
 from jobs.settings import ConfigError, Settings
 
@@ -26,6 +32,13 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": options,
         },
     }
+    # RESULT_RETENTION_DAYS=0 keeps bodies forever: no purge entry at all.
+    if settings.result_retention_days > 0:
+        schedule["purge"] = {
+            "task": TASK_PURGE,
+            "schedule": parse_cron(settings.purge_cron, "PURGE_CRON"),
+            "options": options,
+        }
     if settings.nightly_cron or settings.nightly_source:
         if not (settings.nightly_cron and settings.nightly_source):
             raise ConfigError("NIGHTLY_CRON and NIGHTLY_SOURCE must be set together")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from jobs import store
+from jobs import retention, store
 from jobs.api import submit_scheduled
-from jobs.constants import TASK_DISPATCH, TASK_NIGHTLY_BATCH, TASK_REQUEUE_STUCK, TASK_RUN_JOB
+from jobs.constants import (
+    TASK_DISPATCH,
+    TASK_NIGHTLY_BATCH,
+    TASK_PURGE,
+    TASK_REQUEUE_STUCK,
+    TASK_RUN_JOB,
+)
 from jobs.db import session_scope
 from jobs.dispatch import dispatch as dispatch_sweep
 from jobs.logfmt import log_event
@@ -33,6 +39,18 @@ def requeue_stuck() -> int:
         count = store.requeue_stuck(session, limit=100_000)
     log_event("maintenance", requeued=count)
     return count
+
+
+@app.task(name=TASK_PURGE, ignore_result=True)
+def purge() -> int:
+    # A schedule entry left in Redis from before retention was turned off does nothing.
+    days = settings.result_retention_days
+    if days == 0:
+        log_event("purge", jobs=0, reason="RESULT_RETENTION_DAYS=0")
+        return 0
+    report = retention.purge(settings, older_than=days)
+    log_event("purge", jobs=report.jobs, chunks=report.chunks, cutoff=report.cutoff.isoformat())
+    return report.jobs
 
 
 @app.task(name=TASK_NIGHTLY_BATCH, ignore_result=True)

@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 
+from jobs.constants import QUEUE_CONTROL, TASK_PURGE
 from jobs.scheduled import is_file_source, last_slot, load_callable_requests, parse_cron, run_key
 from jobs.settings import ConfigError, Settings
 from worker.schedule import build_schedule
@@ -55,7 +56,7 @@ def test_sources() -> None:
 
 def test_beat_schedule_from_settings() -> None:
     base = build_schedule(Settings())
-    assert set(base) == {"dispatch", "requeue-stuck"}
+    assert set(base) == {"dispatch", "requeue-stuck", "purge"}
     with_nightly = build_schedule(
         Settings(
             nightly_cron="0 2 * * *", nightly_source="tests.unit.test_scheduled:sample_requests"
@@ -67,3 +68,15 @@ def test_beat_schedule_from_settings() -> None:
     ]
     with pytest.raises(ConfigError, match="together"):
         build_schedule(Settings(nightly_cron="0 2 * * *"))
+
+
+def test_purge_is_scheduled_only_with_retention() -> None:
+    entry = build_schedule(Settings(result_retention_days=7, purge_cron="15 1 * * *"))["purge"]
+    assert entry["task"] == TASK_PURGE
+    assert entry["options"] == {"queue": QUEUE_CONTROL}
+    assert entry["schedule"] == parse_cron("15 1 * * *", "PURGE_CRON")
+    assert "purge" not in build_schedule(Settings(result_retention_days=0))
+    # A bad PURGE_CRON only matters when a purge is scheduled.
+    assert "purge" not in build_schedule(Settings(result_retention_days=0, purge_cron="nope"))
+    with pytest.raises(ConfigError, match="PURGE_CRON"):
+        build_schedule(Settings(purge_cron="nope"))

@@ -97,3 +97,31 @@ def test_celery_settings_for_long_io_bound_jobs() -> None:
     assert config["worker_prefetch_multiplier"] == 1
     assert config["broker_use_ssl"] is None
     assert config["broker_transport_options"]["visibility_timeout"] == 3600
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(None, 30), ("", 30), ("0", 0), ("7", 7), (" 90 ", 90), ("3650", 3650)],
+)
+def test_result_retention_days(raw: str | None, expected: int) -> None:
+    env = {} if raw is None else {"RESULT_RETENTION_DAYS": raw}
+    assert Settings.from_env(env).result_retention_days == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("-1", "RESULT_RETENTION_DAYS must be at least 0, got -1"),
+        ("30d", "RESULT_RETENTION_DAYS must be an integer, got '30d'"),
+        ("1.5", "RESULT_RETENTION_DAYS must be an integer"),
+        ("forever", "RESULT_RETENTION_DAYS must be an integer"),
+    ],
+)
+def test_bad_result_retention_days_names_the_variable(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({"RESULT_RETENTION_DAYS": raw})
+
+
+def test_purge_cron_default_and_override() -> None:
+    assert Settings.from_env({}).purge_cron == "0 4 * * *"
+    assert Settings.from_env({"PURGE_CRON": "15 1 * * 0"}).purge_cron == "15 1 * * 0"
