@@ -29,6 +29,7 @@ from jobs.batchfile import (
     output_line,
     read_batch_stream,
 )
+from jobs.circuit import paused_reason
 from jobs.connections import celery_app
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
@@ -263,6 +264,10 @@ class BatchHandle:
                 failed=batch.failed,
                 cancelled=batch.cancelled,
             )
+
+    def calls_paused(self) -> str | None:
+        """Why no call is being made for any job (the provider rejects the key), or ``None``."""
+        return paused_reason(self._ctx.settings)
 
     def wait(
         self,

@@ -121,13 +121,17 @@ def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
-    progress = api.get_batch(args.batch).progress()
+    batch = api.get_batch(args.batch)
+    progress = batch.progress()
+    paused = None if progress.finished else batch.calls_paused()
     if args.json:
-        json.dump(_progress_dict(progress), out)
+        json.dump(_progress_dict(progress) | {"paused": paused}, out)
         out.write("\n")
     else:
         out.write(f"batch {progress.id} ({progress.name}, {progress.source}): {progress.status}\n")
         out.write(progress_line(progress) + "\n")
+        if paused:
+            out.write(paused + "\n")
     return 0
 
 

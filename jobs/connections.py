@@ -10,7 +10,9 @@ tasks by name without importing the worker package.
 
 from __future__ import annotations
 
+import os
 import ssl
+import threading
 from typing import Any
 
 import redis
@@ -50,6 +52,20 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
+_shared: dict[tuple[int, str], redis.Redis] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_redis(url: str) -> redis.Redis:
+    """One client per URL and process (its pool is thread-safe); a forked child gets its own."""
+    ident = (os.getpid(), url)
+    with _shared_lock:
+        client = _shared.get(ident)
+        if client is None:
+            client = _shared[ident] = redis_client(url)
+        return client
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the producer (``jobs``) and the worker."""
     url = settings.redis_url
@@ -78,7 +94,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Jobs are owned through Postgres leases, not broker connections; the
+        # threads pool cannot cancel a task anyway (it would only log errors).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Heroku: SIGTERM, then SIGKILL 30 s later. SIGTERM is Celery's warm
         # shutdown: no new tasks, jobs waiting on the throttle or a backoff hand
         # themselves back, calls in flight may finish. (Remapping SIGTERM to a
@@ -91,9 +109,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redbeat_redis_use_ssl": tls,
         "redbeat_key_prefix": REDBEAT_PREFIX,
         "redbeat_lock_key": REDBEAT_LOCK_KEY,
-        # A standby beat takes over this long after the active one dies.
-        "redbeat_lock_timeout": 300,
-        "beat_max_loop_interval": 60,
+        # A standby (or restarted) beat takes over at most this long after the
+        # active one dies without releasing the lock (kill -9, lost dyno); the
+        # active one renews it every loop, so the loop must be well shorter.
+        "redbeat_lock_timeout": 30,
+        "beat_max_loop_interval": 5,
         "timezone": "UTC",
         "enable_utc": True,
     }

@@ -47,6 +47,11 @@ def throttle_init_key(bucket: str) -> str:
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:init"
 
 
+def circuit_key(fingerprint: str) -> str:
+    """Hash of the key circuit, present while the provider rejects that key (401/403)."""
+    return f"{KEY_PREFIX}circuit:{fingerprint}"
+
+
 def calibration_key(model: str, script: str) -> str:
     """List of recent provider/estimate prompt-token ratios (newest first)."""
     return f"{KEY_PREFIX}calib:{model}:{script}"

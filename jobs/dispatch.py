@@ -12,14 +12,24 @@ Postgres holds every job; Redis holds only a window of them. Each sweep:
 
 A redelivered or duplicated message is harmless: the worker's claim ignores a
 job that is finished or leased to someone else.
+
+When Redis comes back empty (a restart without persistence loses the queue),
+the missing :data:`~jobs.constants.DISPATCH_EPOCH_KEY` tells the first sweep to
+publish every queued job again at once, instead of waiting for
+DISPATCH_REDELIVER_AFTER.
+
+While the provider rejects the key (the circuit of :mod:`jobs.circuit` is open),
+nothing is published but one probe job each time the circuit is due.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
+from jobs import circuit as key_circuit
 from jobs import store
-from jobs.constants import QUEUE_BULK, QUEUE_INTERACTIVE, TASK_RUN_JOB
+from jobs.connections import shared_redis
+from jobs.constants import DISPATCH_EPOCH_KEY, QUEUE_BULK, QUEUE_INTERACTIVE, TASK_RUN_JOB
 from jobs.db import session_scope
 from jobs.logfmt import log_event
 from jobs.models import Priority
@@ -33,14 +43,28 @@ def queue_for(priority: int) -> str:
 def dispatch(settings: Settings, app: Celery) -> int:
     """Run one sweep; returns how many jobs were published."""
     assert settings.database_url is not None
+    circuit = key_circuit.for_settings(settings)
     # Its own transaction: the batch rows it touches are not held while publishing.
     with session_scope(settings.database_url) as session:
         recovered = store.requeue_stuck(session)
+    _detect_lost_queue(settings)
     with session_scope(settings.database_url) as session:
-        room = settings.dispatch_window - store.outstanding_bulk(session)
-        picked = store.dispatchable(
-            session, bulk_room=room, redeliver_after_s=settings.dispatch_redeliver_after
-        )
+        if circuit.is_open():
+            picked = store.dispatchable(
+                session,
+                bulk_room=1,
+                interactive_room=1,
+                redeliver_after_s=settings.dispatch_redeliver_after,
+            )[:1]
+            # The probe lease outlasts one call, so a second probe waits for its answer.
+            lease_s = settings.read_timeout + 60.0
+            if picked and circuit.claim_probe(picked[0][0], lease_s) < 0:
+                picked = []
+        else:
+            room = settings.dispatch_window - store.outstanding_bulk(session)
+            picked = store.dispatchable(
+                session, bulk_room=room, redeliver_after_s=settings.dispatch_redeliver_after
+            )
         if picked:
             with app.producer_or_acquire() as producer:
                 for job_id, priority, _ in picked:
@@ -53,3 +77,19 @@ def dispatch(settings: Settings, app: Celery) -> int:
     for job_id, priority, batch_id in picked:
         log_event("queued", job=job_id, batch=batch_id, status="queued", queue=queue_for(priority))
     return len(picked)
+
+
+def _detect_lost_queue(settings: Settings) -> None:
+    """Republish everything when Redis lost its data since the last sweep.
+
+    Only the sweep whose ``SET NX`` wins resets the rows, so a restart costs one
+    UPDATE, not one per worker. On a brand-new Redis this republishes jobs that
+    were never lost: a duplicate message is harmless, a lost one is not.
+    """
+    assert settings.database_url is not None and settings.redis_url is not None
+    if not shared_redis(settings.redis_url).set(DISPATCH_EPOCH_KEY, "1", nx=True):
+        return
+    with session_scope(settings.database_url) as session:
+        forgotten = store.forget_published(session)
+    if forgotten:
+        log_event("republishing", jobs=forgotten, reason="Redis lost its data")

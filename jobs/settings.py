@@ -98,12 +98,17 @@ class Settings:
     connect_timeout: float = 10.0
     #: INFERENCE_READ_TIMEOUT, seconds to wait for a response. Default 300.
     read_timeout: float = 300.0
-    #: INFERENCE_MAX_ATTEMPTS: HTTP calls per job before it fails. Default 5.
-    max_attempts: int = 5
+    #: INFERENCE_MAX_ATTEMPTS: HTTP calls per job before it fails (429s and
+    #: rejected keys do not count). Default 8: with the default backoff the
+    #: retries span about a minute, so a 30 s provider outage fails no job.
+    max_attempts: int = 8
     #: INFERENCE_BACKOFF_BASE, seconds; doubles per attempt, full jitter. Default 1.
     backoff_base: float = 1.0
     #: INFERENCE_BACKOFF_MAX, seconds; cap of one backoff sleep. Default 60.
     backoff_max: float = 60.0
+    #: INFERENCE_AUTH_RETRY, seconds: after a 401/403 nothing is called for this
+    #: long, then one probe call; it doubles per rejection up to 15 min. Default 60.
+    auth_retry_s: float = 60.0
     #: WORKER_CONCURRENCY: threads per worker process. Default 100 (enough for
     #: 150 RPM at 30 s latency plus callers waiting on the throttle).
     worker_concurrency: int = 100
@@ -113,14 +118,18 @@ class Settings:
     #: DISPATCH_INTERVAL, seconds between dispatcher sweeps in each worker. Default 2.
     dispatch_interval: float = 2.0
     #: DISPATCH_REDELIVER_AFTER, seconds after which a published job that no
-    #: worker started is published again (a Redis flush lost it). Default 300.
-    dispatch_redeliver_after: float = 300.0
+    #: worker started is published again: its message was lost with a worker
+    #: killed between taking it and starting it. Default: twice the time the
+    #: whole window takes to drain at the request limit (160 s at 150 RPM and a
+    #: window of 200), at least 60 s; a duplicate message costs nothing.
+    dispatch_redeliver_after: float = 160.0
     #: BROKER_VISIBILITY_TIMEOUT, seconds before Redis redelivers an unacked
     #: task. Default 3600; no task may wait longer than this.
     visibility_timeout: int = 3600
-    #: JOB_LEASE_SECONDS: how long a running job is owned by its worker before
-    #: another may take it over. Default read timeout + 120.
-    job_lease_seconds: float = 420.0
+    #: JOB_LEASE_SECONDS: how long a running job stays owned by a worker that
+    #: stopped renewing it (each worker renews its jobs every quarter of this);
+    #: a killed worker's jobs are re-queued this long after its death. Default 60.
+    job_lease_seconds: float = 60.0
     #: NIGHTLY_CRON: five-field cron for the scheduled batch, e.g. ``0 2 * * *``.
     nightly_cron: str | None = None
     #: NIGHTLY_SOURCE: a JSONL path, or ``package.module:callable`` returning requests.
@@ -191,6 +200,7 @@ class Settings:
             raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
         concurrency = _int(e, "WORKER_CONCURRENCY", 100, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", 300.0)
+        window = _int(e, "DISPATCH_WINDOW", 2 * concurrency, minimum=1)
         database_url = e.get("DATABASE_URL") or None
         return cls(
             database_url=normalize_database_url(database_url) if database_url else None,
@@ -206,15 +216,18 @@ class Settings:
             default_max_tokens=_int(e, "INFERENCE_DEFAULT_MAX_TOKENS", 4096, minimum=1),
             connect_timeout=_float(e, "INFERENCE_CONNECT_TIMEOUT", 10.0),
             read_timeout=read_timeout,
-            max_attempts=_int(e, "INFERENCE_MAX_ATTEMPTS", 5, minimum=1),
+            max_attempts=_int(e, "INFERENCE_MAX_ATTEMPTS", 8, minimum=1),
             backoff_base=_float(e, "INFERENCE_BACKOFF_BASE", 1.0),
             backoff_max=_float(e, "INFERENCE_BACKOFF_MAX", 60.0),
+            auth_retry_s=_float(e, "INFERENCE_AUTH_RETRY", 60.0),
             worker_concurrency=concurrency,
-            dispatch_window=_int(e, "DISPATCH_WINDOW", 2 * concurrency, minimum=1),
+            dispatch_window=window,
             dispatch_interval=_float(e, "DISPATCH_INTERVAL", 2.0),
-            dispatch_redeliver_after=_float(e, "DISPATCH_REDELIVER_AFTER", 300.0),
+            dispatch_redeliver_after=_float(
+                e, "DISPATCH_REDELIVER_AFTER", max(60.0, 2 * 60.0 * window / rpm)
+            ),
             visibility_timeout=_int(e, "BROKER_VISIBILITY_TIMEOUT", 3600, minimum=60),
-            job_lease_seconds=_float(e, "JOB_LEASE_SECONDS", read_timeout + 120.0),
+            job_lease_seconds=_float(e, "JOB_LEASE_SECONDS", 60.0),
             nightly_cron=e.get("NIGHTLY_CRON") or None,
             nightly_source=e.get("NIGHTLY_SOURCE") or None,
             nightly_name=e.get("NIGHTLY_NAME", "nightly"),

@@ -27,6 +27,9 @@ from sqlalchemy.orm import Session
 from jobs.batchfile import BatchItem
 from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
 
+#: ``error_kind`` of a ledger row whose worker died before the answer was recorded.
+ABANDONED = "abandoned"
+
 #: Rows per INSERT statement when a batch is stored.
 INSERT_CHUNK = 5000
 #: Input bytes per INSERT statement (by :attr:`BatchItem.size`), so a file of large
@@ -340,6 +343,15 @@ def hand_back(session: Session, job_id: int, *, reason: str | None = None) -> bo
     return True
 
 
+def renew_leases(session: Session, job_ids: Sequence[int], *, lease_s: float) -> None:
+    """Extend the leases of running jobs whose worker is alive (its heartbeat)."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING)
+        .values(lease_until=func.now() + dt.timedelta(seconds=lease_s))
+    )
+
+
 def requeue_stuck(session: Session, *, limit: int = 1000) -> int:
     """Hand back running jobs whose lease expired (their worker died)."""
     ids = (
@@ -353,6 +365,18 @@ def requeue_stuck(session: Session, *, limit: int = 1000) -> int:
         .scalars()
         .all()
     )
+    if ids:
+        # The provider may have answered (and charged) these calls after their
+        # worker died: the ledger keeps them, marked, instead of as calls in flight.
+        session.execute(
+            update(Attempt)
+            .where(
+                Attempt.job_id.in_(ids),
+                Attempt.http_status.is_(None),
+                Attempt.error_kind.is_(None),
+            )
+            .values(error_kind=ABANDONED, error_message="worker lost mid-call; outcome unknown")
+        )
     return sum(hand_back(session, job_id, reason="worker lost; re-queued") for job_id in ids)
 
 
@@ -422,7 +446,7 @@ def retry_batch(session: Session, batch_id: int) -> int:
 
 
 def dispatchable(
-    session: Session, *, bulk_room: int, redeliver_after_s: float
+    session: Session, *, bulk_room: int, redeliver_after_s: float, interactive_room: int = 1000
 ) -> list[tuple[int, int, int | None]]:
     """Lock queued jobs to publish, as ``(id, priority, batch_id)``: interactive ones first,
     then up to ``bulk_room`` bulk ones.
@@ -436,7 +460,7 @@ def dispatchable(
         or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale),
     )
     picked: list[tuple[int, int, int | None]] = []
-    for priority, limit in ((Priority.INTERACTIVE, 1000), (Priority.BULK, bulk_room)):
+    for priority, limit in ((Priority.INTERACTIVE, interactive_room), (Priority.BULK, bulk_room)):
         if limit <= 0:
             continue
         rows = session.execute(
@@ -448,6 +472,17 @@ def dispatchable(
         )
         picked.extend((job_id, int(priority), batch_id) for job_id, batch_id in rows)
     return picked
+
+
+def forget_published(session: Session) -> int:
+    """Mark every published, unstarted job unpublished: Redis lost their messages."""
+    rows = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.QUEUED, Job.dispatched_at.is_not(None))
+        .values(dispatched_at=None)
+        .returning(Job.id)
+    )
+    return len(rows.all())
 
 
 def outstanding_bulk(session: Session) -> int:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from sqlalchemy.engine import make_url
 
 from jobs import db
@@ -78,6 +81,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         INFERENCE_BACKOFF_BASE=str(settings.backoff_base),
         INFERENCE_BACKOFF_MAX=str(settings.backoff_max),
         INFERENCE_MAX_ATTEMPTS=str(settings.max_attempts),
+        INFERENCE_AUTH_RETRY=str(settings.auth_retry_s),
+        JOB_LEASE_SECONDS=str(settings.job_lease_seconds),
+        DISPATCH_WINDOW=str(settings.dispatch_window),
+        DISPATCH_REDELIVER_AFTER=str(settings.dispatch_redeliver_after),
         INFERENCE_WINDOW_MARGIN=str(settings.window_margin_s),
         DISPATCH_INTERVAL=str(settings.dispatch_interval),
         WORKER_CONCURRENCY=str(settings.worker_concurrency),
@@ -174,3 +181,29 @@ LIMITS = RequestLimits(
     default_max_tokens=4096,
     known_models=frozenset({"kimi-k2-5"}),
 )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout:g} s")
+        time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

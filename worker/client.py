@@ -40,6 +40,8 @@ from worker.responses import (
 
 USER_AGENT = "batch-infer/0.1"
 CHAT_PATH = "/v1/chat/completions"
+#: Header carrying our id of a call (``bi-<job>-<attempt>``, the ledger row's key).
+CLIENT_REQUEST_ID = "X-Client-Request-Id"
 #: Idle keep-alive connections are dropped after this many seconds.
 KEEPALIVE_EXPIRY_S = 30.0
 
@@ -123,8 +125,12 @@ class ModelClient:
         """Close pooled connections; the client is unusable afterwards."""
         self._http.close()
 
-    def chat(self, body: Mapping[str, Any]) -> Completion:
+    def chat(self, body: Mapping[str, Any], *, client_request_id: str | None = None) -> Completion:
         """POST ``body`` to ``/v1/chat/completions``; raise a :class:`ModelError` subclass.
+
+        ``client_request_id`` goes out as ``X-Client-Request-Id`` (OpenAI's name
+        for a caller-chosen id), so the provider's logs and our ledger row of the
+        call can be matched even when the answer never arrives.
 
         Errors are raised outside any ``except`` block so that no httpx
         exception (which holds the request and its headers) is attached as
@@ -134,15 +140,16 @@ class ModelClient:
         if isinstance(payload, ModelError):
             raise payload
         started = time.monotonic()
-        outcome = self._send(payload)
+        outcome = self._send(payload, client_request_id)
         if isinstance(outcome, ModelError):
             raise outcome
         latency = time.monotonic() - started
         return self._interpret(outcome, latency)
 
-    def _send(self, payload: bytes) -> httpx.Response | ModelError:
+    def _send(self, payload: bytes, client_request_id: str | None) -> httpx.Response | ModelError:
+        headers = {CLIENT_REQUEST_ID: client_request_id} if client_request_id else None
         try:
-            return self._http.post(self._url, content=payload)
+            return self._http.post(self._url, content=payload, headers=headers)
         except httpx.TimeoutException as exc:
             return self._timeout_error(exc)
         except httpx.DecodingError as exc:

@@ -44,7 +44,7 @@ _RNG = random.Random()
 class RetryPolicy:
     """Backoff and give-up rules for model calls; all durations in seconds."""
 
-    max_attempts: int = 5
+    max_attempts: int = 8
     base: float = 1.0
     cap: float = 60.0
     rate_limit_fallback: float = 60.0

@@ -9,8 +9,9 @@ Outcomes, each logged as one logfmt line:
   (a redelivered message), so nothing is called and nothing recorded.
 * ``succeeded`` / ``failed``: a terminal state was recorded with its attempts.
 * ``handed_back``: the job went back to the queue without a verdict, because
-  the worker is shutting down or the remaining wait would outlive the broker's
-  visibility timeout.
+  the worker is shutting down, the remaining wait would outlive the broker's
+  visibility timeout, or the provider rejects the key (the key circuit of
+  :mod:`jobs.circuit` is open: nothing is called until a probe gets through).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import redis
@@ -28,13 +30,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from jobs import store
+from jobs.circuit import KeyCircuit
 from jobs.db import session_scope
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
 from worker.calibrate import Calibrator
 from worker.client import ModelClient
-from worker.errors import ModelError, RateLimited
+from worker.errors import AuthFailed, ModelError, RateLimited
 from worker.responses import Completion, RateLimitInfo
 from worker.retry import RetryPolicy
 from worker.throttle import (
@@ -65,6 +68,11 @@ OUTAGES: tuple[type[Exception], ...] = (
 T = TypeVar("T")
 
 
+def call_id(job_id: int, attempt: int) -> str:
+    """Our id of one call, sent to the provider: it names the ledger row of the call."""
+    return f"bi-{job_id}-{attempt}"
+
+
 @dataclass(frozen=True)
 class Limits:
     """Limits of the model a job uses (what its throttle bucket enforces)."""
@@ -82,6 +90,7 @@ class Runner:
         settings: Settings,
         client: ModelClient,
         throttle_for: Callable[[str], Throttle],
+        circuit: KeyCircuit,
         *,
         stop: threading.Event | None = None,
         policy: RetryPolicy | None = None,
@@ -91,6 +100,7 @@ class Runner:
         self.settings = settings
         self.client = client
         self.throttle_for = throttle_for
+        self.circuit = circuit
         self.stop = stop or threading.Event()
         self.policy = policy or RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -100,6 +110,8 @@ class Runner:
         self._db = settings.database_url
         self.calibrator = calibrator
         self._rng = random.Random()
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
         self._limits = RequestLimits(
             context_tokens=settings.context_tokens,
             tpm=settings.tpm,
@@ -136,7 +148,32 @@ class Runner:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def held(self) -> list[int]:
+        """Ids of the jobs this runner is working on now (their leases need renewing)."""
+        with self._held_lock:
+            return list(self._held)
+
     def run(self, job_id: int) -> Outcome:
+        """Run one job to a terminal state, or hand it back; see the module docstring."""
+        with self._held_lock:
+            self._held.add(job_id)
+        try:
+            return self._run(job_id)
+        except Exception as exc:
+            # An outage outlasted OUTAGE_PATIENCE_S or a bug: give the job back now
+            # rather than leave it to its lease, if Postgres lets us.
+            log_event("crashed", job=job_id, error=type(exc).__name__, message=str(exc)[:200])
+            try:
+                with session_scope(self._db) as session:
+                    store.hand_back(session, job_id, reason=f"worker error: {type(exc).__name__}")
+            except OUTAGES:
+                pass
+            raise
+        finally:
+            with self._held_lock:
+                self._held.discard(job_id)
+
+    def _run(self, job_id: int) -> Outcome:
         deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
         job = self._in_tx(lambda session: store.claim(session, job_id, lease_s=self._lease_s()))
         if job is None:
@@ -150,29 +187,34 @@ class Runner:
             return self._fail(job.id, fields, "invalid_request", str(exc))
         max_tokens = checked.max_tokens or self.settings.default_max_tokens
         raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
-        prompt = (
-            self.calibrator.estimate(job.model, job.request, raw_prompt)
-            if self.calibrator is not None
-            else raw_prompt
-        )
-        reserve = prompt + max_tokens
+        reserve = self._estimate(job, raw_prompt) + max_tokens
         throttle = self.throttle_for(job.model)
         failures = 0
         while True:
             wait_budget = deadline - time.monotonic() - self.settings.read_timeout
             try:
-                reservation = throttle.acquire(
-                    reserve, max_wait=wait_budget, stop=self.stop, priority=job.priority
+                reservation = self._through_outage(
+                    partial(
+                        throttle.acquire,
+                        reserve,
+                        max_wait=wait_budget,
+                        stop=self.stop,
+                        priority=job.priority,
+                    )
                 )
             except RequestTooLarge as exc:
                 return self._fail(job.id, fields, "request_too_large", str(exc))
             except (ThrottleTimeout, ThrottleInterrupted) as exc:
                 return self._hand_back(job.id, fields, f"throttle: {exc}")
+            gate = self._through_outage(lambda: self.circuit.gate(job.id))
+            if gate == "open":
+                self._quietly("release", partial(throttle.release, reservation))
+                return self._paused(job.id, fields)
             number = self._in_tx(
                 lambda session: store.begin_attempt(session, job.id, lease_s=self._lease_s())
             )
             if number is None:
-                throttle.release(reservation)
+                self._quietly("release", partial(throttle.release, reservation))
                 log_event("skipped", **fields, reason="no longer running")
                 return "skipped"
             log_event(
@@ -184,15 +226,17 @@ class Runner:
             )
             started = time.monotonic()
             try:
-                completion = self.client.chat(job.request)
+                completion = self.client.chat(
+                    job.request, client_request_id=call_id(job.id, number)
+                )
             except ModelError as exc:
                 latency_ms = int((time.monotonic() - started) * 1000)
                 self._record_error(job.id, number, exc, latency_ms, throttle, reservation)
-                if isinstance(exc, RateLimited):
-                    delay: float | None = self.policy.delay(exc, 1, rng=self._rng)
-                else:
-                    failures += 1
-                    delay = self.policy.delay(exc, failures, rng=self._rng)
+                if isinstance(exc, AuthFailed):
+                    return self._key_rejected(job.id, fields, number, exc)
+                failures += not isinstance(exc, RateLimited)
+                # A 429 is not the job's fault: it waits for the reset, never gives up.
+                delay = self.policy.delay(exc, max(failures, 1), rng=self._rng)
                 if delay is None:
                     return self._fail(job.id, fields, exc.kind, str(exc), attempt=number)
                 if time.monotonic() + delay > deadline - self.settings.read_timeout:
@@ -210,12 +254,39 @@ class Runner:
                     return self._hand_back(job.id, fields, "worker shutting down")
                 continue
             if self.calibrator is not None:
-                self.calibrator.record(
-                    job.model, job.request, raw_prompt, completion.usage.prompt_tokens
+                learn = partial(
+                    self.calibrator.record,
+                    job.model,
+                    job.request,
+                    raw_prompt,
+                    completion.usage.prompt_tokens,
                 )
+                self._quietly("calibrate", learn)
+            if gate == "probe":
+                self._through_outage(lambda: self.circuit.close(job.id))
+                log_event("circuit_closed", **fields, attempt=number)
             return self._succeed(
                 job.id, fields, number, completion, max_tokens, throttle, reservation
             )
+
+    @staticmethod
+    def _quietly(what: str, step: Callable[[], object]) -> None:
+        """Run a bookkeeping step that must not undo a recorded call if Redis is away.
+
+        A missed settle leaves the full reservation charged (the safe side); a
+        missed release or observation costs a little throughput for one window.
+        """
+        try:
+            step()
+        except OUTAGES as exc:
+            log_event("bookkeeping_skipped", step=what, error=type(exc).__name__)
+
+    def _estimate(self, job: store.ClaimedJob, raw_prompt: int) -> int:
+        """Prompt tokens to reserve: the raw estimate, corrected by calibration if any."""
+        calibrator = self.calibrator
+        if calibrator is None:
+            return raw_prompt
+        return self._through_outage(lambda: calibrator.estimate(job.model, job.request, raw_prompt))
 
     @staticmethod
     def _observe(throttle: Throttle, limits: RateLimitInfo | None) -> None:
@@ -250,9 +321,12 @@ class Runner:
         if isinstance(exc, RateLimited):
             # The provider did not admit the call: free our slot, and make every
             # worker on the bucket wait out the provider's reset.
-            throttle.release(reservation)
-            throttle.pause(exc.retry_after or self.policy.rate_limit_fallback)
-        self._observe(throttle, exc.rate_limits)
+            pause_s = exc.retry_after or self.policy.rate_limit_fallback
+            self._quietly("release", partial(throttle.release, reservation))
+            self._quietly("pause", lambda: throttle.pause(pause_s))
+        elif isinstance(exc, AuthFailed):
+            self._quietly("release", partial(throttle.release, reservation))
+        self._quietly("observe", lambda: self._observe(throttle, exc.rate_limits))
         usage = getattr(exc, "usage", None)
 
         def _step(session: Session) -> None:
@@ -284,8 +358,6 @@ class Runner:
         throttle: Throttle,
         reservation: Reservation,
     ) -> Outcome:
-        throttle.settle(reservation, self._charge(completion, max_tokens))
-        self._observe(throttle, completion.rate_limits)
         usage = completion.usage
         triple = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
         latency_ms = int(completion.latency_s * 1000)
@@ -312,7 +384,11 @@ class Runner:
                 usage=triple,
             )
 
+        # Recorded first: the answer is paid for, the bucket's bookkeeping is not.
         self._in_tx(_step)
+        charge = self._charge(completion, max_tokens)
+        self._quietly("settle", lambda: throttle.settle(reservation, charge))
+        self._quietly("observe", lambda: self._observe(throttle, completion.rate_limits))
         log_event(
             "succeeded",
             **fields,
@@ -341,6 +417,23 @@ class Runner:
         self._in_tx(_step)
         log_event("failed", **fields, status="failed", attempt=attempt, error=code, message=message)
         return "failed"
+
+    def _key_rejected(
+        self, job_id: int, fields: dict[str, Any], number: int, exc: AuthFailed
+    ) -> Outcome:
+        """Open the key circuit and keep the job queued: the key, not the job, is wrong."""
+        status = exc.status or 401
+        wait_s = self._through_outage(lambda: self.circuit.open(str(exc), status, job_id))
+        log_event(
+            "circuit_open", **fields, attempt=number, http_status=status, next_try_s=round(wait_s)
+        )
+        return self._paused(job_id, fields)
+
+    def _paused(self, job_id: int, fields: dict[str, Any]) -> Outcome:
+        """Hand the job back while the key circuit is open, its reason as the job's error."""
+        state = self._through_outage(self.circuit.state)
+        reason = state.describe() if state else "calls paused: the provider rejected the key"
+        return self._hand_back(job_id, fields, reason)
 
     def _hand_back(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome:
         def _step(session: Session) -> None:

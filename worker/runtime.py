@@ -13,6 +13,7 @@ from collections.abc import Callable
 import redis
 
 from jobs import store
+from jobs.circuit import KeyCircuit
 from jobs.connections import celery_app, redis_client
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
@@ -44,10 +45,14 @@ class Runtime:
         )
         self._throttles: dict[str, Throttle] = {}
         self._lock = threading.Lock()
+        self.circuit = KeyCircuit(
+            self.redis, settings.key_fingerprint, first_wait_s=settings.auth_retry_s
+        )
         self.runner = Runner(
             settings,
             self.client,
             self.throttle_for,
+            self.circuit,
             stop=self.stop,
             calibrator=Calibrator(self.redis),
         )
@@ -102,12 +107,31 @@ class Runtime:
         return seed
 
     def start_dispatcher(self) -> None:
-        """Start this process's dispatcher loop (one per worker process)."""
+        """Start this process's dispatcher and lease-renewal loops (one each per process)."""
         if self._dispatcher is None:
             self._dispatcher = threading.Thread(
                 target=self._dispatch_loop, name="dispatcher", daemon=True
             )
             self._dispatcher.start()
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+
+    def _heartbeat_loop(self) -> None:
+        """Renew the leases of this process's running jobs.
+
+        Leases are short so that a killed worker's jobs are re-queued within
+        JOB_LEASE_SECONDS; renewing at a quarter of the lease rides out a
+        Postgres outage of up to about three quarters of it.
+        """
+        interval = self.settings.job_lease_seconds / 4
+        while not self.stop.wait(interval):
+            held = self.runner.held()
+            if not held:
+                continue
+            try:
+                with session_scope(self.settings.database_url or "") as session:
+                    store.renew_leases(session, held, lease_s=self.settings.job_lease_seconds)
+            except Exception as exc:  # noqa: BLE001 - Postgres blip: renew next time
+                log_event("heartbeat_error", error=type(exc).__name__, message=str(exc)[:200])
 
     def wake_dispatcher(self) -> None:
         """A job finished: there is room for the next one now, not in a few seconds."""
@@ -123,9 +147,9 @@ class Runtime:
             self._wake.clear()
 
     def shutdown(self) -> None:
+        """Stop waiting and dispatching; calls in flight keep their connections and finish."""
         self.stop.set()
         self._wake.set()
-        self.client.close()
 
 
 _runtime: Runtime | None = None

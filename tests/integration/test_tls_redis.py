@@ -10,11 +10,10 @@ redbeat in a beat process.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,15 @@ from jobs.connections import celery_config, redis_client
 from jobs.constants import QUEUE_BULK, REDBEAT_PREFIX, throttle_log_key
 from jobs.settings import Settings
 from jobs.simulator import Simulator
-from tests.support import ROOT, WorkerProcess, make_settings, settings_env
+from tests.support import (
+    ROOT,
+    WorkerProcess,
+    free_port,
+    make_settings,
+    settings_env,
+    stop_process,
+    wait_until,
+)
 from worker.throttle import Throttle, WindowUsage, no_history
 
 pytestmark = pytest.mark.integration
@@ -59,13 +66,6 @@ class TlsRedis:
     log_path: Path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def make_certificate(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate and its unencrypted key for ``localhost``."""
     openssl = shutil.which("openssl")
@@ -80,25 +80,6 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     if done.returncode != 0:
         pytest.fail(f"openssl could not make a certificate:\n{done.stderr}")
     return cert, key
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not reached within {timeout:g} s")
-        time.sleep(0.1)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def _tls_ping(url: str) -> bool:

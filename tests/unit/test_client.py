@@ -92,6 +92,22 @@ def call_error(client: ModelClient) -> ModelError:
 # --- success ----------------------------------------------------------------
 
 
+def test_client_request_id_is_sent_only_when_given(
+    make_client: Callable[[Handler], ModelClient],
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=ok_body())
+
+    client = make_client(handler)
+    client.chat(REQUEST, client_request_id="bi-7-2")
+    client.chat(REQUEST)
+    assert seen[0].headers["x-client-request-id"] == "bi-7-2"
+    assert "x-client-request-id" not in seen[1].headers
+
+
 def test_success_sends_request_and_parses_completion(
     make_client: Callable[[Handler], ModelClient],
 ) -> None:
