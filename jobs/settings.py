@@ -100,9 +100,9 @@ class Settings:
     read_timeout: float = 300.0
     #: INFERENCE_MAX_ATTEMPTS: HTTP calls per job before it fails (429s and
     #: rejected keys do not count). Default 8: with the default backoff the
-    #: retries span about a minute, so a 30 s provider outage fails no job.
+    #: retries span at least 61.5 s, so a 30 s provider outage fails no job.
     max_attempts: int = 8
-    #: INFERENCE_BACKOFF_BASE, seconds; doubles per attempt, full jitter. Default 1.
+    #: INFERENCE_BACKOFF_BASE, seconds; doubles per attempt, equal jitter. Default 1.
     backoff_base: float = 1.0
     #: INFERENCE_BACKOFF_MAX, seconds; cap of one backoff sleep. Default 60.
     backoff_max: float = 60.0

@@ -10,9 +10,11 @@ the job should fail for good:
 - a 429 waits ``retry_after`` plus up to 10% jitter, so workers told the same
   reset time do not all return in the same millisecond; without a hint it waits
   ``rate_limit_fallback`` (plus the same jitter);
-- other retryable errors use "full jitter" exponential backoff: uniform over
-  ``[0, min(cap, base * 2**(attempt - 1))]``, raised to a floor of ``0.1 * base``
-  so a failing endpoint is never hammered in a tight loop.
+- other retryable errors use "equal jitter" exponential backoff: with
+  ``bound = min(cap, base * 2**(attempt - 1))``, uniform over ``[bound / 2, bound]``.
+  The fixed half guarantees how long the retries span (at the defaults, 8 calls
+  wait at least 61.5 s in all), so a provider outage shorter than that fails no
+  job; the random half keeps workers from retrying in lockstep.
 
 :meth:`RetryPolicy.fits` answers whether a sleep (plus the next call) still
 ends before a deadline, e.g. the broker visibility timeout after which Redis
@@ -93,7 +95,8 @@ class RetryPolicy:
         if isinstance(error, RateLimited):
             wait = error.retry_after if error.retry_after is not None else self.rate_limit_fallback
             return max(self.floor, wait + r.uniform(0.0, RATE_LIMIT_JITTER * wait))
-        return max(self.floor, r.uniform(0.0, self.backoff_bound(attempt)))
+        bound = self.backoff_bound(attempt)
+        return max(self.floor, r.uniform(bound / 2, bound))
 
     def fits(self, delay: float, remaining_s: float, *, reserve_s: float = 0.0) -> bool:
         """Whether sleeping ``delay`` and then spending ``reserve_s`` ends within ``remaining_s``.

@@ -77,7 +77,19 @@ def test_sampled_delays_grow_with_attempts() -> None:
     assert largest[0] <= 1.0 < largest[1] <= 4.0 < largest[2] <= 16.0 < largest[3] <= 60.0
 
 
-def test_full_jitter_spreads_delays() -> None:
+def test_equal_jitter_waits_at_least_half_the_bound() -> None:
+    """The guaranteed half: the default 8 calls span at least 61.5 s, past a 30 s outage."""
+    policy = RetryPolicy()
+    rng = random.Random(3)
+    for attempt in range(1, 8):
+        bound = policy.backoff_bound(attempt)
+        for _ in range(200):
+            delay = policy.delay(ServerError("x"), attempt, rng=rng)
+            assert delay is not None and bound / 2 <= delay <= bound
+    assert sum(policy.backoff_bound(a) / 2 for a in range(1, 8)) == 61.5
+
+
+def test_jitter_spreads_delays() -> None:
     policy = RetryPolicy()
     rng = random.Random(7)
     draws = {policy.delay(Timeout("t"), 4, rng=rng) for _ in range(50)}
