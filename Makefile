@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PKGS := jobs worker migrations tests bench
 
-.PHONY: install lint format test test-unit demo bench clean stop
+.PHONY: install lint format test test-unit faults soak demo bench clean stop
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: lint
 
 test-unit: install
 	$(BIN)/pytest tests/unit
+
+# The fault suite alone, printing each fault's recovery figures.
+faults: install
+	$(BIN)/pytest -s -m faults tests/faults
+
+# The fault suite five times in a row: rare races show up here, not in one run.
+soak: install
+	for i in 1 2 3 4 5; do $(BIN)/pytest -q -m faults tests/faults || exit 1; done
 
 demo: install
 	$(BIN)/python -m jobs demo

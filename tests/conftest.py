@@ -9,6 +9,7 @@ touched.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -103,3 +104,19 @@ def events(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], list[str]]
     caplog.set_level(logging.INFO, logger="batch_infer")
     yield lambda: [r.getMessage() for r in caplog.records if r.name == "batch_infer"]
     logger.propagate = propagate
+
+
+@pytest.fixture
+def nightly_file(tmp_path: Path) -> Path:
+    path = tmp_path / "nightly.jsonl"
+    lines = [
+        {
+            "custom_id": f"n{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "kimi-k2-5", "messages": [{"role": "user", "content": f"n{i}"}]},
+        }
+        for i in range(5)
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path

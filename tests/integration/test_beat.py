@@ -3,7 +3,6 @@ and the scheduled batch is created once and run by a worker."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -21,22 +20,6 @@ from jobs.settings import Settings
 from tests.support import ROOT, WorkerProcess, settings_env
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def nightly_file(tmp_path: Path) -> Path:
-    path = tmp_path / "nightly.jsonl"
-    lines = [
-        {
-            "custom_id": f"n{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "kimi-k2-5", "messages": [{"role": "user", "content": f"n{i}"}]},
-        }
-        for i in range(5)
-    ]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -1,0 +1,91 @@
+"""Two beat processes at once, and the active one killed and restarted: each run fires once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from jobs.db import session_scope
+from jobs.models import Batch
+from jobs.settings import Settings
+from tests.support import ROOT, WorkerProcess, settings_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+def scheduled_batches(settings: Settings) -> list[tuple[str, int, str]]:
+    assert settings.database_url is not None
+    with session_scope(settings.database_url) as s:
+        rows = s.execute(
+            select(Batch.idempotency_key, Batch.total, Batch.status).where(
+                Batch.source == "schedule"
+            )
+        ).all()
+    return [(key or "", total, status) for key, total, status in rows]
+
+
+def wait_for_runs(settings: Settings, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(scheduled_batches(settings)) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} scheduled runs not seen in {timeout:g} s")
+        time.sleep(1)
+
+
+@pytest.mark.timeout(300)
+def test_two_beats_and_a_killed_beat_fire_each_run_exactly_once(
+    settings: Settings, nightly_file: Path, tmp_path: Path
+) -> None:
+    nightly = settings.replace(nightly_cron="* * * * *", nightly_source=str(nightly_file))
+    env = settings_env(nightly) | {"NIGHTLY_CRON": "* * * * *", "NIGHTLY_SOURCE": str(nightly_file)}
+    beats: list[subprocess.Popen[bytes]] = []
+    logs = []
+
+    def start_beat() -> subprocess.Popen[bytes]:
+        log = open(tmp_path / f"beat-{len(beats)}.log", "ab")  # noqa: SIM115 - closed below
+        logs.append(log)
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "--loglevel", "INFO"],
+            env=env, cwd=ROOT, stdout=log, stderr=log,
+        )  # fmt: skip
+        beats.append(beat)
+        return beat
+
+    worker = WorkerProcess(nightly, tmp_path / "worker.log", extra_env=env)
+    try:
+        first, _second = start_beat(), start_beat()
+        worker.wait_ready()
+        wait_for_runs(nightly, 1, 90)
+        first.send_signal(signal.SIGKILL)  # whichever holds the lock, one beat dies hard
+        first.wait(10)
+        start_beat()  # and the platform restarts it
+        runs_before = len(scheduled_batches(nightly))
+        wait_for_runs(nightly, runs_before + 2, 150)
+    finally:
+        for beat in beats:
+            if beat.poll() is None:
+                beat.terminate()
+                beat.wait(30)
+        for log in logs:
+            log.close()
+        worker.stop()
+    runs = scheduled_batches(nightly)
+    slots = Counter(key for key, _, _ in runs)
+    # One batch per minute slot, each with the file's 5 jobs, never a slot twice.
+    assert all(n == 1 for n in slots.values()), slots
+    assert all(total == 5 for _, total, _ in runs), runs
+    sent = sum(
+        (tmp_path / f"beat-{i}.log").read_text().count("Scheduler: Sending due task nightly-batch")
+        for i in range(len(beats))
+    )
+    # The redbeat lock lets one beat send per slot; the idempotency key makes a stray
+    # second send (a beat that lost the lock mid-tick) create nothing.
+    assert sent >= len(runs)
+    print(f"fault=beats runs={len(runs)} sends={sent}")

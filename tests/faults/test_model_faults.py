@@ -1,0 +1,81 @@
+"""A storm of model faults, and a key the provider rejects."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.settings import Settings
+from jobs.simulator import Simulator
+from tests.faults.conftest import fault_settings
+from tests.faults.harness import check_invariants, fleet, submit, wait_finished
+from tests.support import TEST_KEY, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+@pytest.mark.timeout(300)
+def test_storm_of_5xx_hangs_malformed_bodies_and_a_30_s_run_of_503s(
+    clean_db: str, redis_url: str, strict_sim: Simulator, tmp_path: Path
+) -> None:
+    # The production retry budget (8 calls, backoff from 1 s capped at 60 s) and a
+    # read timeout shorter than the hangs.
+    settings = fault_settings(
+        clean_db, redis_url, strict_sim.url, backoff_base=1.0, backoff_max=60.0, read_timeout=3.0
+    )
+    strict_sim.set_faults(error_rate=0.05, hang_rate=0.01, malformed_rate=0.01, hang_seconds=6.0)
+    with fleet(settings, tmp_path, concurrency=40) as f:
+        f.start(2)
+        batch = submit(settings, 600, tag="storm")
+        wait_until(lambda: strict_sim.stats().ok >= 150, 60, "150 calls answered")
+        strict_sim.outage(30.0, status=503)
+        progress = wait_finished(batch, 240, f)
+    found = check_invariants(settings, strict_sim, batch)
+    stats = strict_sim.stats()
+    assert stats.hangs > 0 and stats.malformed > 0 and stats.server_errors > 0, stats
+    # Every job ends; a job fails only after its whole retry budget, its last error kept.
+    assert progress.succeeded + progress.failed == 600
+    assert set(found.failed_errors) <= {"server_error", "timeout", "malformed"}
+    print(
+        found.line(
+            "model-storm",
+            server_errors=stats.server_errors,
+            hangs=stats.hangs,
+            malformed=stats.malformed,
+            failed_by=dict(found.failed_errors),
+        )
+    )
+
+
+@pytest.mark.timeout(300)
+def test_a_rejected_key_opens_the_circuit_and_work_resumes_once_fixed(
+    fleet_settings: Settings, strict_sim: Simulator, tmp_path: Path
+) -> None:
+    strict_sim.set_key("rotated-key")  # our key is no longer accepted
+    with fleet(fleet_settings, tmp_path, concurrency=40) as f:
+        f.start(2)
+        batch = submit(fleet_settings, 300, tag="key")
+        wait_until(lambda: batch.calls_paused() is not None, 30, "the circuit open")
+        time.sleep(6)  # a few probe intervals
+        progress = batch.progress()
+        paused = batch.calls_paused()
+        calls_while_open = strict_sim.stats().client_errors
+        assert progress.failed == 0 and progress.succeeded == 0, progress
+        assert progress.queued + progress.running == 300
+        assert paused is not None and "HTTP 401" in paused
+        # Only the calls already in flight when it opened, plus one probe per interval.
+        assert calls_while_open <= 2 * 40 + 5, calls_while_open
+        strict_sim.set_key(TEST_KEY)  # the key is fixed
+        fixed = time.monotonic()
+        wait_until(lambda: batch.progress().succeeded > 0, 60, "the first success after the fix")
+        resumed_s = time.monotonic() - fixed
+        final = wait_finished(batch, 120, f)
+    found = check_invariants(fleet_settings, strict_sim, batch)
+    assert final.succeeded == 300 and batch.calls_paused() is None
+    print(
+        found.line(
+            "wrong-key", rejected_calls=calls_while_open, resumed_after_s=round(resumed_s, 1)
+        )
+    )

@@ -1,0 +1,145 @@
+"""Redis restarting with its data lost, and Postgres restarting or away for 20 s, mid-batch."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from jobs import embedded, migrate
+from jobs.connections import redis_client
+from jobs.simulator import Simulator, SimulatorConfig
+from tests.faults.conftest import fault_settings
+from tests.faults.harness import check_invariants, fleet, submit, wait_finished
+from tests.support import TEST_KEY, create_database, free_port, stop_process, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+SYSTEM_REDIS = "/usr/bin/redis-server"
+
+
+class PrivateRedis:
+    """A ``redis-server`` of the test's own that keeps nothing on disk, so a restart loses all."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [
+            SYSTEM_REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.directory),
+        ]  # fmt: skip
+        with open(self.directory / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
+        wait_until(self._ping, 20, "the private redis-server answering")
+
+    def _ping(self) -> bool:
+        client = redis_client(self.url)
+        try:
+            return bool(client.ping())
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+        finally:
+            client.close()
+
+    def crash(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_redis_restart_with_its_data_lost_mid_batch(
+    clean_db: str, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    # A tight request limit, so the throttle's lost state matters: after the restart
+    # the bucket must be rebuilt from the ledger, not start empty.
+    rpm = 400
+    sim = Simulator(
+        SimulatorConfig(key=TEST_KEY, rpm=rpm, tpm=3_000_000, latency_min=0.3, latency_max=1.5)
+    ).start()
+    try:
+        settings = fault_settings(clean_db, private_redis.url, sim.url, rpm=rpm)
+        with fleet(settings, tmp_path, concurrency=40) as f:
+            f.start(2)
+            batch = submit(settings, 600, tag="redis")
+            wait_until(lambda: sim.stats().ok >= 150, 60, "150 calls answered")
+            private_redis.crash()
+            time.sleep(2)
+            private_redis.start()  # empty: queue, throttle log and locks are gone
+            restarted = time.monotonic()
+            progress = wait_finished(batch, 200, f)
+            recovered_s = time.monotonic() - restarted
+            assert all(w.proc.poll() is None for w in f.workers), "no worker died"
+            assert "event=republishing" in f.logs()
+        found = check_invariants(settings, sim, batch)
+        assert progress.succeeded == 600, progress
+        stats = sim.stats()
+        assert stats.max_requests_in_window <= rpm, stats
+        print(
+            found.line(
+                "redis-restart",
+                finished_after_restart_s=round(recovered_s, 1),
+                rate_limited=stats.rate_limited,
+            )
+        )
+    finally:
+        sim.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A throw-away PostgreSQL cluster the test may stop and start: (var dir, database URL)."""
+    var_dir = tmp_path / "pg"
+    server = embedded.ensure_postgres(var_dir)
+    url = create_database(server)
+    migrate.upgrade(url)
+    yield var_dir, url
+    embedded.stop_all(var_dir, ("postgres",))
+
+
+@pytest.mark.timeout(300)
+def test_postgres_restart_and_a_20_s_outage_mid_batch(
+    own_postgres: tuple[Path, str], redis_url: str, strict_sim: Simulator, tmp_path: Path
+) -> None:
+    var_dir, url = own_postgres
+    # The production lease: a 20 s outage is shorter than it, so no job changes hands.
+    settings = fault_settings(url, redis_url, strict_sim.url, job_lease_seconds=60.0)
+    with fleet(settings, tmp_path, concurrency=40) as f:
+        f.start(2)
+        batch = submit(settings, 800, tag="pg")
+        wait_until(lambda: strict_sim.stats().ok >= 100, 60, "100 calls answered")
+        embedded.stop_all(var_dir, ("postgres",))  # a restart
+        # Back on the same port: the workers' URL still points at it.
+        assert make_url(embedded.ensure_postgres(var_dir)).port == make_url(url).port
+        wait_until(lambda: strict_sim.stats().ok >= 300, 60, "300 calls answered")
+        embedded.stop_all(var_dir, ("postgres",))
+        time.sleep(20)  # an outage
+        embedded.ensure_postgres(var_dir)
+        back = time.monotonic()
+        progress = wait_finished(batch, 200, f)
+        recovered_s = time.monotonic() - back
+        assert all(w.proc.poll() is None for w in f.workers), "no worker died"
+        assert "event=outage" in f.logs()
+    found = check_invariants(settings, strict_sim, batch)
+    assert progress.succeeded == 800, progress
+    print(found.line("postgres-outage", finished_after_return_s=round(recovered_s, 1)))
