@@ -27,6 +27,7 @@ from bench.scenarios_rate import BASE_RPM, BASE_TPM, LATENCY
 from bench.stack import Run, SimSpec, SimulatorProcess, StackSpec
 from jobs import api
 from jobs.models import Priority
+from jobs.settings import Settings
 
 #: What the system is told when the simulator has no limits at all.
 LIFTED_RPM = 1_000_000
@@ -134,7 +135,8 @@ def overhead_throughput(run: Run) -> Row:
     row = Row("overhead-throughput", "Overhead: limits lifted, latency 0, 1 worker")
     row.description = (
         f"{count:,} jobs (100-token prompts, max_tokens 16) through 1 worker process "
-        "(WORKER_CONCURRENCY=100) against a simulator without limits or latency; then "
+        f"(WORKER_CONCURRENCY={Settings().worker_concurrency}) against a simulator without "
+        "limits or latency; then "
         f"{loop_count:,} sequential calls from one thread with a plain httpx client, and "
         f"{count:,} calls from {POOL_THREADS} threads sharing one plain httpx client."
     )
@@ -194,7 +196,8 @@ def overhead_rss(run: Run) -> Row:
     latency = 10.0 if run.quick else 20.0
     row = Row("overhead-rss", "Overhead: worker RSS with 100 calls in flight")
     row.description = (
-        f"1 worker (WORKER_CONCURRENCY=100), simulator latency fixed at {latency:g} s and no "
+        f"1 worker (WORKER_CONCURRENCY={Settings().worker_concurrency}), simulator latency "
+        f"fixed at {latency:g} s and no "
         "limits; 100 jobs of 1,000-token prompts. RSS of the worker's process tree (psutil) "
         "sampled once the ledger shows 100 calls in flight."
     )

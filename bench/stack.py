@@ -241,7 +241,7 @@ class StackSpec:
     #: INFERENCE_RPM / INFERENCE_TPM given to the system (what it believes the limits are).
     rpm: int
     tpm: int
-    concurrency: int = 100
+    concurrency: int = Settings().worker_concurrency
 
 
 class Stack:

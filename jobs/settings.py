@@ -109,11 +109,14 @@ class Settings:
     #: INFERENCE_AUTH_RETRY, seconds: after a 401/403 nothing is called for this
     #: long, then one probe call; it doubles per rejection up to 15 min. Default 60.
     auth_retry_s: float = 60.0
-    #: WORKER_CONCURRENCY: threads per worker process. Default 100 (enough for
-    #: 150 RPM at 30 s latency plus callers waiting on the throttle).
-    worker_concurrency: int = 100
+    #: WORKER_CONCURRENCY: threads per worker process. Default 200: a strict
+    #: window admits a whole minute's 150 requests at once, and each needs a
+    #: thread for its call (2-20 s) to start at once; the rest is room for
+    #: interactive jobs and callers waiting on the throttle.
+    worker_concurrency: int = 200
     #: DISPATCH_WINDOW: most bulk jobs published to Redis and not yet finished,
-    #: across all workers. Default 2 x WORKER_CONCURRENCY.
+    #: across all workers. Default WORKER_CONCURRENCY: one worker can hold the
+    #: whole window, and more bulk jobs would only sleep in threads.
     dispatch_window: int = 200
     #: DISPATCH_INTERVAL, seconds between dispatcher sweeps in each worker. Default 2.
     dispatch_interval: float = 2.0
@@ -198,9 +201,9 @@ class Settings:
         charge = e.get("INFERENCE_TPM_CHARGE", "reserve")
         if charge not in ("reserve", "actual"):
             raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
-        concurrency = _int(e, "WORKER_CONCURRENCY", 100, minimum=1)
+        concurrency = _int(e, "WORKER_CONCURRENCY", 200, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", 300.0)
-        window = _int(e, "DISPATCH_WINDOW", 2 * concurrency, minimum=1)
+        window = _int(e, "DISPATCH_WINDOW", concurrency, minimum=1)
         database_url = e.get("DATABASE_URL") or None
         return cls(
             database_url=normalize_database_url(database_url) if database_url else None,
