@@ -21,7 +21,7 @@ app = celery_app(settings, main="worker")
 app.conf.update(
     include=["worker.tasks"],
     beat_schedule=build_schedule(settings),
-    beat_scheduler="redbeat.RedBeatScheduler",
+    beat_scheduler="worker.beat:Scheduler",
 )
 logfmt.configure()
 

@@ -7,11 +7,13 @@ within seconds; production's default is 60 s and the recovery times scale with i
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from jobs.settings import Settings
 from jobs.simulator import Simulator, SimulatorConfig
+from tests.faults.harness import PrivateRedis
 from tests.support import TEST_KEY, make_settings
 
 #: Limits of the suite's simulator and throttle: high enough for a 1,000-job batch
@@ -54,3 +56,11 @@ def strict_sim() -> Iterator[Simulator]:
 @pytest.fixture
 def fleet_settings(clean_db: str, redis_url: str, strict_sim: Simulator) -> Settings:
     return fault_settings(clean_db, redis_url, strict_sim.url)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

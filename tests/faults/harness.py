@@ -15,6 +15,7 @@ The invariants (issue: "nothing lost, nothing double-billed"):
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,11 +27,12 @@ from sqlalchemy import select
 
 from jobs import api
 from jobs.api import BatchHandle, BatchProgress
+from jobs.connections import redis_client
 from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
 from jobs.simulator import Simulator
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, free_port, stop_process, wait_until
 
 
 def requests(n: int, *, tag: str, max_tokens: int = 40) -> list[dict[str, object]]:
@@ -203,3 +205,43 @@ def check_invariants(
     assert stats.max_requests_in_window <= settings.rpm, stats
     assert stats.max_tokens_in_window <= settings.tpm, stats
     return found
+
+
+SYSTEM_REDIS = "/usr/bin/redis-server"
+
+
+class PrivateRedis:
+    """A ``redis-server`` of the test's own that keeps nothing on disk, so a restart loses all."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [
+            SYSTEM_REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.directory),
+        ]  # fmt: skip
+        with open(self.directory / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
+        wait_until(self._ping, 20, "the private redis-server answering")
+
+    def _ping(self) -> bool:
+        client = redis_client(self.url)
+        try:
+            return bool(client.ping())
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+        finally:
+            client.close()
+
+    def crash(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)

@@ -8,6 +8,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from sqlalchemy import select
@@ -15,7 +16,9 @@ from sqlalchemy import select
 from jobs.db import session_scope
 from jobs.models import Batch
 from jobs.settings import Settings
-from tests.support import ROOT, WorkerProcess, settings_env
+from jobs.simulator import Simulator
+from tests.faults.harness import PrivateRedis
+from tests.support import ROOT, WorkerProcess, make_settings, settings_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -39,6 +42,55 @@ def wait_for_runs(settings: Settings, count: int, timeout: float) -> None:
         time.sleep(1)
 
 
+def start_beat(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], BinaryIO]:
+    log = open(log_path, "ab")  # noqa: SIM115 - the caller closes it
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "--loglevel", "INFO"],
+        env=env, cwd=ROOT, stdout=log, stderr=log,
+    )  # fmt: skip
+    return beat, log
+
+
+@pytest.mark.timeout(300)
+def test_beat_keeps_firing_after_redis_lost_its_data(
+    clean_db: str,
+    private_redis: PrivateRedis,
+    simulator: Simulator,
+    nightly_file: Path,
+    tmp_path: Path,
+) -> None:
+    nightly = make_settings(
+        clean_db,
+        private_redis.url,
+        simulator.url,
+        nightly_cron="* * * * *",
+        nightly_source=str(nightly_file),
+    )
+    env = settings_env(nightly) | {"NIGHTLY_CRON": "* * * * *", "NIGHTLY_SOURCE": str(nightly_file)}
+    beat, log = start_beat(env, tmp_path / "beat.log")
+    worker = WorkerProcess(nightly, tmp_path / "worker.log", extra_env=env)
+    try:
+        worker.wait_ready()
+        wait_for_runs(nightly, 1, 90)
+        private_redis.crash()  # schedule, lock, queue: all gone
+        time.sleep(1)
+        private_redis.start()
+        runs_before = len(scheduled_batches(nightly))
+        wait_for_runs(nightly, runs_before + 1, 150)
+        assert beat.poll() is None, "beat survived the restart"
+    finally:
+        if beat.poll() is None:
+            beat.terminate()
+            beat.wait(30)
+        log.close()
+        worker.stop()
+    beat_log = (tmp_path / "beat.log").read_text()
+    assert "event=beat_schedule_lost" in beat_log
+    runs = scheduled_batches(nightly)
+    assert all(n == 1 for n in Counter(key for key, _, _ in runs).values()), runs
+    print(f"fault=beat-redis-restart runs={len(runs)}")
+
+
 @pytest.mark.timeout(300)
 def test_two_beats_and_a_killed_beat_fire_each_run_exactly_once(
     settings: Settings, nightly_file: Path, tmp_path: Path
@@ -48,24 +100,20 @@ def test_two_beats_and_a_killed_beat_fire_each_run_exactly_once(
     beats: list[subprocess.Popen[bytes]] = []
     logs = []
 
-    def start_beat() -> subprocess.Popen[bytes]:
-        log = open(tmp_path / f"beat-{len(beats)}.log", "ab")  # noqa: SIM115 - closed below
-        logs.append(log)
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "--loglevel", "INFO"],
-            env=env, cwd=ROOT, stdout=log, stderr=log,
-        )  # fmt: skip
+    def another_beat() -> subprocess.Popen[bytes]:
+        beat, log = start_beat(env, tmp_path / f"beat-{len(beats)}.log")
         beats.append(beat)
+        logs.append(log)
         return beat
 
     worker = WorkerProcess(nightly, tmp_path / "worker.log", extra_env=env)
     try:
-        first, _second = start_beat(), start_beat()
+        first, _second = another_beat(), another_beat()
         worker.wait_ready()
         wait_for_runs(nightly, 1, 90)
         first.send_signal(signal.SIGKILL)  # whichever holds the lock, one beat dies hard
         first.wait(10)
-        start_beat()  # and the platform restarts it
+        another_beat()  # and the platform restarts it
         runs_before = len(scheduled_batches(nightly))
         wait_for_runs(nightly, runs_before + 2, 150)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,60 +10,12 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from jobs import embedded, migrate
-from jobs.connections import redis_client
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.faults.conftest import fault_settings
-from tests.faults.harness import check_invariants, fleet, submit, wait_finished
-from tests.support import TEST_KEY, create_database, free_port, stop_process, wait_until
+from tests.faults.harness import PrivateRedis, check_invariants, fleet, submit, wait_finished
+from tests.support import TEST_KEY, create_database, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
-SYSTEM_REDIS = "/usr/bin/redis-server"
-
-
-class PrivateRedis:
-    """A ``redis-server`` of the test's own that keeps nothing on disk, so a restart loses all."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [
-            SYSTEM_REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.directory),
-        ]  # fmt: skip
-        with open(self.directory / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
-        wait_until(self._ping, 20, "the private redis-server answering")
-
-    def _ping(self) -> bool:
-        client = redis_client(self.url)
-        try:
-            return bool(client.ping())
-        except Exception:  # noqa: BLE001 - not up yet
-            return False
-        finally:
-            client.close()
-
-    def crash(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.timeout(300)
