@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -207,3 +208,23 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+# Batch lines: a chat body, an OpenAI Batch input line, and JSONL bytes of lines.
+def body(text: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": "kimi-k2-5", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def line(custom_id: str, **overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": body(f"question {custom_id}"),
+    }
+    row.update(overrides)
+    return row
+
+
+def jsonl(*rows: object) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)

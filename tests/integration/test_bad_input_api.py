@@ -29,31 +29,12 @@ from jobs.db import session_scope
 from jobs.models import Batch, Job
 from jobs.settings import Settings
 from jobs.validation import BatchValidationError, ValidationError
-from tests.support import LIMITS, ROOT, settings_env
+from tests.support import LIMITS, ROOT, body, jsonl, line, settings_env
 
 pytestmark = pytest.mark.integration
 
 MB = 1024 * 1024
 OUT_OF_RANGE = 2**63  # one past the largest bigint id
-
-
-def body(text: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {"model": "kimi-k2-5", "messages": [{"role": "user", "content": text}], **extra}
-
-
-def line(custom_id: str, **overrides: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": body(f"question {custom_id}"),
-    }
-    row.update(overrides)
-    return row
-
-
-def jsonl(*rows: object) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
 def rows_stored(settings: Settings) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from jobs.batchfile import (
     read_batch_stream,
 )
 from jobs.validation import BatchValidationError, ValidationError, check_request
-from tests.support import HEROKU_EXAMPLE, LIMITS, ROOT
+from tests.support import HEROKU_EXAMPLE, LIMITS, ROOT, body, jsonl, line
 
 FUZZ = settings(
     max_examples=200,
@@ -37,25 +37,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 MB = 1024 * 1024
-
-
-def body(text: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {"model": "kimi-k2-5", "messages": [{"role": "user", "content": text}], **extra}
-
-
-def line(custom_id: str, **overrides: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": body(f"question {custom_id}"),
-    }
-    row.update(overrides)
-    return row
-
-
-def jsonl(*rows: object) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
 def only_problem(data: bytes) -> ValidationError:

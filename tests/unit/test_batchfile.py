@@ -24,7 +24,7 @@ from jobs.batchfile import (
     write_output,
 )
 from jobs.validation import BatchValidationError, ValidationError
-from tests.support import HEROKU_EXAMPLE, LIMITS
+from tests.support import HEROKU_EXAMPLE, LIMITS, body, jsonl, line
 
 FUZZ = settings(
     max_examples=150,
@@ -32,25 +32,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-
-def body(text: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {"model": "kimi-k2-5", "messages": [{"role": "user", "content": text}], **extra}
-
-
-def line(custom_id: str, **overrides: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": body(f"question {custom_id}"),
-    }
-    row.update(overrides)
-    return row
-
-
-def jsonl(*rows: object) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
 def read(data: bytes) -> list[BatchItem]:
