@@ -228,3 +228,25 @@ def line(custom_id: str, **overrides: Any) -> dict[str, Any]:
 
 def jsonl(*rows: object) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def run_python(
+    settings: Settings, *argv: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """``python *argv`` from the repository root, in ``env`` (default: exactly ``settings``)."""
+    return subprocess.run(
+        [sys.executable, *argv],
+        env=settings_env(settings) if env is None else env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m jobs *args``, as an operator runs it."""
+    return run_python(settings, "-m", "jobs", *args, env=env)

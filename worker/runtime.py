@@ -122,13 +122,15 @@ class Runtime:
         JOB_LEASE_SECONDS; renewing at a quarter of the lease rides out a
         Postgres outage of up to about three quarters of it.
         """
+        url = self.settings.database_url
+        assert url is not None
         interval = self.settings.job_lease_seconds / 4
         while not self.stop.wait(interval):
             held = self.runner.held()
             if not held:
                 continue
             try:
-                with session_scope(self.settings.database_url or "") as session:
+                with session_scope(url) as session:
                     store.renew_leases(session, held, lease_s=self.settings.job_lease_seconds)
             except Exception as exc:  # noqa: BLE001 - Postgres blip: renew next time
                 log_event("heartbeat_error", error=type(exc).__name__, message=str(exc)[:200])

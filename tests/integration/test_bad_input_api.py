@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from jobs.db import session_scope
 from jobs.models import Batch, Job
 from jobs.settings import Settings
 from jobs.validation import BatchValidationError, ValidationError
-from tests.support import LIMITS, ROOT, body, jsonl, line, settings_env
+from tests.support import LIMITS, body, jsonl, line, run_cli, run_python, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -442,15 +441,7 @@ _SUBMIT_PEAK = textwrap.dedent(
 
 
 def submit_in_child(settings: Settings, path: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-c", _SUBMIT_PEAK, str(path)],
-        env=settings_env(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
+    done = run_python(settings, "-c", _SUBMIT_PEAK, str(path), timeout=110)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
@@ -503,20 +494,6 @@ def test_a_200_mb_file_is_stored_in_bounded_memory(settings: Settings, tmp_path:
 
 
 # --- the CLI ---------------------------------------------------------------------------------
-
-
-def run_cli(
-    settings: Settings, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs", *args],
-        env=env or settings_env(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], message: str) -> None:

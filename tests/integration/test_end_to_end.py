@@ -4,8 +4,6 @@ process, the simulator over HTTP, and back to results and usage."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from jobs.db import session_scope
 from jobs.models import Attempt
 from jobs.settings import Settings
 from jobs.simulator import Simulator
-from tests.support import ROOT, WorkerProcess, settings_env
+from tests.support import WorkerProcess, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -94,18 +92,6 @@ def assert_key_nowhere(settings: Settings, *texts: str) -> None:
             assert not any(key.encode() in v for v in values), name
     finally:
         client.close()
-
-
-def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs", *args],
-        env=settings_env(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_cli_submit_wait_status_results_usage(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from jobs.db import session_scope
 from jobs.models import Attempt, Batch, Job, JobStatus
 from jobs.settings import Settings
 from jobs.validation import CheckedRequest
-from tests.support import ROOT, WorkerProcess, settings_env
+from tests.support import WorkerProcess, run_cli, run_python, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -318,16 +317,8 @@ def test_purged_jobs_read_as_purged_and_cannot_be_retried(settings: Settings) ->
     assert status == JobStatus.FAILED
 
 
-def run_cli(settings: Settings, *args: str, days: str = "30") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs", *args],
-        env=settings_env(settings) | {"RESULT_RETENTION_DAYS": days},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def purge_cli(settings: Settings, *args: str, days: str = "30") -> subprocess.CompletedProcess[str]:
+    return run_cli(settings, *args, env=settings_env(settings) | {"RESULT_RETENTION_DAYS": days})
 
 
 def test_cli_purge_and_results(settings: Settings) -> None:
@@ -339,20 +330,20 @@ def test_cli_purge_and_results(settings: Settings) -> None:
     age(db, ids[:2], days=45)
     age(db, ids[2:], days=5)
 
-    dry = run_cli(settings, "purge", "--dry-run")
+    dry = purge_cli(settings, "purge", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith("would purge 2 jobs finished more than 30 days ago")
     assert bodies(db, ids[0])["purged_at"] is None
 
-    done = run_cli(settings, "purge")
+    done = purge_cli(settings, "purge")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 1
     assert done.stdout.startswith("purged 2 jobs finished more than 30 days ago")
 
-    explicit = run_cli(settings, "purge", "--older-than-days", "1")
+    explicit = purge_cli(settings, "purge", "--older-than-days", "1")
     assert explicit.stdout.startswith("purged 1 jobs finished more than 1 days ago")
 
-    results = run_cli(settings, "results", str(batch_id))
+    results = purge_cli(settings, "results", str(batch_id))
     assert results.returncode == 0, results.stderr
     lines = [json.loads(x) for x in results.stdout.splitlines()]
     assert [x["custom_id"] for x in lines] == ["req-1", "req-2", "req-3"]
@@ -367,7 +358,7 @@ def test_cli_purge_with_retention_off_and_bad_arguments(settings: Settings) -> N
     _, ids = make_batch(db, 1)
     run(db, ids[0])
     age(db, ids, days=400)
-    off = run_cli(settings, "purge", days="0")
+    off = purge_cli(settings, "purge", days="0")
     assert off.returncode == 0, off.stderr
     assert off.stdout.startswith("nothing purged: RESULT_RETENTION_DAYS=0")
     assert bodies(db, ids[0])["purged_at"] is None
@@ -377,7 +368,7 @@ def test_cli_purge_with_retention_off_and_bad_arguments(settings: Settings) -> N
         (["purge", "--older-than-days", "soon"], "30", "not a number of days"),
         (["purge"], "forever", "RESULT_RETENTION_DAYS must be an integer"),
     ):
-        proc = run_cli(settings, *args, days=days)
+        proc = purge_cli(settings, *args, days=days)
         assert proc.returncode == 2, proc.stdout
         assert message in proc.stderr
         assert "Traceback" not in proc.stderr
@@ -393,14 +384,8 @@ def test_worker_app_registers_the_task_and_schedules_it_only_with_retention(
         "print(json.dumps({'tasks': sorted(app.tasks), 'schedule': app.conf.beat_schedule}, "
         "default=str))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=settings_env(settings) | {"RESULT_RETENTION_DAYS": days},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc = run_python(
+        settings, "-c", code, env=settings_env(settings) | {"RESULT_RETENTION_DAYS": days}
     )
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout.splitlines()[-1])
