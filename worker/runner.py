@@ -155,10 +155,16 @@ class Runner:
 
     def run(self, job_id: int) -> Outcome:
         """Run one job to a terminal state, or hand it back; see the module docstring."""
+        deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
+        job = self._in_tx(lambda session: store.claim(session, job_id, lease_s=self._lease_s()))
+        if job is None:
+            log_event("skipped", job=job_id, reason="finished or leased elsewhere")
+            return "skipped"
+        # Only a job this runner claimed is renewed by the heartbeat or handed back.
         with self._held_lock:
             self._held.add(job_id)
         try:
-            return self._run(job_id)
+            return self._work(job, deadline)
         except Exception as exc:
             # An outage outlasted OUTAGE_PATIENCE_S or a bug: give the job back now
             # rather than leave it to its lease, if Postgres lets us.
@@ -173,12 +179,7 @@ class Runner:
             with self._held_lock:
                 self._held.discard(job_id)
 
-    def _run(self, job_id: int) -> Outcome:
-        deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
-        job = self._in_tx(lambda session: store.claim(session, job_id, lease_s=self._lease_s()))
-        if job is None:
-            log_event("skipped", job=job_id, reason="finished or leased elsewhere")
-            return "skipped"
+    def _work(self, job: store.ClaimedJob, deadline: float) -> Outcome:
         fields = {"job": job.id, "batch": job.batch_id}
         log_event("started", **fields, status="running")
         try:

@@ -284,3 +284,19 @@ def test_brief_outages_are_retried_not_fatal(
     assert sum("event=outage" in line for line in events()) == 2
     with pytest.raises(ValueError, match="not an outage"):
         harness.runner._through_outage(lambda: (_ for _ in ()).throw(ValueError("not an outage")))
+
+
+def test_a_crash_after_the_claim_hands_the_job_back(harness: Harness) -> None:
+    assert harness.settings.database_url
+    job_id = store_job(harness.settings.database_url, body())
+
+    def broken_throttle(_model: str) -> Throttle:
+        raise RuntimeError("bug")
+
+    runner = Runner(harness.settings, harness.client, broken_throttle, harness.circuit)
+    with pytest.raises(RuntimeError):
+        runner.run(job_id)
+    job = harness.job(job_id)
+    assert (job.status, job.last_error) == (JobStatus.QUEUED, "worker error: RuntimeError")
+    assert runner.held() == []
+    assert harness.sim.stats().calls == 0
