@@ -18,6 +18,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from jobs import broker
 from jobs.constants import (
     QUEUE_BULK,
     QUEUE_CONTROL,
@@ -80,6 +81,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": url,
+        # kombu's Redis transport, minus a crash when the consumer reconnects.
+        "broker_transport": broker.TRANSPORT,
         "broker_use_ssl": tls,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,

@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 
 from jobs import embedded, migrate
 from jobs.simulator import Simulator, SimulatorConfig
-from tests.faults.conftest import fault_settings
+from tests.faults.conftest import RPM, TPM, fault_settings
 from tests.faults.harness import PrivateRedis, check_invariants, fleet, submit, wait_finished
 from tests.support import TEST_KEY, create_database, wait_until
 
@@ -53,6 +53,41 @@ def test_redis_restart_with_its_data_lost_mid_batch(
                 rate_limited=stats.rate_limited,
             )
         )
+    finally:
+        sim.stop()
+
+
+@pytest.mark.timeout(400)
+def test_redis_restarting_again_and_again(
+    clean_db: str, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    # Each restart cuts the consumers mid-reconnection at a different point; kombu's
+    # own transport crashed a consumer for good on some of them (jobs/broker.py).
+    sim = Simulator(
+        SimulatorConfig(key=TEST_KEY, rpm=RPM, tpm=TPM, latency_min=0.3, latency_max=1.5)
+    ).start()
+    try:
+        settings = fault_settings(clean_db, private_redis.url, sim.url)
+        with fleet(settings, tmp_path, concurrency=40) as f:
+            f.start(2)
+            batch = submit(settings, 2500, tag="redis-again")
+            wait_until(lambda: sim.stats().ok >= 100, 60, "100 calls answered")
+            for down_s in (0.0, 0.2, 1.0, 3.0, 0.5) * 2:
+                private_redis.crash()
+                time.sleep(down_s)
+                private_redis.start()
+                time.sleep(2)
+            restarted = time.monotonic()
+            logged = [len(w.log()) for w in f.workers]
+            progress = wait_finished(batch, 240, f)
+            recovered_s = time.monotonic() - restarted
+            assert all(w.proc.poll() is None for w in f.workers), "no worker died"
+            for worker, offset in zip(f.workers, logged, strict=True):
+                assert "event=succeeded" in worker.log()[offset:], "every worker consumes again"
+            assert "Unrecoverable error" not in f.logs()
+        found = check_invariants(settings, sim, batch)
+        assert progress.succeeded == 2500, progress
+        print(found.line("redis-restarts-x10", finished_after_last_s=round(recovered_s, 1)))
     finally:
         sim.stop()
 
