@@ -15,7 +15,9 @@ visibility timeout, the dispatcher republishes jobs whose message went missing,
 and a duplicate message is harmless (the claim in Postgres ignores it).
 
 Celery uses this transport through ``broker_transport`` (see
-:func:`jobs.connections.celery_config`); URLs stay plain ``redis://``/``rediss://``.
+:func:`jobs.connections.celery_config`), under the names ``bi-redis`` and
+``bi-rediss`` (the latter for TLS URLs) so that Celery's "Connected to" line still
+says which; URLs stay plain ``redis://``/``rediss://``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 logger = logging.getLogger(__name__)
 
-#: The value of Celery's ``broker_transport`` setting that selects this module.
+#: Where kombu finds the transport.
 TRANSPORT = "jobs.broker:Transport"
+#: Celery's ``broker_transport`` for plain and TLS URLs: names kombu resolves to
+#: :data:`TRANSPORT`, and that Celery prints as the URL's scheme.
+PLAIN, TLS = "bi-redis", "bi-rediss"
+TRANSPORT_ALIASES.setdefault(PLAIN, TRANSPORT)
+TRANSPORT_ALIASES.setdefault(TLS, TRANSPORT)
+
+
+def transport_for(url: str) -> str:
+    """The ``broker_transport`` value for a ``redis://`` or ``rediss://`` URL."""
+    return TLS if url.startswith("rediss://") else PLAIN
 
 
 class QoS(kombu_redis.QoS):

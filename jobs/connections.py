@@ -82,7 +82,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": url,
         # kombu's Redis transport, minus a crash when the consumer reconnects.
-        "broker_transport": broker.TRANSPORT,
+        "broker_transport": broker.transport_for(url),
         "broker_use_ssl": tls,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,

@@ -54,7 +54,7 @@ def test_stock_kombu_still_crashes_there(redis_url: str, unacked: str) -> None:
 def test_closing_a_collected_connection_keeps_the_message_for_redelivery(
     redis_url: str, unacked: str
 ) -> None:
-    conn = Connection(redis_url, transport=broker.TRANSPORT)
+    conn = Connection(redis_url, transport=broker.PLAIN)
     message = take_one(conn)
     collect(conn)
     conn.default_channel.close()  # no AttributeError
@@ -64,7 +64,7 @@ def test_closing_a_collected_connection_keeps_the_message_for_redelivery(
 
 
 def test_the_transport_works_as_kombus_on_a_live_connection(redis_url: str, unacked: str) -> None:
-    with Connection(redis_url, transport=broker.TRANSPORT) as conn:
+    with Connection(redis_url, transport=broker.PLAIN) as conn:
         take_one(conn).ack()
         assert redis_client(redis_url).hlen(unacked) == 0
         take_one(conn)

@@ -218,7 +218,7 @@ def test_batch_through_a_worker_process_over_tls(
     finally:
         worker.stop()
     log = worker.log()
-    assert "Connected to rediss://" in log
+    assert "Connected to bi-rediss://" in log  # the TLS broker (the server has no plain port)
     assert rediss_url.removeprefix("rediss://") in log
     assert "event=succeeded" in log
     assert_no_tls_errors(log)

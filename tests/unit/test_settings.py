@@ -15,6 +15,8 @@ def test_defaults_come_from_the_model_table() -> None:
     assert settings.model_id == "kimi-k2-5"
     assert (settings.rpm, settings.tpm, settings.context_tokens) == (150, 800_000, 262_144)
     assert settings.tpm_charge == "reserve"
+    assert settings.interactive_reserve == 0
+    assert Settings.from_env({"INFERENCE_INTERACTIVE_RESERVE": "15"}).interactive_reserve == 15
     assert settings.simulated
     assert settings.database_url is None and settings.redis_url is None
 
@@ -53,6 +55,7 @@ def test_database_url_is_rewritten_for_psycopg(raw: str, expected: str) -> None:
         ("INFERENCE_RPM", "0", "INFERENCE_RPM must be at least 1"),
         ("INFERENCE_READ_TIMEOUT", "-1", "INFERENCE_READ_TIMEOUT must be positive"),
         ("INFERENCE_TPM_CHARGE", "later", "INFERENCE_TPM_CHARGE must be"),
+        ("INFERENCE_INTERACTIVE_RESERVE", "-1", "INFERENCE_INTERACTIVE_RESERVE must be at least 0"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
@@ -84,6 +87,8 @@ def test_rediss_everywhere_skips_certificate_checks() -> None:
     config = celery_config(settings)
     assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
     assert config["redbeat_redis_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert config["broker_transport"] == "bi-rediss"
+    assert celery_config(Settings(redis_url="redis://h/0"))["broker_transport"] == "bi-redis"
     client = redis_client("rediss://:pw@example.com:6380/0")
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["ssl_cert_reqs"] == ssl.CERT_NONE
