@@ -85,19 +85,22 @@ def batch_span(database_url: str, batch_id: int) -> tuple[float, float | None]:
     return float(row[0]), None if row[1] is None else float(row[1])
 
 
-def first_call_waits(database_url: str, priority: int) -> tuple[list[float], int]:
-    """Seconds from a job's creation to its first call, for jobs of ``priority``.
+def first_call_waits(
+    database_url: str, priority: int, *, created_after: float = 0.0
+) -> tuple[list[float], int]:
+    """Seconds from a job's creation to its first call, for jobs of ``priority``
+    created after the Unix time ``created_after``.
 
     Returns the waits of jobs that made a call and how many never did.
     """
     query = """
         SELECT extract(epoch FROM (min(a.started_at) - j.created_at))::float8
         FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id
-        WHERE j.priority = %s
+        WHERE j.priority = %s AND j.created_at > to_timestamp(%s)
         GROUP BY j.id, j.created_at
     """
     with psycopg.connect(conninfo(database_url)) as conn:
-        rows = conn.execute(query, (priority,)).fetchall()
+        rows = conn.execute(query, (priority, created_after)).fetchall()
     waits = [float(r[0]) for r in rows if r[0] is not None]
     return waits, sum(1 for r in rows if r[0] is None)
 

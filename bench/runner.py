@@ -45,6 +45,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("restart", "Start-up and Redis FLUSHDB mid-run", rate.restart),
     Scenario("shared-key", "Another client on the same key", rate.shared_key),
     Scenario("priority", "Interactive jobs over a bulk backlog", system.priority),
+    Scenario("priority-reserve", "The same with an interactive reserve", system.priority_reserve),
     Scenario("overhead-throughput", "Limits lifted: jobs/s and CPU", system.overhead_throughput),
     Scenario("overhead-rss", "Worker RSS with 100 calls in flight", system.overhead_rss),
     Scenario("overhead-submit", "Submitting a big batch file", system.overhead_submit),

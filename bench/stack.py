@@ -242,6 +242,8 @@ class StackSpec:
     rpm: int
     tpm: int
     concurrency: int = Settings().worker_concurrency
+    #: INFERENCE_INTERACTIVE_RESERVE given to the system.
+    interactive_reserve: int = Settings().interactive_reserve
 
 
 class Stack:
@@ -331,6 +333,7 @@ class Stack:
             INFERENCE_TPM=str(self.spec.tpm),
             INFERENCE_TPM_CHARGE=self.spec.sim.charge,
             WORKER_CONCURRENCY=str(self.spec.concurrency),
+            INFERENCE_INTERACTIVE_RESERVE=str(self.spec.interactive_reserve),
             PYTHONUNBUFFERED="1",
             # Heroku's SIGTERM, handled as the Procfile's worker does.
         )

@@ -47,6 +47,12 @@ def throttle_init_key(bucket: str) -> str:
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:init"
 
 
+def throttle_interactive_key(bucket: str) -> str:
+    """Sorted set of the bucket's recent interactive admissions (5 windows), scored by
+    Redis time (ms): how much of each window bulk leaves free for them."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:interactive"
+
+
 def circuit_key(fingerprint: str) -> str:
     """Hash of the key circuit, present while the provider rejects that key (401/403)."""
     return f"{KEY_PREFIX}circuit:{fingerprint}"

@@ -91,6 +91,12 @@ class Settings:
     #: enforces, so that a call admitted exactly one window later cannot reach
     #: the provider before the earlier call's slot has left its window. Default 1.
     window_margin_s: float = 1.0
+    #: INFERENCE_INTERACTIVE_RESERVE. Requests of every window that bulk jobs leave
+    #: free for interactive ones even before any interactive job was seen (and the
+    #: same share of tpm). Beyond it the throttle holds back what the interactive
+    #: rate of the last five minutes needs. Default 0: bulk fills an idle key's
+    #: windows, and the first interactive jobs may wait for a bulk slot to free.
+    interactive_reserve: int = 0
     #: INFERENCE_DEFAULT_MAX_TOKENS. Completion tokens reserved for a request
     #: that sets no max_tokens (the body itself is sent unchanged). Default 4096.
     default_max_tokens: int = 4096
@@ -216,6 +222,7 @@ class Settings:
             context_tokens=context,
             tpm_charge="actual" if charge == "actual" else "reserve",
             window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", 1.0, zero_ok=True),
+            interactive_reserve=_int(e, "INFERENCE_INTERACTIVE_RESERVE", 0, minimum=0),
             default_max_tokens=_int(e, "INFERENCE_DEFAULT_MAX_TOKENS", 4096, minimum=1),
             connect_timeout=_float(e, "INFERENCE_CONNECT_TIMEOUT", 10.0),
             read_timeout=read_timeout,

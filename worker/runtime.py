@@ -77,6 +77,7 @@ class Runtime:
                     rpm=rpm,
                     tpm=tpm,
                     window_s=window_s,
+                    interactive_reserve=self.settings.interactive_reserve,
                     seed=self._seed_for(model, window_s),
                 )
                 self._throttles[model] = throttle

@@ -30,6 +30,14 @@ interactive entries: bulk keeps the rest of the window while it waits. Takeovers
 looked for within two windows of now; an interactive request that finds none there
 joins the end of the queue like a bulk one.
 
+A takeover is a last resort: when a strict window is full, the next booked bulk slot
+may lie at its next roll, up to a window away. So bulk requests hold part of every
+window back for interactive ones (:func:`interactive_hold`): sized to the interactive
+rate seen over the last :data:`HISTORY_WINDOWS` windows, and at least
+``interactive_reserve`` requests at all times. Interactive entries of a window use the
+hold up before bulk gives up anything more; with no interactive traffic seen and no
+reserve, bulk fills every window.
+
 Seeding. The provider remembers the last window even when Redis loses the log
 (restart, flush, expiry after an idle window). A bucket without its initialised
 marker is seeded before anything is admitted: with the ``seed`` callable's history
@@ -138,8 +146,20 @@ def no_history() -> list[tuple[float, int]]:
     return []
 
 
+#: Windows of interactive history behind a bulk request's hold (see :func:`interactive_hold`).
+HISTORY_WINDOWS = 5
+
+#: A log entry as the reference functions take it: ``(score, tokens)``, or
+#: ``(score, tokens, member)`` where the member's prefix says its kind.
+Entry = tuple[int, int] | tuple[int, int, str]
+
+
+def _is_interactive(entry: Entry) -> bool:
+    return len(entry) > 2 and entry[2].startswith("i.")
+
+
 def earliest_slot(
-    entries: Sequence[tuple[int, int]],
+    entries: Sequence[Entry],
     *,
     now_ms: int,
     pause_until_ms: int,
@@ -147,23 +167,68 @@ def earliest_slot(
     rpm: int,
     tpm: int,
     cost: int,
+    hold_requests: int = 0,
+    hold_tokens: int = 0,
 ) -> int:
-    """Return the slot at the end of the queue, given the log as ``(score, tokens)`` pairs.
+    """Return the slot at the end of the queue, given the log.
 
     This is the reference statement of the Lua computation for a bulk request, used
     to cross-check it. Entries at or before ``now_ms - window_ms`` are pruned. The slot
     is the earliest ``t`` no earlier than now, the pause end and the newest entry such
     that the entries scored in ``(t - window_ms, t]``, plus the new one, fit ``rpm``
-    and ``tpm``.
+    and ``tpm`` with ``hold_requests`` and ``hold_tokens`` left over, less what the
+    interactive entries among them use (see :func:`interactive_hold`).
     """
     live = sorted((e for e in entries if e[0] > now_ms - window_ms), key=lambda e: e[0])
     floor = max(now_ms, pause_until_ms, live[-1][0] if live else now_ms)
-    tokens = cost
-    for count, (score, entry_tokens) in enumerate(reversed(live), start=1):
-        tokens += entry_tokens
-        if count + 1 > rpm or tokens > tpm:
-            return max(floor, score + window_ms)
+    tokens, interactive, interactive_tokens = cost, 0, 0
+    for count, entry in enumerate(reversed(live), start=1):
+        tokens += entry[1]
+        if _is_interactive(entry):
+            interactive += 1
+            interactive_tokens += entry[1]
+        if (
+            count + 1 + max(0, hold_requests - interactive) > rpm
+            or tokens + max(0, hold_tokens - interactive_tokens) > tpm
+        ):
+            return max(floor, entry[0] + window_ms)
     return floor
+
+
+def interactive_hold(
+    history: Sequence[tuple[int, int]],
+    *,
+    now_ms: int,
+    window_ms: int,
+    rpm: int,
+    tpm: int,
+    cap: int,
+    reserve: int = 0,
+) -> tuple[int, int]:
+    """Return the requests and tokens of each window that bulk leaves to interactive traffic.
+
+    The reference statement of the Lua computation. ``history`` holds the ``(score,
+    tokens)`` of interactive admissions; those of the last :data:`HISTORY_WINDOWS`
+    windows give a rate per window, measured over the span they cover (at least one
+    window). The hold is that rate plus a quarter, plus one request and one request's
+    worth of tokens (the largest seen) for an arrival above the rate; at least
+    ``reserve`` requests and the same share of ``tpm`` at all times; at most ``cap``
+    requests and the same share of ``tpm``. Without a hold a saturating bulk backlog
+    books every slot of the coming windows, and an interactive request can only take
+    over a booked bulk slot at the next roll of a strict window, up to a window away.
+    """
+    hold_requests = min(cap, reserve)
+    hold_tokens = math.floor(tpm * hold_requests / rpm)
+    live = [e for e in history if e[0] > now_ms - HISTORY_WINDOWS * window_ms]
+    if cap <= 0 or not live:
+        return hold_requests, hold_tokens
+    windows = max(window_ms, now_ms - min(score for score, _ in live)) / window_ms
+    tokens = sum(t for _, t in live)
+    seen_requests = min(cap, math.ceil(1.25 * len(live) / windows) + 1)
+    seen_tokens = min(
+        math.floor(tpm * cap / rpm), math.ceil(1.25 * tokens / windows) + max(t for _, t in live)
+    )
+    return max(hold_requests, seen_requests), max(hold_tokens, seen_tokens)
 
 
 def interactive_slot(
@@ -238,8 +303,8 @@ class Throttle:
 
     ``bucket`` is an opaque label such as ``"kimi-k2-5:ab12cd34ef56"``; never the key
     itself, since it ends up in Redis key names. Every client of a bucket must use the
-    same limits, window and ``interactive_share``. One instance is safe to share
-    between threads.
+    same limits, window, ``interactive_share`` and ``interactive_reserve``. One
+    instance is safe to share between threads.
 
     ``seed`` returns the calls admitted during the last window, as ``(age seconds,
     tokens)`` pairs (the worker reads them from its ledger). It is called when the
@@ -260,6 +325,7 @@ class Throttle:
         tpm: int,
         window_s: float = 60.0,
         interactive_share: float = 0.5,
+        interactive_reserve: int = 0,
         seed: Callable[[], History] | None = None,
     ) -> None:
         if rpm < 1 or tpm < 1:
@@ -276,6 +342,9 @@ class Throttle:
         self.interactive_share = interactive_share
         self._window_ms = window_ms
         self._cap = math.floor(interactive_share * rpm)
+        if interactive_reserve < 0:
+            raise ValueError(f"interactive_reserve must not be negative, got {interactive_reserve}")
+        self._reserve = interactive_reserve
         self._seed = seed
         self._store = ThrottleStore(redis, bucket, window_ms=window_ms)
         # One thread per instance reads the history at a time; the others reuse its
@@ -346,6 +415,7 @@ class Throttle:
                 tpm=self.tpm,
                 max_wait_ms=max_wait_ms,
                 interactive_cap=self._cap,
+                interactive_reserve=self._reserve,
                 confirm=confirm,
                 init=init,
                 history=history,

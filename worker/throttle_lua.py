@@ -67,16 +67,25 @@ local function prune(log, now, window)
 end
 
 -- Earliest t >= floor and >= arr[n]'s score at which arr[1..n] plus one more entry
--- costing `cost` fit the window ending at t.
-local function fit_after(arr, n, floor, window, rpm, tpm, cost)
+-- costing `cost` fit the window ending at t. A bulk entry also leaves `hold_r`
+-- requests and `hold_t` tokens of that window to interactive traffic, less what the
+-- window's interactive entries already use (nil: no hold). Looking further back only
+-- adds to the left-hand sides, so the first entry that breaks a limit binds.
+local function fit_after(arr, n, floor, window, rpm, tpm, cost, hold_r, hold_t)
+  hold_r, hold_t = hold_r or 0, hold_t or 0
   if n > 0 and arr[n][1] > floor then
     floor = arr[n][1]
   end
-  local count, tokens = 0, cost
+  local count, tokens, icount, itokens = 0, cost, 0, 0
   for i = n, math.max(1, n - rpm + 1), -1 do
     count = count + 1
     tokens = tokens + arr[i][2]
-    if count + 1 > rpm or tokens > tpm then
+    if arr[i][3] and kind(arr[i][3]) == 'i.' then
+      icount = icount + 1
+      itokens = itokens + arr[i][2]
+    end
+    if count + 1 + math.max(0, hold_r - icount) > rpm
+      or tokens + math.max(0, hold_t - itokens) > tpm then
       return math.max(floor, arr[i][1] + window)
     end
   end
@@ -84,13 +93,42 @@ local function fit_after(arr, n, floor, window, rpm, tpm, cost)
 end
 
 -- The slot at the end of the queue: after every logged entry.
-local function next_slot(log, floor, window, rpm, tpm, cost)
+local function next_slot(log, floor, window, rpm, tpm, cost, hold_r, hold_t)
   local raw = redis.call('ZREVRANGE', log, 0, rpm - 1, 'WITHSCORES')
   local arr = {}
   for i = #raw - 1, 1, -2 do
-    arr[#arr + 1] = {tonumber(raw[i + 1]), entry_tokens(raw[i])}
+    arr[#arr + 1] = {tonumber(raw[i + 1]), entry_tokens(raw[i]), raw[i]}
   end
-  return fit_after(arr, #arr, floor, window, rpm, tpm, cost)
+  return fit_after(arr, #arr, floor, window, rpm, tpm, cost, hold_r, hold_t)
+end
+
+-- What a bulk entry leaves of its window to interactive traffic: the interactive
+-- rate seen over the last HISTORY_WINDOWS windows (per window, over the span actually
+-- seen), a quarter more, plus one request and one request's tokens for an arrival
+-- above the rate; at least `reserve` requests (and the same share of tpm) at all
+-- times; never more than the interactive share (cap requests, the same share of tpm).
+local HISTORY_WINDOWS = 5
+local function interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
+  redis.call('ZREMRANGEBYSCORE', hist, '-inf', fmt(now - HISTORY_WINDOWS * window))
+  local hold_r = math.min(cap, reserve)
+  local hold_t = math.floor(tpm * hold_r / rpm)
+  local raw = redis.call('ZRANGE', hist, 0, -1, 'WITHSCORES')
+  if #raw == 0 or cap <= 0 then
+    return hold_r, hold_t
+  end
+  local count, tokens, biggest, oldest = 0, 0, 0, now
+  for i = 1, #raw, 2 do
+    local t = entry_tokens(raw[i])
+    count = count + 1
+    tokens = tokens + t
+    if t > biggest then biggest = t end
+    oldest = math.min(oldest, tonumber(raw[i + 1]))
+  end
+  local windows = math.max(window, now - oldest) / window
+  hold_r = math.max(hold_r, math.min(cap, math.ceil(1.25 * count / windows) + 1))
+  hold_t = math.max(hold_t, math.min(math.floor(tpm * cap / rpm),
+    math.ceil(1.25 * tokens / windows) + biggest))
+  return hold_r, hold_t
 end
 
 -- Move booked (future) entries later, in order, where entries inserted in the past
@@ -197,11 +235,14 @@ end
 """
 
 #: Reserve a slot for a new request, or confirm (and if need be move) a held one.
-#: KEYS[1] log, KEYS[2] pause marker, KEYS[3] initialised marker.
+#: KEYS[1] log, KEYS[2] pause marker, KEYS[3] initialised marker, KEYS[4] interactive
+#: history (a sorted set of recent interactive members, scored by Redis time ms).
 #: ARGV[1] reservation id (``b.``/``i.`` prefix), ARGV[2] tokens, ARGV[3] window ms,
 #: ARGV[4] rpm, ARGV[5] tpm, ARGV[6] interactive cap (takeovers per window),
 #: ARGV[7] max wait ms (from now), ARGV[8] 1 to confirm a held reservation,
-#: ARGV[9] init mode, then (ARGV[10], ARGV[11]), ... (age ms, tokens) seed pairs.
+#: ARGV[9] init mode, ARGV[10] interactive reserve (requests of every window bulk
+#: leaves free even before interactive traffic is seen), then (ARGV[11], ARGV[12]),
+#: ... (age ms, tokens) seed pairs.
 #:
 #: Init mode applies when the initialised marker is missing: 0 = change nothing and
 #: answer "unseeded"; 1 = assume the provider's window may be full and pause the bucket
@@ -216,11 +257,12 @@ end
 ACQUIRE_LUA = (
     _LUA_COMMON
     + """
-local log, pause_key, init = KEYS[1], KEYS[2], KEYS[3]
+local log, pause_key, init, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, cost = ARGV[1], tonumber(ARGV[2])
 local window, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local cap, max_wait = tonumber(ARGV[6]), tonumber(ARGV[7])
 local confirming, mode = ARGV[8] == '1', tonumber(ARGV[9])
+local reserve = tonumber(ARGV[10])
 local member = id .. ':' .. fmt(cost)
 local now = now_ms()
 prune(log, now, window)
@@ -236,12 +278,12 @@ if redis.call('EXISTS', init) == 0 then
     end
   else
     local newest = nil
-    for i = 10, #ARGV - 1, 2 do
+    for i = 11, #ARGV - 1, 2 do
       local age = math.max(0, tonumber(ARGV[i]))
       if age < window then
         local score = now - age
         redis.call('ZADD', log, fmt(score),
-          's.' .. id .. '.' .. fmt((i - 8) / 2) .. ':' .. fmt(tonumber(ARGV[i + 1])))
+          's.' .. id .. '.' .. fmt((i - 9) / 2) .. ':' .. fmt(tonumber(ARGV[i + 1])))
         if newest == nil or score > newest then newest = score end
       end
     end
@@ -269,11 +311,13 @@ if confirming then
 end
 
 local floor = math.max(now, pause_until)
+local interactive = string.sub(id, 1, 2) == 'i.'
+local hold_r, hold_t = interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
 local slot, displaced
-if string.sub(id, 1, 2) == 'i.' then
+if interactive then
   slot, displaced = interactive_place(log, cost, now, floor, window, rpm, tpm, cap)
 else
-  slot = next_slot(log, floor, window, rpm, tpm, cost)
+  slot = next_slot(log, floor, window, rpm, tpm, cost, hold_r, hold_t)
 end
 if slot - now > max_wait then
   return {slot, now, 0}
@@ -281,10 +325,14 @@ end
 if displaced then
   redis.call('ZREM', log, displaced)
   redis.call('ZADD', log, fmt(slot), member)
-  local moved = next_slot(log, floor, window, rpm, tpm, entry_tokens(displaced))
+  local moved = next_slot(log, floor, window, rpm, tpm, entry_tokens(displaced), hold_r, hold_t)
   redis.call('ZADD', log, fmt(moved), displaced)
 else
   redis.call('ZADD', log, fmt(slot), member)
+end
+if interactive then
+  redis.call('ZADD', hist, fmt(now), member)
+  redis.call('PEXPIRE', hist, fmt(HISTORY_WINDOWS * window))
 end
 touch(log, init, now, window)
 return {slot, now, 1}

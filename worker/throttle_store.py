@@ -20,7 +20,12 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from jobs.constants import throttle_init_key, throttle_log_key, throttle_pause_key
+from jobs.constants import (
+    throttle_init_key,
+    throttle_interactive_key,
+    throttle_log_key,
+    throttle_pause_key,
+)
 from worker.throttle_lua import (
     ACQUIRE_LUA,
     OBSERVE_LUA,
@@ -130,6 +135,7 @@ class ThrottleStore:
         self._log = throttle_log_key(bucket)
         self._pause = throttle_pause_key(bucket)
         self._init = throttle_init_key(bucket)
+        self._interactive = throttle_interactive_key(bucket)
         self.window_ms = window_ms
 
     def place(
@@ -141,6 +147,7 @@ class ThrottleStore:
         tpm: int,
         max_wait_ms: int,
         interactive_cap: int = 0,
+        interactive_reserve: int = 0,
         confirm: bool = False,
         init: InitMode = InitMode.CHECK,
         history: Sequence[tuple[int, int]] = (),
@@ -160,11 +167,14 @@ class ThrottleStore:
             max_wait_ms,
             1 if confirm else 0,
             int(init),
+            interactive_reserve,
         ]
         if init is InitMode.SEED:
             for age_ms, entry_tokens in history:
                 args.extend((age_ms, entry_tokens))
-        raw = self._scripts.acquire(keys=[self._log, self._pause, self._init], args=args)
+        raw = self._scripts.acquire(
+            keys=[self._log, self._pause, self._init, self._interactive], args=args
+        )
         return _decision(raw)
 
     def reserve(
@@ -176,6 +186,7 @@ class ThrottleStore:
         tpm: int,
         max_wait_ms: int,
         interactive_cap: int = 0,
+        interactive_reserve: int = 0,
         init: InitMode = InitMode.CHECK,
         history: Sequence[tuple[int, int]] = (),
     ) -> SlotDecision:
@@ -187,6 +198,7 @@ class ThrottleStore:
             tpm=tpm,
             max_wait_ms=max_wait_ms,
             interactive_cap=interactive_cap,
+            interactive_reserve=interactive_reserve,
             init=init,
             history=history,
         )

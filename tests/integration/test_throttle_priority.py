@@ -10,7 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from jobs.constants import throttle_init_key, throttle_log_key, throttle_pause_key
+from jobs.constants import (
+    throttle_init_key,
+    throttle_interactive_key,
+    throttle_log_key,
+    throttle_pause_key,
+)
 from jobs.models import Priority
 from tests.integration.throttle_helpers import (
     BUCKET,
@@ -31,6 +36,7 @@ from worker.throttle import (
     Reservation,
     ThrottleInterrupted,
     earliest_slot,
+    interactive_hold,
     interactive_slot,
 )
 from worker.throttle_store import InitMode, ThrottleStore
@@ -49,12 +55,13 @@ def book(store: ThrottleStore, rid: str, *, rpm: int, tpm: int, cap: int, cost: 
     return decision.slot_ms
 
 
-def test_lua_matches_reference_for_interactive(r: CountingRedis) -> None:
+def test_lua_matches_reference(r: CountingRedis) -> None:
     rng = random.Random(20260301)
     log_key, pause_key = throttle_log_key(BUCKET), throttle_pause_key(BUCKET)
-    takeovers = 0
-    for case in range(250):
-        r.delete(log_key, pause_key, throttle_init_key(BUCKET))
+    history_key = throttle_interactive_key(BUCKET)
+    takeovers = holds = 0
+    for case in range(400):
+        r.delete(log_key, pause_key, throttle_init_key(BUCKET), history_key)
         window_ms = rng.choice([50, 700, 5000])
         rpm, tpm = rng.randint(1, 10), rng.randint(10, 2000)
         cap = rng.randint(0, rpm)
@@ -68,48 +75,63 @@ def test_lua_matches_reference_for_interactive(r: CountingRedis) -> None:
             kinds=["b.", "b.", "i.", "x.", "s."],
         )
         write_log(r, log)
+        history = [
+            (now - rng.randint(0, 6 * window_ms), rng.randint(0, tpm))
+            for _ in range(rng.choice([0, 0, 1, 3, 12]))
+        ]
+        for i, (score, tokens) in enumerate(history):
+            r.zadd(history_key, {f"i.h{i}:{tokens}": score})
         pause_until = 0
         if rng.random() < 0.2:
             pause_until = now + rng.randint(1, 2 * window_ms)
             r.set(pause_key, pause_until, px=pause_until - now)
         cost = rng.randint(0, tpm)
+        kind = rng.choice(["i.", "b."])
+        reserve = rng.choice([0, 0, 1, 3])
         store = ThrottleStore(r, BUCKET, window_ms=window_ms)
         decision = store.reserve(
-            "i.new", cost, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap,
-            init=InitMode.SEED,
+            f"{kind}new", cost, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap,
+            interactive_reserve=reserve, init=InitMode.SEED,
         )  # fmt: skip
-        expected, displaced = interactive_slot(
-            log,
-            now_ms=decision.now_ms,
-            pause_until_ms=pause_until,
-            window_ms=window_ms,
-            rpm=rpm,
-            tpm=tpm,
-            cap=cap,
-            cost=cost,
-        )
         assert decision.admitted
-        assert decision.slot_ms == expected, f"case {case}"
+        common = {"now_ms": decision.now_ms, "pause_until_ms": pause_until, "window_ms": window_ms}
+        hold = interactive_hold(
+            history, now_ms=decision.now_ms, window_ms=window_ms, rpm=rpm, tpm=tpm, cap=cap,
+            reserve=reserve,
+        )  # fmt: skip
+        holds += hold != (0, 0)
         after = members(r)
+        if kind == "b.":
+            expected = earliest_slot(
+                log, **common, rpm=rpm, tpm=tpm, cost=cost, hold_requests=hold[0],
+                hold_tokens=hold[1],
+            )  # fmt: skip
+            assert decision.slot_ms == after[f"b.new:{cost}"] == expected, f"case {case}"
+            continue
+        expected, displaced = interactive_slot(log, **common, rpm=rpm, tpm=tpm, cap=cap, cost=cost)
+        assert decision.slot_ms == expected, f"case {case}"
         assert after[f"i.new:{cost}"] == expected
+        # Logged in the history, which decides the hold of later bulk requests.
+        assert r.zscore(history_key, f"i.new:{cost}") == decision.now_ms
         if displaced is not None:
             takeovers += 1
             # The displaced entry went to the end of the queue, as a new bulk request would.
-            rest = [(s, c) for s, c, m in log if m != displaced and s > decision.now_ms - window_ms]
+            rest = [e for e in log if e[2] != displaced and e[0] > decision.now_ms - window_ms]
             moved = earliest_slot(
-                [*rest, (expected, cost)],
-                now_ms=decision.now_ms,
-                pause_until_ms=pause_until,
-                window_ms=window_ms,
+                [*rest, (expected, cost, f"i.new:{cost}")],
+                **common,
                 rpm=rpm,
                 tpm=tpm,
                 cost=int(displaced.rsplit(":", 1)[1]),
+                hold_requests=hold[0],
+                hold_tokens=hold[1],
             )
             assert after[displaced] == moved, f"case {case}"
         assert not overfull_future_windows(
             entries(r), now_ms=decision.now_ms, window_ms=window_ms, rpm=rpm, tpm=tpm
         ), f"case {case}"
     assert takeovers >= 20  # the random logs exercised the takeover path
+    assert holds >= 100  # and bulk holds
 
 
 def test_interactive_takes_the_earliest_booked_bulk_slot(r: CountingRedis) -> None:
@@ -135,6 +157,56 @@ def test_interactive_takes_the_earliest_booked_bulk_slot(r: CountingRedis) -> No
     assert not overfull_future_windows(
         entries(r), now_ms=now, window_ms=window_ms, rpm=rpm, tpm=tpm
     )
+
+
+def test_bulk_leaves_room_for_interactive_traffic_it_has_seen(r: CountingRedis) -> None:
+    rpm, tpm, window_ms, cap = 10, 10**6, 2000, 5
+    store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+    book(store, "i.seen", rpm=rpm, tpm=tpm, cap=cap)
+    for i in range(30):  # a backlog three windows deep
+        book(store, f"b.{i:02d}", rpm=rpm, tpm=tpm, cap=cap)
+    before = members(r)
+    now = redis_now_ms(r)
+    assert sum(1 for s in before.values() if s > now) >= 10  # bulk is waiting
+    # The hold (3 of each window) is there: the next interactive requests start at
+    # once, and no bulk reservation moves.
+    for n in range(2):
+        decision = store.reserve(
+            f"i.next{n}", 1, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap
+        )
+        assert decision.slot_ms == decision.now_ms
+    after = members(r)
+    assert {m: after[m] for m in before} == before
+    assert not overfull_future_windows(
+        entries(r), now_ms=now, window_ms=window_ms, rpm=rpm, tpm=tpm
+    )
+
+
+def test_a_reserve_holds_room_before_any_interactive_request(r: CountingRedis) -> None:
+    rpm, tpm, window_ms, cap = 10, 10**6, 2000, 5
+    store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+    for i in range(30):
+        decision = store.reserve(
+            f"b.{i:02d}", 1, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap,
+            interactive_reserve=2, init=InitMode.SEED,
+        )  # fmt: skip
+        assert decision.admitted
+    slots = sorted(members(r).values())
+    now = redis_now_ms(r)
+    assert slots[7] <= now < slots[8]  # eight a window: two held back
+    first = store.reserve("i.first", 1, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap)
+    assert first.slot_ms == first.now_ms
+
+
+def test_without_interactive_history_bulk_takes_every_slot(r: CountingRedis) -> None:
+    rpm, tpm, window_ms, cap = 10, 10**6, 2000, 5
+    store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+    for i in range(30):
+        book(store, f"b.{i:02d}", rpm=rpm, tpm=tpm, cap=cap)
+    now = redis_now_ms(r)
+    slots = sorted(members(r).values())
+    # Ten a window, back to back: nothing held back.
+    assert slots[9] <= now and slots[10] > now and slots[20] - slots[10] == window_ms
 
 
 def test_interactive_share_caps_takeovers(r: CountingRedis) -> None:

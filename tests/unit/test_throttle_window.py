@@ -10,7 +10,13 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.throttle import Throttle, earliest_slot, interactive_slot, no_history
+from worker.throttle import (
+    Throttle,
+    earliest_slot,
+    interactive_hold,
+    interactive_slot,
+    no_history,
+)
 
 
 def brute_force_slot(
@@ -59,6 +65,75 @@ def cases(draw: st.DrawFn) -> dict[str, object]:
 @given(cases())
 def test_reference_matches_brute_force(case: dict[str, object]) -> None:
     assert earliest_slot(**case) == brute_force_slot(**case)  # type: ignore[arg-type]
+
+
+@st.composite
+def held_cases(draw: st.DrawFn) -> dict[str, Any]:
+    """A bulk placement with interactive entries in the log and a hold to respect."""
+    case = draw(cases())
+    entries = [
+        (score, tokens, draw(st.sampled_from(["b.", "i.", "x."])) + f"{n}:{tokens}")
+        for n, (score, tokens) in enumerate(case["entries"])
+    ]
+    hold_requests = draw(st.integers(0, case["rpm"]))
+    hold_tokens = draw(st.integers(0, case["tpm"]))
+    return case | {"entries": entries, "hold_requests": hold_requests, "hold_tokens": hold_tokens}
+
+
+def brute_force_held_slot(case: dict[str, Any]) -> int | None:
+    """Every millisecond from the floor on, up to one window past the newest entry."""
+    entries = case["entries"]
+    floor = max([case["now_ms"], case["pause_until_ms"], *(e[0] for e in entries)])
+    for t in range(floor, floor + case["window_ms"] + 1):
+        inside = [e for e in entries if t - case["window_ms"] < e[0] <= t]
+        mine = [e for e in inside if e[2].startswith("i.")]
+        free_requests = case["rpm"] - max(0, case["hold_requests"] - len(mine))
+        free_tokens = case["tpm"] - max(0, case["hold_tokens"] - sum(e[1] for e in mine))
+        if len(inside) + 1 <= free_requests and sum(e[1] for e in inside) + case["cost"] <= (
+            free_tokens
+        ):
+            return t
+    return None  # the hold alone exceeds the limit: no window ever fits
+
+
+@settings(max_examples=400, deadline=None)
+@given(held_cases())
+def test_held_reference_matches_brute_force(case: dict[str, Any]) -> None:
+    found = brute_force_held_slot(case)
+    if found is not None:
+        assert earliest_slot(**case) == found
+
+
+def test_interactive_entries_use_the_hold_instead_of_adding_to_it() -> None:
+    common = {"now_ms": 100, "pause_until_ms": 0, "window_ms": 50, "rpm": 5, "tpm": 10**6}
+    bulk = [(90, 1, "b.1:1"), (95, 1, "b.2:1")]
+    # Two bulk entries, a hold of two: one more bulk fits now, a second waits.
+    assert earliest_slot(bulk, cost=1, hold_requests=2, **common) == 100
+    assert earliest_slot([*bulk, (100, 1, "b.3:1")], cost=1, hold_requests=2, **common) == 140
+    # Two interactive entries already use the hold: bulk may fill the window.
+    mixed = [*bulk, (96, 1, "i.1:1"), (97, 1, "i.2:1")]
+    assert earliest_slot(mixed, cost=1, hold_requests=2, **common) == 100
+
+
+def test_hold_follows_the_interactive_rate() -> None:
+    common = {"window_ms": 60_000, "rpm": 150, "tpm": 800_000, "cap": 75}
+    assert interactive_hold([], now_ms=10**6, **common) == (0, 0)
+    # One every 5 s for five windows: 60 over the 295 s they span, 12.2 a window;
+    # a quarter more is 15.25, rounded up 16, plus one: 17 requests. Tokens likewise,
+    # plus the largest request: 15,255 + 1,000.
+    now = 10**6
+    steady = [(now - 5_000 * k, 1_000) for k in range(60)]
+    assert interactive_hold(steady, now_ms=now, **common) == (17, 16_255)
+    # Older than five windows: forgotten.
+    assert interactive_hold([(now - 300_000, 1_000)], now_ms=now, **common) == (0, 0)
+    # A single recent request: the rate of one window.
+    assert interactive_hold([(now - 1_000, 500)], now_ms=now, **common) == (3, 1_125)
+    # A reserve holds its share at all times, and the seen rate only adds to it.
+    assert interactive_hold([], now_ms=now, reserve=15, **common) == (15, 80_000)
+    assert interactive_hold(steady, now_ms=now, reserve=15, **common) == (17, 80_000)
+    # Never above the interactive share.
+    flood = [(now - k, 9_000) for k in range(1_000)]
+    assert interactive_hold(flood, now_ms=now, **common) == (75, 400_000)
 
 
 def test_pruned_entries_do_not_count() -> None:
