@@ -225,6 +225,7 @@ class Runner:
                 reserved_tokens=reserve,
                 request=self._body(job.request),
             )
+            reservation = self._starting(throttle, reservation)
             started = time.monotonic()
             try:
                 completion = self.client.chat(
@@ -281,6 +282,18 @@ class Runner:
             step()
         except OUTAGES as exc:
             log_event("bookkeeping_skipped", step=what, error=type(exc).__name__)
+
+    @staticmethod
+    def _starting(throttle: Throttle, reservation: Reservation) -> Reservation:
+        """Tell the throttle the call starts now; with Redis away, send as granted.
+
+        The ledger row written just before holds the start time a rebuilt bucket uses.
+        """
+        try:
+            return throttle.starting(reservation)
+        except OUTAGES as exc:
+            log_event("bookkeeping_skipped", step="restamp", error=type(exc).__name__)
+            return reservation
 
     def _estimate(self, job: store.ClaimedJob, raw_prompt: int) -> int:
         """Prompt tokens to reserve: the raw estimate, corrected by calibration if any."""

@@ -62,6 +62,7 @@ capacity until it leaves the window.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -76,6 +77,11 @@ from worker.throttle_store import InitMode, SlotDecision, SlotStatus, ThrottleSt
 
 #: Upper bound on ``max_wait`` so that ``math.inf`` still converts to milliseconds.
 _LONGEST_WAIT_S = 1e9
+
+#: How late (ms) a call may start after its slot before :meth:`Throttle.starting` moves
+#: its entry: well inside the default 1 s window margin, and far above the few ms a
+#: sleeping thread normally wakes late.
+LATE_START_MS = 100
 
 #: Share of each limit by which the provider may report more usage than our window
 #: holds before :meth:`Throttle.observe` assumes somebody else uses the key. The
@@ -108,11 +114,17 @@ class ThrottleInterrupted(ThrottleError):  # noqa: N818
 
 @dataclass(frozen=True)
 class Reservation:
-    """An admission slot held in the log: its id, reserved tokens and Redis-time start."""
+    """An admission slot held in the log: its id, reserved tokens and Redis-time start.
+
+    ``granted_ms`` is Redis time when the slot was granted and ``granted_at`` the local
+    monotonic clock then: together they tell how late the call really starts.
+    """
 
     id: str
     tokens: int
     start_ms: int
+    granted_ms: int = 0
+    granted_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -395,7 +407,13 @@ class Throttle:
                     f"beyond max_wait={max_wait:g} s"
                 )
             if delay_ms <= 0:
-                return Reservation(id=rid, tokens=tokens, start_ms=decision.slot_ms)
+                return Reservation(
+                    id=rid,
+                    tokens=tokens,
+                    start_ms=decision.slot_ms,
+                    granted_ms=decision.now_ms,
+                    granted_at=time.monotonic(),
+                )
             self._wait(rid, tokens, decision.slot_ms, delay_ms / 1000, stop)
             remaining_ms = max(0, math.floor((deadline - time.monotonic()) * 1000))
             decision = self._place(rid, tokens, remaining_ms, confirm=True)
@@ -459,6 +477,29 @@ class Throttle:
         if interrupted:
             self._store.release(rid, slot_ms, tokens)
             raise ThrottleInterrupted(f"stop requested while waiting on bucket {self.bucket}")
+
+    def starting(self, reservation: Reservation) -> Reservation:
+        """Call right before sending: moves the slot to now if the call starts late.
+
+        Work between the grant and the send (the ledger row, a CPU busy with a whole
+        window's calls) delays the send; past :data:`LATE_START_MS` the entry is moved
+        to Redis now, and the booked entries it leaves no room for move later (their
+        holders learn it when they confirm). Returns the reservation to settle or
+        release from then on. Costs a script call only when late.
+        """
+        late_ms = (
+            reservation.granted_ms
+            + (time.monotonic() - reservation.granted_at) * 1000
+            - reservation.start_ms
+        )
+        if late_ms <= LATE_START_MS:
+            return reservation
+        slot_ms, moved = self._store.restamp(
+            reservation.id, reservation.start_ms, rpm=self.rpm, tpm=self.tpm
+        )
+        if not moved:
+            return reservation
+        return dataclasses.replace(reservation, start_ms=slot_ms)
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
         """Charge ``tokens`` for a finished request instead of the reserved amount.

@@ -355,6 +355,32 @@ return 1
 """
 )
 
+#: Move the entry of a request that starts late to the time it really starts (Redis
+#: now), and booked entries after it later where it leaves them no room.
+#: KEYS[1] log, KEYS[2] initialised marker. ARGV[1] reservation id, ARGV[2] slot ms,
+#: ARGV[3] window ms, ARGV[4] rpm, ARGV[5] tpm.
+#:
+#: A slot says when a call may start; the provider counts it when it arrives. Work
+#: between the two (the ledger row, a busy CPU) that outlasts the window margin would
+#: let the call one window later arrive inside this one's provider window.
+#: Returns {new slot ms, moved}: moved is 0 when the entry is gone or not late.
+RESTAMP_LUA = (
+    _LUA_COMMON
+    + """
+local log, init = KEYS[1], KEYS[2]
+local window, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
+local member = find(log, ARGV[1], ARGV[2])
+if not member or now <= tonumber(ARGV[2]) then
+  return {tonumber(ARGV[2]), 0}
+end
+redis.call('ZADD', log, fmt(now), member)
+reschedule(log, now, window, rpm, tpm, now + window)
+touch(log, init, now, window)
+return {now, 1}
+"""
+)
+
 #: Remove the entry of a request that was never sent, wherever a takeover moved it.
 #: KEYS[1] log. ARGV[1] reservation id, ARGV[2] last known slot ms, ARGV[3] tokens
 #: as reserved. Returns 1 if removed, 0 if it was not there.

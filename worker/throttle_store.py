@@ -31,6 +31,7 @@ from worker.throttle_lua import (
     OBSERVE_LUA,
     PAUSE_LUA,
     RELEASE_LUA,
+    RESTAMP_LUA,
     SETTLE_LUA,
     USAGE_LUA,
 )
@@ -62,6 +63,7 @@ class SlotStatus(enum.IntEnum):
 class _Scripts:
     acquire: Script
     settle: Script
+    restamp: Script
     release: Script
     pause: Script
     usage: Script
@@ -80,6 +82,7 @@ def _scripts_for(client: redis.Redis) -> _Scripts:
             scripts = _Scripts(
                 acquire=client.register_script(ACQUIRE_LUA),
                 settle=client.register_script(SETTLE_LUA),
+                restamp=client.register_script(RESTAMP_LUA),
                 release=client.register_script(RELEASE_LUA),
                 pause=client.register_script(PAUSE_LUA),
                 usage=client.register_script(USAGE_LUA),
@@ -206,6 +209,13 @@ class ThrottleStore:
     def settle(self, rid: str, slot_ms: int, tokens: int) -> bool:
         """Set the entry's token count; False if it already left the log."""
         return bool(self._scripts.settle(keys=[self._log], args=[rid, slot_ms, tokens]))
+
+    def restamp(self, rid: str, slot_ms: int, *, rpm: int, tpm: int) -> tuple[int, bool]:
+        """Move a late entry to Redis now; returns its slot and whether it moved."""
+        raw = self._scripts.restamp(
+            keys=[self._log, self._init], args=[rid, slot_ms, self.window_ms, rpm, tpm]
+        )
+        return int(raw[0]), bool(int(raw[1]))
 
     def release(self, rid: str, slot_ms: int, tokens: int) -> bool:
         """Remove the entry (reserved with ``tokens``); False if it was not logged."""
