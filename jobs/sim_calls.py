@@ -1,11 +1,14 @@
 """The simulator's books: one record per chat call it answered and the stats kept with them.
 
 :class:`CallLog` holds the :class:`SimulatorStats` counters and the :class:`SimCall` records
-side by side and updates both in one :meth:`CallLog.add`, so every counter is a function of
-the records: ``ok`` counts the records with outcome ``"ok"``, ``prompt_tokens`` sums their
-``prompt_tokens``, ``duplicate_bodies`` counts the ``body_hash`` values seen on two or more of
-them, and so on. It is not thread-safe by itself; :class:`~jobs.simulator.Simulator` calls
-it under the same lock that covers admission into its rate window.
+side by side and updates both in one :meth:`CallLog.add` (when a call's outcome is decided)
+or :meth:`CallLog.settle` (once its answer was written, or found to have nobody to read it),
+so every counter is a function of the records: ``ok`` counts the records with outcome
+``"ok"``, ``prompt_tokens`` sums their ``prompt_tokens``, ``duplicate_bodies`` counts the
+``body_hash`` values seen on two or more of them, ``delivered`` and ``cut`` count the records
+whose ``delivered`` is ``True`` and ``False``, and so on. It is not thread-safe by itself;
+:class:`~jobs.simulator.Simulator` calls it under the same lock that covers admission into
+its rate window.
 
 Only the newest ``limit`` records are kept (``SimulatorConfig.call_log_limit``); the
 counters still count every call, so ``stats.calls - len(records)`` is how many were dropped.
@@ -14,7 +17,7 @@ counters still count every call, so ``stats.calls - len(records)`` is how many w
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -50,6 +53,12 @@ class SimulatorStats:
     max_requests_in_window: int = 0
     max_tokens_in_window: int = 0
     duplicate_bodies: int = 0
+    #: Answers written to a client still connected when they were ready.
+    delivered: int = 0
+    #: Calls whose client was gone (closed or reset its connection) when the answer was
+    #: ready, or whose answer could not be written: nobody read them. ``calls - delivered -
+    #: cut`` is how many answers are still being prepared (latency, hangs).
+    cut: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The stats as a plain JSON-ready dict."""
@@ -68,8 +77,10 @@ class SimCall:
     """One chat call as the simulator answered it.
 
     ``status`` is the status it decided to answer (a hang's 504 included); the record is
-    written when that is decided, before the simulated latency or hang, so a call cut off
-    by :meth:`~jobs.simulator.Simulator.stop` may never have reached its client.
+    written when that is decided, before the simulated latency or hang, and ``delivered``
+    says later whether the answer reached its client. ``outcome`` and the charge do not
+    depend on it: a strict provider counts a call in its window when it admits it, so an
+    ``"ok"`` call whose client went away mid-call was admitted and charged all the same.
     """
 
     #: The ``x-request-id`` header sent with the answer (``req-sim-N``).
@@ -93,6 +104,11 @@ class SimCall:
     marker: str | None
     #: ``time.monotonic()`` at admission (the rate window's own timestamp), else ``None``.
     admitted_at: float | None
+    #: ``None`` until the answer is ready; then ``True`` once it was written to a client
+    #: still connected, ``False`` when the client had closed or reset its connection (a
+    #: killed process, a client-side timeout, :meth:`~jobs.simulator.Simulator.stop`) or
+    #: the write failed. A client that already sent its next request is still connected.
+    delivered: bool | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The record as a plain JSON-ready dict."""
@@ -109,10 +125,17 @@ class CallLog:
     def __init__(self, limit: int) -> None:
         self._values = dict.fromkeys(_STAT_FIELDS, 0)
         self._ok_bodies: dict[str, int] = {}
-        self._records: deque[SimCall] = deque(maxlen=limit)
+        self._limit = limit
+        # Keyed by request id, so that settle can update a record in place (in order).
+        self._records: OrderedDict[str, SimCall] = OrderedDict()
+        # Request ids added and not settled yet, kept or not: the counters count them all.
+        self._unsettled: set[str] = set()
 
     def add(self, call: SimCall) -> None:
-        """Count ``call`` and keep its record (dropping the oldest one when full)."""
+        """Count ``call`` and keep its record (dropping the oldest one when full).
+
+        ``call.delivered`` must be ``None``: :meth:`settle` sets it.
+        """
         values = self._values
         values["calls"] += 1
         values[_COUNTER[call.outcome]] += 1
@@ -125,7 +148,26 @@ class CallLog:
                 self._ok_bodies[call.body_hash] = seen
                 if seen == 2:
                     values["duplicate_bodies"] += 1
-        self._records.append(call)
+        self._unsettled.add(call.request_id)
+        if self._limit > 0:
+            self._records[call.request_id] = call
+            if len(self._records) > self._limit:
+                self._records.popitem(last=False)
+
+    def settle(self, request_id: str, delivered: bool) -> None:
+        """Record whether the answer to ``request_id`` reached a client still connected.
+
+        A request id this log did not add (the call began before a reset) or already
+        settled is ignored.
+        """
+        try:
+            self._unsettled.remove(request_id)
+        except KeyError:
+            return
+        self._values["delivered" if delivered else "cut"] += 1
+        call = self._records.get(request_id)
+        if call is not None:
+            self._records[request_id] = dataclasses.replace(call, delivered=delivered)
 
     def counters(self) -> dict[str, int]:
         """A copy of the counters (the most-in-any-window figures are left at 0)."""
@@ -133,4 +175,4 @@ class CallLog:
 
     def records(self) -> list[SimCall]:
         """A copy of the kept records, oldest first."""
-        return list(self._records)
+        return list(self._records.values())

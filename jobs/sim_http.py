@@ -9,6 +9,11 @@ answers ``GET /stats``, ``GET /calls``, ``POST /reset``, ``POST /faults`` and
 Every answer leaves in a single write on a ``TCP_NODELAY`` socket: a header write and a
 body write on a Nagle socket would wait for the client's delayed ACK (about 40 ms) on
 every keep-alive call.
+
+A chat answer is written only if its client is still connected when it is ready (after
+the simulated latency): a client killed mid-call has closed its end by then, and the
+call log must tell that call apart from one whose answer was read (see
+:attr:`~jobs.sim_calls.SimCall.delivered`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import contextlib
 import ipaddress
 import json
 import logging
+import select
 import socket
 import socketserver
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -41,6 +48,9 @@ class Reply:
     status: int
     body: bytes
     headers: dict[str, str]
+    #: Called once the answer is ready, with whether it was written to a client still
+    #: connected; a reply with one is not written at all to a client already gone.
+    settle: Callable[[bool], None] | None = None
 
 
 def json_reply(status: int, payload: object, headers: dict[str, str] | None = None) -> Reply:
@@ -120,6 +130,25 @@ def _shutdown_socket(conn: socket.socket) -> None:
         conn.shutdown(socket.SHUT_RDWR)
 
 
+def peer_gone(conn: socket.socket) -> bool:
+    """Whether the client has closed or reset its end of ``conn``; never blocks or reads.
+
+    Readable with nothing to peek is end of file; readable with bytes is a keep-alive
+    client that already sent its next request, still there to read this answer. (poll,
+    not select: a busy simulator has descriptors beyond select's 1024.)
+    """
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    try:
+        if not poller.poll(0):
+            return False
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # reset by the peer, or shut down by stop()
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "inference-simulator"
@@ -154,17 +183,25 @@ class _Handler(BaseHTTPRequestHandler):
             reply.headers["Connection"] = "close"
         if reply.headers.get("Connection") == "close":
             self.close_connection = True
+        delivered = False
         try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(reply.body)
-            self.wfile.flush()
+            if reply.settle is not None and peer_gone(self.connection):
+                self.close_connection = True
+            else:
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply.body)))
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(reply.body)
+                self.wfile.flush()
+                delivered = True
         except OSError:
             self.close_connection = True
+        finally:
+            if reply.settle is not None:
+                reply.settle(delivered)
 
     def _not_found(self) -> Reply:
         return error_reply(

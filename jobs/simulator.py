@@ -7,9 +7,10 @@ reasoning text), a strict sliding-window rate limit on requests and tokens with 
 of one status). It counts what the provider would have charged so a benchmark can check the
 client never exceeded the limits and never paid twice for the same body, and it keeps a
 :class:`~jobs.sim_calls.SimCall` record of every call (:meth:`Simulator.calls`) so a
-fault-injection test can check those invariants call for call. Faults can be changed while
-it runs (:meth:`Simulator.set_faults`, :meth:`Simulator.outage`); clients keep their
-connections.
+fault-injection test can check those invariants call for call, including whether each
+answer reached a client still connected or the client was gone by then (a worker killed
+mid-call; such an answer is not written). Faults can be changed while it runs
+(:meth:`Simulator.set_faults`, :meth:`Simulator.outage`); clients keep their connections.
 
 Besides the chat endpoint it answers, for loopback clients only:
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hmac
 import itertools
 import json
@@ -301,7 +303,10 @@ class Simulator:
         return SimulatorStats(**values), records
 
     def reset(self) -> None:
-        """Clear the counters, the call records, the duplicate tracking and the rate window."""
+        """Clear the counters, the call records, the duplicate tracking and the rate window.
+
+        Calls still in progress are left out of the new books when their answers are ready.
+        """
         with self._lock:
             self._log = CallLog(self.config.call_log_limit)
             self._window.reset()
@@ -440,12 +445,19 @@ class Simulator:
         """Answer one chat-completions call; ``raw`` is ``None`` when the body was too large.
 
         ``client_request_id`` is the caller's ``X-Client-Request-Id``, kept in the call log.
+        The server calls the reply's ``settle`` with whether the answer reached a client still
+        connected; until then the call's record has ``delivered=None``.
         """
         number = next(self._numbers)
         ids = CallIds(f"req-sim-{number}", client_request_id)
         reply = self._chat(authorization, raw, number, ids)
         reply.headers["x-request-id"] = ids.request_id
+        reply.settle = functools.partial(self._settle, ids.request_id)
         return reply
+
+    def _settle(self, request_id: str, delivered: bool) -> None:
+        with self._lock:
+            self._log.settle(request_id, delivered)
 
     def _chat(
         self, authorization: str | None, raw: bytes | None, number: int, ids: CallIds

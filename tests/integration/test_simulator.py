@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from jobs.simulator import Faults, SimCall, Simulator, SimulatorConfig
+from jobs.sim_http import peer_gone
+from jobs.simulator import Faults, SimCall, Simulator, SimulatorConfig, SimulatorStats
 from tests.support import HEROKU_EXAMPLE
 
 pytestmark = pytest.mark.integration
@@ -444,8 +448,10 @@ def test_hang_fault_trips_the_client_read_timeout(start_sim: StartSim) -> None:
         pytest.raises(httpx.ReadTimeout),
     ):
         post(short, sim, body())
-    stats = sim.stats()
+    # The client gave up and closed its connection: the 504 has nobody to go to.
+    stats, (call,) = settled(sim)
     assert (stats.hangs, stats.ok, stats.total_tokens) == (1, 0, 0)
+    assert (call.outcome, call.delivered, stats.delivered, stats.cut) == ("hang", False, 0, 1)
 
 
 def test_force_status(start_sim: StartSim, client: httpx.Client) -> None:
@@ -598,10 +604,14 @@ def derived_stats(calls: list[SimCall], window_s: float) -> dict[str, int]:
             "max_requests_in_window",
             "max_tokens_in_window",
             "duplicate_bodies",
+            "delivered",
+            "cut",
         ),
         0,
     )
     values["calls"] = len(calls)
+    values["delivered"] = sum(c.delivered is True for c in calls)
+    values["cut"] = sum(c.delivered is False for c in calls)
     for call in calls:
         values[COUNTER_OF[call.outcome]] += 1
         assert call.admitted == (call.outcome == "ok")
@@ -619,6 +629,21 @@ def derived_stats(calls: list[SimCall], window_s: float) -> dict[str, int]:
         values["max_requests_in_window"] = max(values["max_requests_in_window"], len(inside))
         values["max_tokens_in_window"] = max(values["max_tokens_in_window"], sum(inside))
     return values
+
+
+def settled(sim: Simulator, seconds: float = 10.0) -> tuple[SimulatorStats, list[SimCall]]:
+    """The stats and the call records once every answer is written or found unwanted.
+
+    A client holds its answer a moment before the server settles the call's record, so a
+    test that reads the records right after its last response waits for that.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        stats, calls = sim.snapshot()
+        if all(c.delivered is not None for c in calls):
+            return stats, calls
+        assert time.monotonic() < deadline, [c for c in calls if c.delivered is None]
+        time.sleep(0.01)
 
 
 def poll_until_ok(client: httpx.Client, sim: Simulator, seconds: float = 10.0) -> list[int]:
@@ -644,7 +669,7 @@ def test_call_log_matches_responses_and_stats(start_sim: StartSim, client: httpx
         post(client, sim, body("over the limit", user="job-2")),
     ]
     assert [r.status_code for r in responses] == [200, 200, 200, 401, 400, 200, 429]
-    calls = sim.calls()
+    stats, calls = settled(sim)
     assert [c.request_id for c in calls] == [r.headers["x-request-id"] for r in responses]
     assert [c.status for c in calls] == [r.status_code for r in responses]
     assert [c.outcome for c in calls] == [
@@ -666,10 +691,11 @@ def test_call_log_matches_responses_and_stats(start_sim: StartSim, client: httpx
     assert calls[6].body_hash is not None
     admitted_at = [c.admitted_at for c in calls if c.admitted_at is not None]
     assert len(admitted_at) == 4 and admitted_at == sorted(admitted_at)
+    assert all(c.delivered for c in calls)
 
-    stats = sim.stats()
     assert derived_stats(calls, 30.0) == stats.as_dict()
     assert (stats.ok, stats.duplicate_bodies, stats.max_requests_in_window) == (4, 1, 4)
+    assert (stats.delivered, stats.cut) == (7, 0)
 
     sim.reset()
     assert sim.calls() == []
@@ -767,12 +793,12 @@ def test_set_faults_changes_behaviour_at_runtime(start_sim: StartSim, client: ht
             sim.set_faults(**bad)
     assert sim.faults() == Faults(0.0, 0.0, 0.0, 0.2)  # unchanged by the refusals
 
-    calls = sim.calls()
+    stats, calls = settled(sim)
     assert [c.status for c in calls] == [200, *failing, 200, 200, 504, 200]
     assert [c.outcome for c in calls[1:7]] == ["server_error"] * 6
     assert (calls[8].outcome, calls[9].outcome) == ("malformed", "hang")
     assert all(c.charged == 0 and not c.admitted for c in [*calls[1:7], *calls[8:10]])
-    stats = sim.stats()
+    assert all(c.delivered for c in calls)
     assert derived_stats(calls, 60.0) == stats.as_dict()
     assert (stats.server_errors, stats.malformed, stats.hangs, stats.ok) == (6, 1, 1, 3)
     assert stats.max_requests_in_window == 3
@@ -805,13 +831,12 @@ def test_outage_answers_its_status_then_recovers(start_sim: StartSim, client: ht
         with pytest.raises(ValueError, match="outage"):
             sim.outage(seconds, status)
 
-    calls = sim.calls()
+    stats, calls = settled(sim)
     outage_calls = [c for c in calls if c.status in (503, 429)]
     assert len(outage_calls) == 2 + len(statuses) - 1
     assert all(not c.admitted and c.charged == 0 for c in outage_calls)
     assert all(c.body_hash is not None for c in outage_calls)
     assert calls[1].marker == "job-9"
-    stats = sim.stats()
     assert derived_stats(calls, 60.0) == stats.as_dict()
     assert stats.server_errors == len(outage_calls) - 1 and stats.rate_limited == 1
     assert stats.ok == stats.max_requests_in_window == 3
@@ -891,3 +916,130 @@ def test_call_log_keeps_the_callers_request_id(start_sim: StartSim, client: http
         ("bi-5-2", 401),
         (None, 200),
     ]
+
+
+# -- whether an answer reached its client ---------------------------------------------------
+
+
+def raw_chat(payload: object, key: str = KEY) -> bytes:
+    """One chat-completions request as it goes on the wire."""
+    data = json.dumps(payload).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+def connect(sim: Simulator) -> socket.socket:
+    url = httpx.URL(sim.url)
+    assert url.port is not None
+    return socket.create_connection((url.host, url.port), timeout=10.0)
+
+
+def read_response(stream: Any) -> tuple[int, bytes]:
+    """Status and body of the next response on a buffered socket file."""
+    status = int(stream.readline().split()[1])
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return status, stream.read(length)
+
+
+def test_answers_to_connected_clients_are_recorded_delivered(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim(rpm=2, latency_min=0.1, latency_max=0.1)
+    # Sequential calls on one keep-alive connection, the last one refused.
+    statuses = [post(client, sim, body(f"keep-alive {i}")).status_code for i in range(3)]
+    assert statuses == [200, 200, 429]
+    # Two requests in one write: the second one's bytes are waiting while the first is
+    # answered, which must not look like a client gone.
+    with connect(sim) as sock, sock.makefile("rb") as stream:
+        sock.sendall(raw_chat(body("pipelined 1")) + raw_chat(body("pipelined 2")))
+        pipelined = [read_response(stream)[0] for _ in range(2)]
+    assert pipelined == [429, 429]
+    sim.reset()
+    with connect(sim) as sock, sock.makefile("rb") as stream:
+        sock.sendall(raw_chat(body("pipelined 3")) + raw_chat(body("pipelined 4")))
+        answers = [read_response(stream) for _ in range(2)]
+    assert [status for status, _ in answers] == [200, 200]
+    assert all(json.loads(data)["usage"]["completion_tokens"] > 0 for _, data in answers)
+    stats, calls = settled(sim)
+    assert [(c.outcome, c.delivered) for c in calls] == [("ok", True), ("ok", True)]
+    assert (stats.delivered, stats.cut) == (2, 0)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_client_gone_during_the_latency_is_recorded_cut(
+    start_sim: StartSim, client: httpx.Client, how: str
+) -> None:
+    sim = start_sim(rpm=10, latency_min=0.5, latency_max=0.5)
+    sock = connect(sim)
+    sock.sendall(raw_chat(body("cut short", user="job-cut")))
+    wait_until_recorded(sim, 1)
+    (pending,) = sim.calls()
+    assert (pending.outcome, pending.delivered) == ("ok", None)  # still in its latency
+    if how == "reset":  # as a process killed with unread bytes leaves it: an RST, not a FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    stats, (call,) = settled(sim)
+    assert call == dataclasses.replace(pending, delivered=False)
+    assert (stats.ok, stats.delivered, stats.cut, stats.calls) == (1, 0, 1, 1)
+    assert derived_stats([call], 60.0) == stats.as_dict()
+    # Admitted all the same: the call still holds its place in the provider's window.
+    again = post(client, sim, body("the next one"))
+    assert again.status_code == 200
+    assert again.headers["x-ratelimit-remaining-requests"] == "8"
+    stats, calls = settled(sim)
+    assert [c.delivered for c in calls] == [False, True]
+    assert (stats.delivered, stats.cut, stats.max_requests_in_window) == (1, 1, 2)
+
+
+def test_no_answer_is_written_to_a_client_that_closed_its_end(start_sim: StartSim) -> None:
+    sim = start_sim(latency_min=0.3, latency_max=0.3)
+    with connect(sim) as sock:
+        sock.sendall(raw_chat(body("asked, then hung up")))
+        # End of file from the client, as a killed process leaves it: nobody will read.
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(65536) == b""  # the connection closed without a byte of answer
+    stats, (call,) = settled(sim)
+    assert (call.outcome, call.delivered, stats.cut) == ("ok", False, 1)
+
+
+def wait_until_recorded(sim: Simulator, n: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while len(sim.calls()) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_peer_gone_tells_a_closed_client_from_a_quiet_or_talking_one() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def pair() -> tuple[socket.socket, socket.socket]:
+            client = socket.create_connection(("127.0.0.1", port))
+            conn, _ = server.accept()
+            conn.settimeout(300)  # as the handler's: a blocking read would hang the test
+            return client, conn
+
+        client, conn = pair()
+        with client, conn:
+            assert not peer_gone(conn)  # quiet: waiting for its answer
+            client.sendall(b"GET /next")
+            time.sleep(0.05)
+            assert not peer_gone(conn)  # its next request is waiting
+            assert conn.recv(100) == b"GET /next"  # and was not consumed
+            client.shutdown(socket.SHUT_WR)
+            time.sleep(0.05)
+            assert peer_gone(conn)
+        client, conn = pair()
+        with conn:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            time.sleep(0.05)
+            assert peer_gone(conn)  # reset
