@@ -255,6 +255,11 @@ class Runner:
                 if self.stop.wait(delay):
                     return self._hand_back(job.id, fields, "worker shutting down")
                 continue
+            # The answer is paid for: record it before anything else, so that a worker
+            # killed now loses as few answers as possible.
+            outcome = self._succeed(
+                job.id, fields, number, completion, max_tokens, throttle, reservation
+            )
             if self.calibrator is not None:
                 learn = partial(
                     self.calibrator.record,
@@ -267,9 +272,7 @@ class Runner:
             if gate == "probe":
                 self._through_outage(lambda: self.circuit.close(job.id))
                 log_event("circuit_closed", **fields, attempt=number)
-            return self._succeed(
-                job.id, fields, number, completion, max_tokens, throttle, reservation
-            )
+            return outcome
 
     @staticmethod
     def _quietly(what: str, step: Callable[[], object]) -> None:
