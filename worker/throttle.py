@@ -78,9 +78,9 @@ from worker.throttle_store import InitMode, SlotDecision, SlotStatus, ThrottleSt
 #: Upper bound on ``max_wait`` so that ``math.inf`` still converts to milliseconds.
 _LONGEST_WAIT_S = 1e9
 
-#: How late (ms) a call may start after its slot before :meth:`Throttle.starting` moves
-#: its entry: well inside the default 1 s window margin, and far above the few ms a
-#: sleeping thread normally wakes late.
+#: How late (ms) a call may start after its slot, by default, before
+#: :meth:`Throttle.starting` moves its entry: far above the few ms a sleeping thread
+#: normally wakes late. The worker passes half its window margin instead.
 LATE_START_MS = 100
 
 #: Share of each limit by which the provider may report more usage than our window
@@ -338,6 +338,7 @@ class Throttle:
         window_s: float = 60.0,
         interactive_share: float = 0.5,
         interactive_reserve: int = 0,
+        late_start_ms: int = LATE_START_MS,
         seed: Callable[[], History] | None = None,
     ) -> None:
         if rpm < 1 or tpm < 1:
@@ -357,6 +358,7 @@ class Throttle:
         if interactive_reserve < 0:
             raise ValueError(f"interactive_reserve must not be negative, got {interactive_reserve}")
         self._reserve = interactive_reserve
+        self._late_start_ms = late_start_ms
         self._seed = seed
         self._store = ThrottleStore(redis, bucket, window_ms=window_ms)
         # One thread per instance reads the history at a time; the others reuse its
@@ -482,7 +484,7 @@ class Throttle:
         """Call right before sending: moves the slot to now if the call starts late.
 
         Work between the grant and the send (the ledger row, a CPU busy with a whole
-        window's calls) delays the send; past :data:`LATE_START_MS` the entry is moved
+        window's calls) delays the send; past ``late_start_ms`` the entry is moved
         to Redis now, and the booked entries it leaves no room for move later (their
         holders learn it when they confirm). Returns the reservation to settle or
         release from then on. Costs a script call only when late.
@@ -492,7 +494,7 @@ class Throttle:
             + (time.monotonic() - reservation.granted_at) * 1000
             - reservation.start_ms
         )
-        if late_ms <= LATE_START_MS:
+        if late_ms <= self._late_start_ms:
             return reservation
         slot_ms, moved = self._store.restamp(
             reservation.id, reservation.start_ms, rpm=self.rpm, tpm=self.tpm
