@@ -73,6 +73,7 @@ from dataclasses import dataclass
 import redis
 
 from jobs.models import Priority
+from worker.throttle_lua import HISTORY_WINDOWS
 from worker.throttle_store import InitMode, SlotDecision, SlotStatus, ThrottleStore
 
 #: Upper bound on ``max_wait`` so that ``math.inf`` still converts to milliseconds.
@@ -157,9 +158,6 @@ def no_history() -> list[tuple[float, int]]:
     """
     return []
 
-
-#: Windows of interactive history behind a bulk request's hold (see :func:`interactive_hold`).
-HISTORY_WINDOWS = 5
 
 #: A log entry as the reference functions take it: ``(score, tokens)``, or
 #: ``(score, tokens, member)`` where the member's prefix says its kind.

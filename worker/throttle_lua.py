@@ -22,10 +22,16 @@ pure-Python statements of the same computations are
 
 from __future__ import annotations
 
+#: Windows of interactive history behind a bulk request's hold: the scripts and the
+#: Python reference (:func:`worker.throttle.interactive_hold`) both read this one.
+HISTORY_WINDOWS = 5
+
 #: Helpers shared by every script. Entries held in Lua tables are ``{score, tokens,
 #: member}`` and sorted by score. ``fit_after`` scans at most ``rpm`` entries back:
 #: the count limit alone forbids a longer window.
-_LUA_COMMON = """
+_LUA_COMMON = (
+    f"local HISTORY_WINDOWS = {HISTORY_WINDOWS}\n"
+    + """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -107,7 +113,6 @@ end
 -- seen), a quarter more, plus one request and one request's tokens for an arrival
 -- above the rate; at least `reserve` requests (and the same share of tpm) at all
 -- times; never more than the interactive share (cap requests, the same share of tpm).
-local HISTORY_WINDOWS = 5
 local function interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
   redis.call('ZREMRANGEBYSCORE', hist, '-inf', fmt(now - HISTORY_WINDOWS * window))
   local hold_r = math.min(cap, reserve)
@@ -233,6 +238,7 @@ local function interactive_place(log, cost, now, floor, window, rpm, tpm, cap)
   return next_slot(log, floor, window, rpm, tpm, cost), nil
 end
 """
+)
 
 #: Reserve a slot for a new request, or confirm (and if need be move) a held one.
 #: KEYS[1] log, KEYS[2] pause marker, KEYS[3] initialised marker, KEYS[4] interactive
