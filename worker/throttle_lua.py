@@ -17,13 +17,13 @@ time. The first two characters of the id say what the entry is:
 Every script reads the clock with Redis ``TIME``. Slots are found so that no window
 ``(t - W, t]`` holding a slot that has not started yet exceeds rpm or tpm; the
 pure-Python statements of the same computations are
-:func:`worker.throttle.earliest_slot` and :func:`worker.throttle.interactive_slot`.
+:mod:`worker.throttle_reference`.
 """
 
 from __future__ import annotations
 
 #: Windows of interactive history behind a bulk request's hold: the scripts and the
-#: Python reference (:func:`worker.throttle.interactive_hold`) both read this one.
+#: Python reference (:func:`worker.throttle_reference.interactive_hold`) both read this one.
 HISTORY_WINDOWS = 5
 
 #: Helpers shared by every script. Entries held in Lua tables are ``{score, tokens,
@@ -137,9 +137,10 @@ local function interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
 end
 
 -- Move booked (future) entries later, in order, where entries inserted in the past
--- (seeds, phantoms) leave them no room. An entry whose window holds nothing that
--- changed keeps its slot, and so does every entry after it.
-local function reschedule(log, now, window, rpm, tpm, dirty_until)
+-- (seeds, phantoms, a late start) leave them no room. A bulk entry keeps leaving the
+-- interactive hold free, as when it was booked. An entry whose window holds nothing
+-- that changed keeps its slot, and so does every entry after it.
+local function reschedule(log, now, window, rpm, tpm, dirty_until, hold_r, hold_t)
   local arr = load(log, now - window, '+inf')
   for k = 1, #arr do
     local e = arr[k]
@@ -147,7 +148,11 @@ local function reschedule(log, now, window, rpm, tpm, dirty_until)
       if e[1] >= dirty_until then
         break
       end
-      local slot = fit_after(arr, k - 1, e[1], window, rpm, tpm, e[2])
+      local hr, ht = 0, 0
+      if kind(e[3]) == 'b.' then
+        hr, ht = hold_r, hold_t
+      end
+      local slot = fit_after(arr, k - 1, e[1], window, rpm, tpm, e[2], hr, ht)
       if slot ~= e[1] then
         e[1] = slot
         redis.call('ZADD', log, fmt(slot), e[3])
@@ -272,6 +277,14 @@ local reserve = tonumber(ARGV[10])
 local member = id .. ':' .. fmt(cost)
 local now = now_ms()
 prune(log, now, window)
+-- Only bulk placements read the hold: an interactive request that finds room never does.
+local hold_r, hold_t
+local function hold()
+  if hold_r == nil then
+    hold_r, hold_t = interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
+  end
+  return hold_r, hold_t
+end
 
 if redis.call('EXISTS', init) == 0 then
   if mode == 0 then
@@ -294,7 +307,8 @@ if redis.call('EXISTS', init) == 0 then
       end
     end
     if newest ~= nil then
-      reschedule(log, now, window, rpm, tpm, newest + window)
+      local hr, ht = hold()
+      reschedule(log, now, window, rpm, tpm, newest + window, hr, ht)
     end
   end
   touch(log, init, now, window)
@@ -318,12 +332,11 @@ end
 
 local floor = math.max(now, pause_until)
 local interactive = string.sub(id, 1, 2) == 'i.'
-local hold_r, hold_t = interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
 local slot, displaced
 if interactive then
   slot, displaced = interactive_place(log, cost, now, floor, window, rpm, tpm, cap)
 else
-  slot = next_slot(log, floor, window, rpm, tpm, cost, hold_r, hold_t)
+  slot = next_slot(log, floor, window, rpm, tpm, cost, hold())
 end
 if slot - now > max_wait then
   return {slot, now, 0}
@@ -331,7 +344,8 @@ end
 if displaced then
   redis.call('ZREM', log, displaced)
   redis.call('ZADD', log, fmt(slot), member)
-  local moved = next_slot(log, floor, window, rpm, tpm, entry_tokens(displaced), hold_r, hold_t)
+  local hr, ht = hold()
+  local moved = next_slot(log, floor, window, rpm, tpm, entry_tokens(displaced), hr, ht)
   redis.call('ZADD', log, fmt(moved), displaced)
 else
   redis.call('ZADD', log, fmt(slot), member)
@@ -363,8 +377,10 @@ return 1
 
 #: Move the entry of a request that starts late to the time it really starts (Redis
 #: now), and booked entries after it later where it leaves them no room.
-#: KEYS[1] log, KEYS[2] initialised marker. ARGV[1] reservation id, ARGV[2] slot ms,
-#: ARGV[3] window ms, ARGV[4] rpm, ARGV[5] tpm.
+#: KEYS[1] log, KEYS[2] initialised marker, KEYS[3] interactive history.
+#: ARGV[1] reservation id, ARGV[2] slot ms, ARGV[3] window ms, ARGV[4] rpm,
+#: ARGV[5] tpm, ARGV[6] interactive cap, ARGV[7] interactive reserve (as for ACQUIRE:
+#: moved bulk entries keep the interactive hold free).
 #:
 #: A slot says when a call may start; the provider counts it when it arrives. Work
 #: between the two (the ledger row, a busy CPU) that outlasts the window margin would
@@ -373,15 +389,17 @@ return 1
 RESTAMP_LUA = (
     _LUA_COMMON
     + """
-local log, init = KEYS[1], KEYS[2]
+local log, init, hist = KEYS[1], KEYS[2], KEYS[3]
 local window, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local cap, reserve = tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
 local member = find(log, ARGV[1], ARGV[2])
 if not member or now <= tonumber(ARGV[2]) then
   return {tonumber(ARGV[2]), 0}
 end
 redis.call('ZADD', log, fmt(now), member)
-reschedule(log, now, window, rpm, tpm, now + window)
+local hold_r, hold_t = interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
+reschedule(log, now, window, rpm, tpm, now + window, hold_r, hold_t)
 touch(log, init, now, window)
 return {now, 1}
 """
@@ -445,11 +463,11 @@ return {#members, tokens, ext_requests, ext_tokens}
 )
 
 #: Top the window up with external phantoms to the usage the provider reports.
-#: KEYS[1] log, KEYS[2] initialised marker.
+#: KEYS[1] log, KEYS[2] initialised marker, KEYS[3] interactive history.
 #: ARGV[1] window ms, ARGV[2] rpm, ARGV[3] tpm, ARGV[4] remaining requests,
 #: ARGV[5] remaining tokens, ARGV[6] requests reset ms, ARGV[7] tokens reset ms
 #: (each -1 when unknown), ARGV[8] slack requests, ARGV[9] slack tokens,
-#: ARGV[10] phantom id.
+#: ARGV[10] phantom id, ARGV[11] interactive cap, ARGV[12] interactive reserve.
 #:
 #: The window ending now (our entries, seeds and phantoms already added) is compared
 #: with ``limit - remaining - slack``; only the shortfall is added, so repeating an
@@ -462,8 +480,9 @@ return {#members, tokens, ext_requests, ext_tokens}
 OBSERVE_LUA = (
     _LUA_COMMON
     + """
-local log, init = KEYS[1], KEYS[2]
+local log, init, hist = KEYS[1], KEYS[2], KEYS[3]
 local window, rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cap, reserve = tonumber(ARGV[11]), tonumber(ARGV[12])
 local rem_r, rem_t = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reset_r, reset_t = tonumber(ARGV[6]), tonumber(ARGV[7])
 local slack_r, slack_t, pid = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
@@ -507,7 +526,8 @@ end
 if newest == nil then
   return {0, 0}
 end
-reschedule(log, now, window, rpm, tpm, newest + window)
+local hold_r, hold_t = interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
+reschedule(log, now, window, rpm, tpm, newest + window, hold_r, hold_t)
 touch(log, init, now, window)
 return {added_r, added_t}
 """

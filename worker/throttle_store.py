@@ -210,10 +210,20 @@ class ThrottleStore:
         """Set the entry's token count; False if it already left the log."""
         return bool(self._scripts.settle(keys=[self._log], args=[rid, slot_ms, tokens]))
 
-    def restamp(self, rid: str, slot_ms: int, *, rpm: int, tpm: int) -> tuple[int, bool]:
+    def restamp(
+        self,
+        rid: str,
+        slot_ms: int,
+        *,
+        rpm: int,
+        tpm: int,
+        interactive_cap: int = 0,
+        interactive_reserve: int = 0,
+    ) -> tuple[int, bool]:
         """Move a late entry to Redis now; returns its slot and whether it moved."""
         raw = self._scripts.restamp(
-            keys=[self._log, self._init], args=[rid, slot_ms, self.window_ms, rpm, tpm]
+            keys=[self._log, self._init, self._interactive],
+            args=[rid, slot_ms, self.window_ms, rpm, tpm, interactive_cap, interactive_reserve],
         )
         return int(raw[0]), bool(int(raw[1]))
 
@@ -248,10 +258,12 @@ class ThrottleStore:
         reset_tokens_ms: int | None,
         slack_requests: int,
         slack_tokens: int,
+        interactive_cap: int = 0,
+        interactive_reserve: int = 0,
     ) -> tuple[int, int]:
         """Add external phantoms up to the provider's reported usage; returns what was added."""
         raw = self._scripts.observe(
-            keys=[self._log, self._init],
+            keys=[self._log, self._init, self._interactive],
             args=[
                 self.window_ms,
                 rpm,
@@ -263,6 +275,8 @@ class ThrottleStore:
                 slack_requests,
                 slack_tokens,
                 pid,
+                interactive_cap,
+                interactive_reserve,
             ],
         )
         requests, tokens = raw

@@ -32,9 +32,9 @@ from worker.throttle import (
     ThrottleInterrupted,
     ThrottleTimeout,
     WindowUsage,
-    earliest_slot,
     no_history,
 )
+from worker.throttle_reference import earliest_slot
 from worker.throttle_store import InitMode, ThrottleStore
 
 pytestmark = pytest.mark.integration

@@ -59,3 +59,26 @@ def test_an_entry_already_gone_is_left_alone(r: CountingRedis) -> None:
     time.sleep(2 * LATE_START_MS / 1000)
     assert throttle.starting(granted) == granted
     assert members(r) == {}
+
+
+def test_bulk_moved_by_a_late_start_keeps_the_interactive_reserve(r: CountingRedis) -> None:
+    rpm, reserve = 5, 1
+    throttle = make(r, rpm=rpm, tpm=TPM, window_s=WINDOW_S, interactive_reserve=reserve)
+    first = throttle.acquire(1)
+    for i in range(rpm - reserve * 2 + rpm - reserve):  # the rest of this window, the next
+        throttle._store.reserve(
+            f"b.{i}", 1, rpm=rpm, tpm=TPM, max_wait_ms=10**6,
+            interactive_cap=throttle._cap, interactive_reserve=reserve,
+        )  # fmt: skip
+    booked = entries(r)
+    assert not overfull_future_windows(
+        booked, now_ms=0, window_ms=WINDOW_MS, rpm=rpm - reserve, tpm=TPM
+    )
+    time.sleep(3 * LATE_START_MS / 1000)
+    throttle.starting(first)
+    # The late entry now shares a window with the next window's bookings: one of them
+    # moves, and the reserve stays free in every window, as when they were booked.
+    moved = entries(r)
+    assert not overfull_future_windows(
+        moved, now_ms=0, window_ms=WINDOW_MS, rpm=rpm - reserve, tpm=TPM
+    )

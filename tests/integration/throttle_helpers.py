@@ -12,7 +12,8 @@ from typing import Any, cast
 import redis
 
 from jobs.constants import throttle_log_key
-from worker.throttle import History, Throttle, earliest_slot, no_history
+from worker.throttle import History, Throttle, no_history
+from worker.throttle_reference import earliest_slot
 
 BUCKET = "test-model:0123456789ab"
 

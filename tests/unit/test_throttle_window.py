@@ -10,13 +10,8 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.throttle import (
-    Throttle,
-    earliest_slot,
-    interactive_hold,
-    interactive_slot,
-    no_history,
-)
+from worker.throttle import Throttle, no_history
+from worker.throttle_reference import earliest_slot, interactive_hold, interactive_slot
 
 
 def brute_force_slot(
