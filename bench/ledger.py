@@ -105,6 +105,25 @@ def first_call_waits(
     return waits, sum(1 for r in rows if r[0] is None)
 
 
+def slow_first_calls(
+    database_url: str, priority: int, *, since: float, over_s: float
+) -> list[tuple[float, float]]:
+    """``(created s after since, wait s)`` of the jobs of ``priority`` whose first call
+    came more than ``over_s`` after their creation, oldest first."""
+    query = """
+        SELECT extract(epoch FROM j.created_at)::float8 - %s,
+               extract(epoch FROM (min(a.started_at) - j.created_at))::float8 AS wait
+        FROM jobs j JOIN attempts a ON a.job_id = j.id
+        WHERE j.priority = %s
+        GROUP BY j.id, j.created_at
+        HAVING extract(epoch FROM (min(a.started_at) - j.created_at)) > %s
+        ORDER BY j.created_at
+    """
+    with psycopg.connect(conninfo(database_url)) as conn:
+        rows = conn.execute(query, (since, priority, over_s)).fetchall()
+    return [(float(r[0]), float(r[1])) for r in rows]
+
+
 def first_admission(database_url: str) -> float | None:
     """When the first admitted (HTTP 200) call started, if any has finished yet."""
     query = (

@@ -110,6 +110,9 @@ def _priority(run: Run, name: str, *, reserve_share: float) -> Row:
         steady_i, _ = ledger.first_call_waits(
             st.database_url, Priority.INTERACTIVE, created_after=started + steady_after
         )
+        slow = ledger.slow_first_calls(
+            st.database_url, Priority.INTERACTIVE, since=started, over_s=2.0
+        )
     m["interactive_enqueued"] = len(handles)
     m["interactive_called"] = len(waits_i)
     m["interactive_never_called"] = never_i
@@ -121,6 +124,10 @@ def _priority(run: Run, name: str, *, reserve_share: float) -> Row:
         m[f"{label}_wait_p50_s"] = _round_opt(ledger.percentile(waits, 50))
         m[f"{label}_wait_p95_s"] = _round_opt(ledger.percentile(waits, 95))
         m[f"{label}_wait_max_s"] = _round_opt(max(waits) if waits else None)
+    # When the slow interactive jobs were enqueued says which phase kept them waiting.
+    m["interactive_slow_waits"] = (
+        "; ".join(f"{created:.0f} s: {wait:.1f} s" for created, wait in slow[:12]) or "none"
+    )
     m["bulk_called"] = len(waits_b)
     m["bulk_never_called"] = never_b
     p95 = m["interactive_wait_p95_s"]
