@@ -8,10 +8,15 @@ throttle reserves ``raw estimate * factor``, where the factor is learned from
 the ``prompt_tokens`` the provider reports.
 
 The factor is the *largest* actual/raw ratio among the last
-:data:`SAMPLES` calls of that model and script, plus :data:`MARGIN`: it tracks
-the tokenizer closely but errs high, so a reservation rarely falls short of
-what the provider charges. Samples live in Redis (shared by every worker and
-dyno on the key); each process caches the factor for :data:`CACHE_S` seconds.
+:data:`SAMPLES` calls of that model and script, plus a margin as wide as those
+ratios are spread (between :data:`MIN_MARGIN` and :data:`MAX_MARGIN`; the widest
+until :data:`TRUSTED_SAMPLES` calls were seen): it tracks the tokenizer closely
+but errs high, so a reservation rarely falls short of what the provider charges.
+Every point of margin is a point of throughput lost when tokens bind, so text
+that the tokenizer counts consistently gets the narrowest.
+
+Samples live in Redis (shared by every worker and dyno on the key); each process
+caches the factor for :data:`CACHE_S` seconds.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ Script = Literal["latin", "cjk"]
 
 #: Ratios kept per model and script.
 SAMPLES = 64
-#: Headroom on the largest recent ratio.
-MARGIN = 1.05
+#: Headroom on the largest recent ratio, as a share of it: the spread of the
+#: ratios ((largest - smallest) / largest), clamped to these bounds.
+MIN_MARGIN, MAX_MARGIN = 0.01, 0.05
+#: Samples below which the spread says too little and MAX_MARGIN applies.
+TRUSTED_SAMPLES = 8
 #: Seconds a process reuses a factor before reading Redis again.
 CACHE_S = 10.0
 #: Bounds of the factor: the raw estimate is never trusted below a tenth of
@@ -66,6 +74,14 @@ def dominant_script(body: Mapping[str, Any]) -> Script:
     return "cjk" if total and cjk / total >= CJK_SHARE else "latin"
 
 
+def margin(ratios: list[float]) -> float:
+    """Headroom on the largest of ``ratios`` (actual/raw prompt tokens), as a share."""
+    if len(ratios) < TRUSTED_SAMPLES:
+        return MAX_MARGIN
+    spread = (max(ratios) - min(ratios)) / max(ratios)
+    return min(MAX_MARGIN, max(MIN_MARGIN, spread))
+
+
 class Calibrator:
     """Shared per-model, per-script correction of the prompt-token estimate."""
 
@@ -85,7 +101,9 @@ class Calibrator:
                 return cached[0]
         raw = self._redis.lrange(calibration_key(model, script), 0, SAMPLES - 1)
         ratios = [float(x) for x in raw]
-        value = min(MAX_FACTOR, max(MIN_FACTOR, max(ratios) * MARGIN)) if ratios else 1.0
+        value = (
+            min(MAX_FACTOR, max(MIN_FACTOR, max(ratios) * (1 + margin(ratios)))) if ratios else 1.0
+        )
         with self._lock:
             self._cache[key] = (value, now)
         return value

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from jobs.tokens import estimate_prompt_tokens
-from worker.calibrate import MARGIN, Calibrator, dominant_script
+from worker.calibrate import MAX_MARGIN, MIN_MARGIN, TRUSTED_SAMPLES, Calibrator, dominant_script
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,8 @@ def test_factor_starts_at_one_and_learns_per_script(redis_conn: redis.Redis) -> 
     clock.now += 60
     latin_est = cal.estimate("kimi-k2-5", latin, raw_latin)
     cjk_est = cal.estimate("kimi-k2-5", cjk, raw_cjk)
-    assert raw_latin // 2 <= latin_est <= raw_latin // 2 * MARGIN + 2
-    assert int(raw_cjk * 0.9) <= cjk_est <= raw_cjk * 0.9 * MARGIN + 2
+    assert raw_latin // 2 <= latin_est <= raw_latin // 2 * (1 + MAX_MARGIN) + 2
+    assert int(raw_cjk * 0.9) <= cjk_est <= raw_cjk * 0.9 * (1 + MAX_MARGIN) + 2
     # Another model learns nothing from these.
     assert cal.estimate("other-model", latin, raw_latin) == raw_latin
 
@@ -65,3 +65,23 @@ def test_tiny_prompts_teach_nothing(redis_conn: redis.Redis) -> None:
     cal = Calibrator(redis_conn)
     cal.record("kimi-k2-5", body("hi"), 10, 3)
     assert cal.factor("kimi-k2-5", "latin") == 1.0
+
+
+def test_margin_narrows_as_consistent_samples_come_in(redis_conn: redis.Redis) -> None:
+    clock = FakeClock()
+    cal = Calibrator(redis_conn, clock=clock)
+    prompt = body("word " * 400)
+    raw = estimate_prompt_tokens(prompt)
+    for seen in range(1, TRUSTED_SAMPLES + 1):
+        cal.record("kimi-k2-5", prompt, raw, raw // 2)
+        clock.now += 60
+        factor = cal.factor("kimi-k2-5", "latin")
+        ratio = float(f"{(raw // 2) / raw:.4f}")
+        expected = MIN_MARGIN if seen >= TRUSTED_SAMPLES else MAX_MARGIN
+        assert factor == pytest.approx(ratio * (1 + expected))
+    # Ratios spread by 3 %: the margin follows the spread.
+    cal.record("kimi-k2-5", prompt, raw, round(raw / 2 * 1.03))
+    clock.now += 60
+    high = float(f"{round(raw / 2 * 1.03) / raw:.4f}")
+    low = float(f"{(raw // 2) / raw:.4f}")
+    assert cal.factor("kimi-k2-5", "latin") == pytest.approx(high * (1 + (high - low) / high))
