@@ -97,6 +97,12 @@ class Settings:
     #: rate of the last five minutes needs. Default 0: bulk fills an idle key's
     #: windows, and the first interactive jobs may wait for a bulk slot to free.
     interactive_reserve: int = 0
+    #: INFERENCE_BOOKING_HORIZON, seconds: a bulk job books its throttle slot only
+    #: when the slot is this close, and is priced with the calibrated estimate of
+    #: that moment. Booked further ahead, a slot keeps the tokens that earlier calls
+    #: settle below their reservations from being used. Must be shorter than the
+    #: window. Default 2: far above how late a sleeping thread wakes.
+    booking_horizon_s: float = 2.0
     #: INFERENCE_DEFAULT_MAX_TOKENS. Completion tokens reserved for a request
     #: that sets no max_tokens (the body itself is sent unchanged). Default 4096.
     default_max_tokens: int = 4096
@@ -210,6 +216,9 @@ class Settings:
         concurrency = _int(e, "WORKER_CONCURRENCY", 200, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", 300.0)
         window = _int(e, "DISPATCH_WINDOW", concurrency, minimum=1)
+        horizon = _float(e, "INFERENCE_BOOKING_HORIZON", 2.0, zero_ok=True)
+        if horizon >= 60.0:
+            raise ConfigError(f"INFERENCE_BOOKING_HORIZON must be under 60 s, got {horizon}")
         database_url = e.get("DATABASE_URL") or None
         return cls(
             database_url=normalize_database_url(database_url) if database_url else None,
@@ -223,6 +232,7 @@ class Settings:
             tpm_charge="actual" if charge == "actual" else "reserve",
             window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", 1.0, zero_ok=True),
             interactive_reserve=_int(e, "INFERENCE_INTERACTIVE_RESERVE", 0, minimum=0),
+            booking_horizon_s=horizon,
             default_max_tokens=_int(e, "INFERENCE_DEFAULT_MAX_TOKENS", 4096, minimum=1),
             connect_timeout=_float(e, "INFERENCE_CONNECT_TIMEOUT", 10.0),
             read_timeout=read_timeout,

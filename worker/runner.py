@@ -188,7 +188,11 @@ class Runner:
             return self._fail(job.id, fields, "invalid_request", str(exc))
         max_tokens = checked.max_tokens or self.settings.default_max_tokens
         raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
-        reserve = self._estimate(job, raw_prompt) + max_tokens
+
+        def price() -> int:
+            # Priced again each time the throttle books: calibration keeps learning.
+            return self._estimate(job, raw_prompt) + max_tokens
+
         throttle = self.throttle_for(job.model)
         failures = 0
         while True:
@@ -197,7 +201,7 @@ class Runner:
                 reservation = self._through_outage(
                     partial(
                         throttle.acquire,
-                        reserve,
+                        price,
                         max_wait=wait_budget,
                         stop=self.stop,
                         priority=job.priority,
@@ -222,7 +226,7 @@ class Runner:
                 "attempt",
                 **fields,
                 attempt=number,
-                reserved_tokens=reserve,
+                reserved_tokens=reservation.tokens,
                 request=self._body(job.request),
             )
             reservation = self._starting(throttle, reservation)

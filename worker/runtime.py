@@ -82,6 +82,7 @@ class Runtime:
                     # calls; the other half of the margin is left to network jitter.
                     # Moving an entry costs a pass over the booked log, so not sooner.
                     late_start_ms=round(self.settings.window_margin_s * 500),
+                    booking_horizon_s=self.settings.booking_horizon_s,
                     seed=self._seed_for(model, window_s),
                 )
                 self._throttles[model] = throttle

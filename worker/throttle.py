@@ -15,11 +15,20 @@ it wakes (one cheap script call): the slot may have moved meanwhile, because
 * the provider reported somebody else's usage of the key (see :meth:`Throttle.observe`),
 
 in which case the caller sleeps again until its new slot and confirms once more.
+
+With a booking horizon, a bulk request books only once its slot is that close: it
+sleeps unbooked until its projected slot less the horizon, or until this process
+settles or releases a reservation below its cost, then places itself again with a
+fresh price. A slot booked a window ahead would fix its cost with the estimate of
+the moment and keep that window's room from what earlier calls settle below their
+reservations; when tokens bind, both cost throughput.
+
 When the request is done the caller settles the reservation with the tokens it wants
 charged (the real prompt plus ``max_tokens``, or prompt plus completion); a request
 that was never sent is released. Redis round trips per admitted request: reserve,
 confirm (only if it had to wait), settle; plus one confirm per move of a sleeping
-reservation. The first call on a lost bucket with a ``seed`` callable pays one more.
+reservation, and one place per wake of an unbooked bulk request. The first call on a
+lost bucket with a ``seed`` callable pays one more.
 
 Priorities. Bulk requests queue first come, first served at the end of the log.
 An interactive request takes the earliest free instant if one exists; otherwise it
@@ -61,6 +70,7 @@ capacity until it leaves the window.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -82,6 +92,9 @@ _LONGEST_WAIT_S = 1e9
 #: :meth:`Throttle.starting` moves its entry: far above the few ms a sleeping thread
 #: normally wakes late. The worker passes half its window margin instead.
 LATE_START_MS = 100
+
+#: Longest an unbooked sleeper goes without looking at its ``stop`` event (s).
+_STOP_CHECK_S = 1.0
 
 #: Share of each limit by which the provider may report more usage than our window
 #: holds before :meth:`Throttle.observe` assumes somebody else uses the key. The
@@ -174,6 +187,9 @@ class Throttle:
     provider's window were full: nothing is admitted until one window from then. The
     marker expires with the log, one window after the last booked slot, so a bucket
     left idle that long is seeded (or, without ``seed``, paused) again on next use.
+
+    ``booking_horizon_s`` (None: book at once) is how close a bulk request's slot must
+    be before it is booked; see the module docstring.
     """
 
     def __init__(
@@ -187,6 +203,7 @@ class Throttle:
         interactive_share: float = 0.5,
         interactive_reserve: int = 0,
         late_start_ms: int = LATE_START_MS,
+        booking_horizon_s: float | None = None,
         seed: Callable[[], History] | None = None,
     ) -> None:
         if rpm < 1 or tpm < 1:
@@ -207,6 +224,12 @@ class Throttle:
             raise ValueError(f"interactive_reserve must not be negative, got {interactive_reserve}")
         self._reserve = interactive_reserve
         self._late_start_ms = late_start_ms
+        if booking_horizon_s is not None and not 0 <= booking_horizon_s < self.window_s:
+            raise ValueError(f"booking horizon must lie in [0, window), got {booking_horizon_s}")
+        self._horizon_ms = None if booking_horizon_s is None else round(booking_horizon_s * 1000)
+        # Bulk requests sleeping unbooked, oldest first (see _book).
+        self._unbooked: collections.deque[threading.Event] = collections.deque()
+        self._unbooked_lock = threading.Lock()
         self._seed = seed
         self._store = ThrottleStore(redis, bucket, window_ms=window_ms)
         # One thread per instance reads the history at a time; the others reuse its
@@ -216,7 +239,7 @@ class Throttle:
 
     def acquire(
         self,
-        tokens: int,
+        tokens: int | Callable[[], int],
         *,
         max_wait: float = 3000.0,
         stop: threading.Event | None = None,
@@ -232,15 +255,14 @@ class Throttle:
         now will do); a bulk reservation moved later by an interactive takeover can
         also time out when it wakes. Setting ``stop`` ends the wait early with
         :class:`ThrottleInterrupted` after releasing the slot.
+
+        ``tokens`` may be a callable that prices the request: with a booking horizon
+        a bulk request books only when its slot is that close, and is priced afresh
+        each time it tries (a calibrated estimate may have improved meanwhile).
         """
-        if tokens < 0:
-            raise ValueError(f"token cost must not be negative, got {tokens}")
-        if tokens > self.tpm:
-            raise RequestTooLarge(
-                f"request needs {tokens} tokens but bucket {self.bucket} allows only "
-                f"{self.tpm} tokens per {self.window_s:g} s; shrink the prompt or max_tokens"
-            )
-        kind = "i." if Priority(priority) is Priority.INTERACTIVE else "b."
+        price = tokens if callable(tokens) else lambda: tokens
+        interactive = Priority(priority) is Priority.INTERACTIVE
+        kind = "i." if interactive else "b."
         # A caller whose budget is already spent may pass a negative wait: it means
         # "only if free right now", not a programming error. Infinity means "a long time".
         max_wait = min(max(max_wait, 0.0), _LONGEST_WAIT_S)
@@ -248,7 +270,9 @@ class Throttle:
             raise ThrottleInterrupted(f"stop requested before waiting on bucket {self.bucket}")
         deadline = time.monotonic() + max_wait
         rid = kind + uuid.uuid4().hex
-        decision = self._place(rid, tokens, math.floor(max_wait * 1000), confirm=False)
+        cost, decision = self._book(
+            rid, price, deadline, stop, horizon_ms=None if interactive else self._horizon_ms
+        )
         while True:
             delay_ms = decision.slot_ms - decision.now_ms
             if not decision.admitted:
@@ -259,14 +283,82 @@ class Throttle:
             if delay_ms <= 0:
                 return Reservation(
                     id=rid,
-                    tokens=tokens,
+                    tokens=cost,
                     start_ms=decision.slot_ms,
                     granted_ms=decision.now_ms,
                     granted_at=time.monotonic(),
                 )
-            self._wait(rid, tokens, decision.slot_ms, delay_ms / 1000, stop)
-            remaining_ms = max(0, math.floor((deadline - time.monotonic()) * 1000))
-            decision = self._place(rid, tokens, remaining_ms, confirm=True)
+            self._wait(rid, cost, decision.slot_ms, delay_ms / 1000, stop)
+            decision = self._place(rid, cost, _ms_until(deadline), confirm=True)
+
+    def _check_cost(self, tokens: int) -> int:
+        if tokens < 0:
+            raise ValueError(f"token cost must not be negative, got {tokens}")
+        if tokens > self.tpm:
+            raise RequestTooLarge(
+                f"request needs {tokens} tokens but bucket {self.bucket} allows only "
+                f"{self.tpm} tokens per {self.window_s:g} s; shrink the prompt or max_tokens"
+            )
+        return tokens
+
+    def _book(
+        self,
+        rid: str,
+        price: Callable[[], int],
+        deadline: float,
+        stop: threading.Event | None,
+        *,
+        horizon_ms: int | None,
+    ) -> tuple[int, SlotDecision]:
+        """Reserve a slot no further than the horizon; until then, sleep unbooked.
+
+        Booking a slot a window or more ahead fixes its cost with today's estimate
+        and keeps that window's room from whatever the calls before it settle
+        below their reservations. An unbooked sleeper wakes at its projected slot
+        less the horizon, or earlier when this process frees tokens (see
+        :meth:`settle`), and tries again. Returns the cost booked and the decision;
+        one not admitted lies beyond the deadline.
+        """
+        while True:
+            cost = self._check_cost(price())
+            remaining_ms = _ms_until(deadline)
+            limit_ms = remaining_ms if horizon_ms is None else min(remaining_ms, horizon_ms)
+            decision = self._place(rid, cost, limit_ms, confirm=False)
+            delay_ms = decision.slot_ms - decision.now_ms
+            if decision.admitted or horizon_ms is None or delay_ms > remaining_ms:
+                return cost, decision
+            self._sleep_unbooked((delay_ms - horizon_ms) / 1000, stop)
+
+    def _sleep_unbooked(self, seconds: float, stop: threading.Event | None) -> None:
+        """Sleep ``seconds``, less if woken by freed tokens; nothing is held meanwhile."""
+        woken = threading.Event()
+        with self._unbooked_lock:
+            self._unbooked.append(woken)
+        try:
+            end = time.monotonic() + seconds
+            while not woken.is_set() and (left := end - time.monotonic()) > 0:
+                if stop is not None and stop.is_set():
+                    break
+                # One Event cannot also watch ``stop``: look at it every second.
+                woken.wait(left if stop is None else min(left, _STOP_CHECK_S))
+        finally:
+            with self._unbooked_lock, contextlib.suppress(ValueError):
+                self._unbooked.remove(woken)
+        if stop is not None and stop.is_set():
+            raise ThrottleInterrupted(f"stop requested while waiting on bucket {self.bucket}")
+
+    def _freed_tokens(self, tokens: int) -> None:
+        """Wake the oldest unbooked sleeper: ``tokens`` below a reservation came free.
+
+        One sleeper per refund, and only this process's: the room may be too small
+        for it (it sleeps again after one script call), and other processes wake
+        their own sleepers when they settle.
+        """
+        if tokens <= 0:
+            return
+        with self._unbooked_lock:
+            if self._unbooked:
+                self._unbooked.popleft().set()
 
     def _place(self, rid: str, tokens: int, max_wait_ms: int, *, confirm: bool) -> SlotDecision:
         """Reserve or confirm; seed the bucket first if the script finds it lost.
@@ -366,10 +458,12 @@ class Throttle:
         if tokens < 0:
             raise ValueError(f"settled tokens must not be negative, got {tokens}")
         self._store.settle(reservation.id, reservation.start_ms, tokens)
+        self._freed_tokens(reservation.tokens - tokens)
 
     def release(self, reservation: Reservation) -> None:
         """Give back the slot of a request that was never sent."""
         self._store.release(reservation.id, reservation.start_ms, reservation.tokens)
+        self._freed_tokens(reservation.tokens)
 
     def pause(self, seconds: float) -> None:
         """Admit nothing for ``seconds`` from now (Redis time), e.g. after a provider 429.
@@ -442,6 +536,11 @@ class Throttle:
             external_requests=logged.external_requests,
             external_tokens=logged.external_tokens,
         )
+
+
+def _ms_until(deadline: float) -> int:
+    """Whole milliseconds left until the monotonic ``deadline``, never negative."""
+    return max(0, math.floor((deadline - time.monotonic()) * 1000))
 
 
 def _reset_ms(seconds: float | None, window_ms: int) -> int | None:

@@ -1,0 +1,125 @@
+"""Bulk requests book only when their slot is near, priced afresh, against real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from jobs.models import Priority
+from tests.integration.throttle_helpers import (
+    CountingRedis,
+    entries,
+    log_size,
+    make,
+    members,
+    overfull_future_windows,
+    redis_now_ms,
+    wait_until,
+)
+from worker.throttle import RequestTooLarge, ThrottleInterrupted, ThrottleTimeout
+
+pytestmark = pytest.mark.integration
+
+WINDOW_S, HORIZON_S = 2.0, 0.3
+WINDOW_MS, HORIZON_MS = int(WINDOW_S * 1000), int(HORIZON_S * 1000)
+
+
+def test_a_far_slot_is_not_booked_until_it_is_near(r: CountingRedis) -> None:
+    throttle = make(r, rpm=1, tpm=10**6, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+    first = throttle.acquire(1)
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(throttle.acquire, 1)
+        time.sleep(0.5)
+        # A window away: the log holds the first call only, nothing for the sleeper.
+        assert set(members(r)) == {f"{first.id}:1"}
+        wait_until(lambda: log_size(r) == 2, timeout=WINDOW_S)
+        booked_at = redis_now_ms(r)
+        assert first.start_ms + WINDOW_MS - HORIZON_MS - 50 <= booked_at
+        granted = second.result(timeout=5)
+    assert granted.start_ms == first.start_ms + WINDOW_MS
+
+
+def test_the_price_is_taken_when_the_slot_is_booked(r: CountingRedis) -> None:
+    throttle = make(r, rpm=1, tpm=10**6, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+    throttle.acquire(1)
+    prices = iter([900, 500])
+    granted = throttle.acquire(lambda: next(prices))
+    # Priced once when it first looked, and again when it booked.
+    assert granted.tokens == 500
+    assert members(r)[f"{granted.id}:500"] == granted.start_ms
+
+
+def test_interactive_requests_book_at_once(r: CountingRedis) -> None:
+    throttle = make(r, rpm=1, tpm=10**6, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+    first = throttle.acquire(1)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(throttle.acquire, 1, priority=Priority.INTERACTIVE)
+        wait_until(lambda: log_size(r) == 2)
+        assert waiting.result(timeout=5).start_ms == first.start_ms + WINDOW_MS
+
+
+def test_tokens_settled_below_the_reservation_wake_an_unbooked_sleeper(r: CountingRedis) -> None:
+    tpm = 1000
+    throttle = make(r, rpm=100, tpm=tpm, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+    full = throttle.acquire(tpm)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(throttle.acquire, 400)
+        time.sleep(0.2)
+        assert log_size(r) == 1  # asleep, unbooked, until a window from now
+        throttle.settle(full, 500)  # the call used half its reservation
+        granted = waiting.result(timeout=1)
+    # It took the room the settle freed, in the same window.
+    assert granted.start_ms < full.start_ms + WINDOW_MS - HORIZON_MS
+    assert not overfull_future_windows(entries(r), now_ms=0, window_ms=WINDOW_MS, rpm=100, tpm=tpm)
+
+
+def test_a_woken_sleeper_that_finds_no_room_sleeps_again(r: CountingRedis) -> None:
+    tpm = 1000
+    throttle = make(r, rpm=100, tpm=tpm, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+    full = throttle.acquire(tpm)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(throttle.acquire, 400)
+        time.sleep(0.2)
+        throttle.settle(full, tpm - 100)  # frees too little for 400
+        time.sleep(0.2)
+        assert log_size(r) == 1
+        granted = waiting.result(timeout=5)
+    assert granted.start_ms == full.start_ms + WINDOW_MS
+
+
+def test_stop_ends_an_unbooked_sleep(r: CountingRedis) -> None:
+    throttle = make(r, rpm=1, tpm=10**6, window_s=10.0, booking_horizon_s=HORIZON_S)
+    throttle.acquire(1)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(throttle.acquire, 1, stop=stop)
+        time.sleep(0.2)
+        stop.set()
+        started = time.monotonic()
+        with pytest.raises(ThrottleInterrupted):
+            waiting.result(timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert log_size(r) == 1
+
+
+def test_limits_hold_while_sleepers_book_late(r: CountingRedis) -> None:
+    rpm, tpm = 4, 1000
+    throttle = make(r, rpm=rpm, tpm=tpm, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+    with ThreadPoolExecutor(12) as pool:
+        granted = list(pool.map(lambda i: throttle.acquire(100 + 50 * (i % 4)), range(12)))
+    assert len({g.id for g in granted}) == 12
+    assert not overfull_future_windows(entries(r), now_ms=0, window_ms=WINDOW_MS, rpm=rpm, tpm=tpm)
+
+
+def test_max_wait_and_oversize_still_apply(r: CountingRedis) -> None:
+    throttle = make(r, rpm=1, tpm=1000, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+    throttle.acquire(1)
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(1, max_wait=1.0)
+    prices = iter([10, 2000])
+    with pytest.raises(RequestTooLarge):
+        throttle.acquire(lambda: next(prices))
+    assert log_size(r) == 1
