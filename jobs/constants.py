@@ -48,8 +48,9 @@ def throttle_init_key(bucket: str) -> str:
 
 
 def throttle_interactive_key(bucket: str) -> str:
-    """Sorted set of the bucket's recent interactive admissions (5 windows), scored by
-    Redis time (ms): how much of each window bulk leaves free for them."""
+    """Sorted set of the bucket's recent interactive admissions and external phantoms
+    (5 windows), scored by Redis time (ms): how much of each window bulk leaves free
+    for them."""
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:interactive"
 
 

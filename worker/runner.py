@@ -340,10 +340,10 @@ class Runner:
         reservation: Reservation,
     ) -> None:
         if isinstance(exc, RateLimited):
-            # The provider did not admit the call: free our slot, and make every
-            # worker on the bucket wait out the provider's reset.
+            # Somebody else took our place in the provider's window: keep it taken
+            # in ours, and make every worker on the bucket wait out the reset.
             pause_s = exc.retry_after or self.policy.rate_limit_fallback
-            self._quietly("release", partial(throttle.release, reservation))
+            self._quietly("refused", partial(throttle.refused, reservation))
             self._quietly("pause", lambda: throttle.pause(pause_s))
         elif isinstance(exc, AuthFailed):
             self._quietly("release", partial(throttle.release, reservation))

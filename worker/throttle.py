@@ -45,7 +45,9 @@ window back for interactive ones (:func:`worker.throttle_reference.interactive_h
 sized to the interactive rate seen over the last five windows, and at least
 ``interactive_reserve`` requests at all times. Interactive entries of a window use the
 hold up before bulk gives up anything more; with no interactive traffic seen and no
-reserve, bulk fills every window.
+reserve, bulk fills every window. Other clients of the key (see :meth:`Throttle.observe`)
+count as interactive traffic here: bulk leaves room for their rate too, so that their
+next calls find it instead of displacing ours (and theirs are not all refused).
 
 Seeding. The provider remembers the last window even when Redis loses the log
 (restart, flush, expiry after an idle window). A bucket without its initialised
@@ -459,6 +461,17 @@ class Throttle:
             raise ValueError(f"settled tokens must not be negative, got {tokens}")
         self._store.settle(reservation.id, reservation.start_ms, tokens)
         self._freed_tokens(reservation.tokens - tokens)
+
+    def refused(self, reservation: Reservation) -> None:
+        """Record that the provider refused the call (429) although the bucket admitted it.
+
+        Somebody else holds that place in the provider's window: the entry stays,
+        as an external phantom, until it leaves ours, and bulk leaves room for the
+        other client's rate from then on (see the module docstring). Pause the
+        bucket as well (:meth:`pause`); retrying the request means a new
+        :meth:`acquire`.
+        """
+        self._store.refused(reservation.id, reservation.start_ms)
 
     def release(self, reservation: Reservation) -> None:
         """Give back the slot of a request that was never sent."""

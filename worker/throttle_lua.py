@@ -12,7 +12,8 @@ time. The first two characters of the id say what the entry is:
 ``i.``  an interactive reservation; never moved by anybody else.
 ``s.``  a call from before the log was lost, seeded from the caller's ledger.
 ``x.``  an external phantom: usage of the key by somebody else, learnt from the
-        provider's rate-limit headers.
+        provider's rate-limit headers. Phantoms also join the interactive history:
+        bulk holds room back for other clients' rate as for interactive jobs.
 
 Every script reads the clock with Redis ``TIME``. Slots are found so that no window
 ``(t - W, t]`` holding a slot that has not started yet exceeds rpm or tpm; the
@@ -22,7 +23,7 @@ pure-Python statements of the same computations are
 
 from __future__ import annotations
 
-#: Windows of interactive history behind a bulk request's hold: the scripts and the
+#: Windows of interactive (and external) history behind a bulk request's hold: the scripts and the
 #: Python reference (:func:`worker.throttle_reference.interactive_hold`) both read this one.
 HISTORY_WINDOWS = 5
 
@@ -72,11 +73,18 @@ local function prune(log, now, window)
   redis.call('ZREMRANGEBYSCORE', log, '-inf', fmt(now - window))
 end
 
+-- Interactive entries and external phantoms use the room bulk holds back.
+local function held(member)
+  local k = kind(member)
+  return k == 'i.' or k == 'x.'
+end
+
 -- Earliest t >= floor and >= arr[n]'s score at which arr[1..n] plus one more entry
 -- costing `cost` fit the window ending at t. A bulk entry also leaves `hold_r`
--- requests and `hold_t` tokens of that window to interactive traffic, less what the
--- window's interactive entries already use (nil: no hold). Looking further back only
--- adds to the left-hand sides, so the first entry that breaks a limit binds.
+-- requests and `hold_t` tokens of that window to interactive traffic and other
+-- clients of the key, less what the window's held entries already use (nil: no
+-- hold). Looking further back only adds to the left-hand sides, so the first entry
+-- that breaks a limit binds.
 local function fit_after(arr, n, floor, window, rpm, tpm, cost, hold_r, hold_t)
   hold_r, hold_t = hold_r or 0, hold_t or 0
   if n > 0 and arr[n][1] > floor then
@@ -86,7 +94,7 @@ local function fit_after(arr, n, floor, window, rpm, tpm, cost, hold_r, hold_t)
   for i = n, math.max(1, n - rpm + 1), -1 do
     count = count + 1
     tokens = tokens + arr[i][2]
-    if arr[i][3] and kind(arr[i][3]) == 'i.' then
+    if arr[i][3] and held(arr[i][3]) then
       icount = icount + 1
       itokens = itokens + arr[i][2]
     end
@@ -108,9 +116,9 @@ local function next_slot(log, floor, window, rpm, tpm, cost, hold_r, hold_t)
   return fit_after(arr, #arr, floor, window, rpm, tpm, cost, hold_r, hold_t)
 end
 
--- What a bulk entry leaves of its window to interactive traffic: the interactive
--- rate seen over the last HISTORY_WINDOWS windows (per window, over the span actually
--- seen), a quarter more, plus one request and one request's tokens for an arrival
+-- What a bulk entry leaves of its window to interactive traffic and other clients of
+-- the key: their rate seen over the last HISTORY_WINDOWS windows (per window, over
+-- the span actually seen), a quarter more, plus one request and one request's tokens for an arrival
 -- above the rate; at least `reserve` requests (and the same share of tpm) at all
 -- times; never more than the interactive share (cap requests, the same share of tpm).
 local function interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
@@ -247,7 +255,8 @@ end
 
 #: Reserve a slot for a new request, or confirm (and if need be move) a held one.
 #: KEYS[1] log, KEYS[2] pause marker, KEYS[3] initialised marker, KEYS[4] interactive
-#: history (a sorted set of recent interactive members, scored by Redis time ms).
+#: history (a sorted set of recent interactive and external members, scored by Redis
+#: time ms).
 #: ARGV[1] reservation id (``b.``/``i.`` prefix), ARGV[2] tokens, ARGV[3] window ms,
 #: ARGV[4] rpm, ARGV[5] tpm, ARGV[6] interactive cap (takeovers per window),
 #: ARGV[7] max wait ms (from now), ARGV[8] 1 to confirm a held reservation,
@@ -405,6 +414,30 @@ return {now, 1}
 """
 )
 
+#: Turn the entry of a request the provider refused (429) into an external phantom at
+#: the same slot. We never admit past the limit, so somebody else took that place in
+#: the provider's window; the phantom keeps it taken until it leaves ours (freeing it
+#: would hand the place out again, to be refused again). It also joins the
+#: interactive history, so that bulk leaves room for the other client's rate.
+#: KEYS[1] log, KEYS[2] interactive history. ARGV[1] reservation id, ARGV[2] slot ms,
+#: ARGV[3] window ms. Returns 1 if turned, 0 if the entry is gone.
+REFUSED_LUA = (
+    _LUA_COMMON
+    + """
+local log, hist = KEYS[1], KEYS[2]
+local member = find(log, ARGV[1], ARGV[2])
+if not member then
+  return 0
+end
+local phantom = 'x.' .. string.sub(member, 3)
+redis.call('ZREM', log, member)
+redis.call('ZADD', log, ARGV[2], phantom)
+redis.call('ZADD', hist, fmt(now_ms()), phantom)
+redis.call('PEXPIRE', hist, fmt(HISTORY_WINDOWS * tonumber(ARGV[3])))
+return 1
+"""
+)
+
 #: Remove the entry of a request that was never sent, wherever a takeover moved it.
 #: KEYS[1] log. ARGV[1] reservation id, ARGV[2] last known slot ms, ARGV[3] tokens
 #: as reserved. Returns 1 if removed, 0 if it was not there.
@@ -509,16 +542,18 @@ local function expiry_score(reset)
   end
   return now - window + reset
 end
-local added_r, added_t, newest = 0, 0, nil
+local added_r, added_t, newest, added = 0, 0, nil, {}
 if need_t > 0 then
   newest = expiry_score(reset_t)
-  redis.call('ZADD', log, fmt(newest), 'x.' .. pid .. '.t:' .. fmt(need_t))
+  added[1] = 'x.' .. pid .. '.t:' .. fmt(need_t)
+  redis.call('ZADD', log, fmt(newest), added[1])
   added_r, added_t = 1, need_t
 end
 if need_r > added_r then
   local score = expiry_score(reset_r)
   for i = added_r + 1, need_r do
-    redis.call('ZADD', log, fmt(score), 'x.' .. pid .. '.' .. fmt(i) .. ':0')
+    added[#added + 1] = 'x.' .. pid .. '.' .. fmt(i) .. ':0'
+    redis.call('ZADD', log, fmt(score), added[#added])
   end
   added_r = need_r
   if newest == nil or score > newest then newest = score end
@@ -526,6 +561,12 @@ end
 if newest == nil then
   return {0, 0}
 end
+-- The other client's rate joins the interactive one in the room bulk holds back,
+-- so that its next calls find room instead of displacing ours.
+for _, member in ipairs(added) do
+  redis.call('ZADD', hist, fmt(now), member)
+end
+redis.call('PEXPIRE', hist, fmt(HISTORY_WINDOWS * window))
 local hold_r, hold_t = interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
 reschedule(log, now, window, rpm, tpm, newest + window, hold_r, hold_t)
 touch(log, init, now, window)

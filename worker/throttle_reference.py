@@ -17,8 +17,9 @@ from worker.throttle_lua import HISTORY_WINDOWS
 Entry = tuple[int, int] | tuple[int, int, str]
 
 
-def _is_interactive(entry: Entry) -> bool:
-    return len(entry) > 2 and entry[2].startswith("i.")
+def _uses_hold(entry: Entry) -> bool:
+    """Interactive entries and external phantoms use the room bulk holds back."""
+    return len(entry) > 2 and entry[2].startswith(("i.", "x."))
 
 
 def earliest_slot(
@@ -40,19 +41,20 @@ def earliest_slot(
     is the earliest ``t`` no earlier than now, the pause end and the newest entry such
     that the entries scored in ``(t - window_ms, t]``, plus the new one, fit ``rpm``
     and ``tpm`` with ``hold_requests`` and ``hold_tokens`` left over, less what the
-    interactive entries among them use (see :func:`interactive_hold`).
+    interactive entries and external phantoms among them use (see
+    :func:`interactive_hold`).
     """
     live = sorted((e for e in entries if e[0] > now_ms - window_ms), key=lambda e: e[0])
     floor = max(now_ms, pause_until_ms, live[-1][0] if live else now_ms)
-    tokens, interactive, interactive_tokens = cost, 0, 0
+    tokens, held, held_tokens = cost, 0, 0
     for count, entry in enumerate(reversed(live), start=1):
         tokens += entry[1]
-        if _is_interactive(entry):
-            interactive += 1
-            interactive_tokens += entry[1]
+        if _uses_hold(entry):
+            held += 1
+            held_tokens += entry[1]
         if (
-            count + 1 + max(0, hold_requests - interactive) > rpm
-            or tokens + max(0, hold_tokens - interactive_tokens) > tpm
+            count + 1 + max(0, hold_requests - held) > rpm
+            or tokens + max(0, hold_tokens - held_tokens) > tpm
         ):
             return max(floor, entry[0] + window_ms)
     return floor
@@ -68,10 +70,11 @@ def interactive_hold(
     cap: int,
     reserve: int = 0,
 ) -> tuple[int, int]:
-    """Return the requests and tokens of each window that bulk leaves to interactive traffic.
+    """Return the requests and tokens of each window that bulk leaves to others.
 
     The reference statement of the Lua computation. ``history`` holds the ``(score,
-    tokens)`` of interactive admissions; those of the last :data:`HISTORY_WINDOWS`
+    tokens)`` of interactive admissions and of external phantoms (other clients of
+    the key, learnt from the provider's headers); those of the last :data:`HISTORY_WINDOWS`
     windows give a rate per window, measured over the span they cover (at least one
     window). The hold is that rate plus a quarter, plus one request and one request's
     worth of tokens (the largest seen) for an arrival above the rate; at least

@@ -30,6 +30,7 @@ from worker.throttle_lua import (
     ACQUIRE_LUA,
     OBSERVE_LUA,
     PAUSE_LUA,
+    REFUSED_LUA,
     RELEASE_LUA,
     RESTAMP_LUA,
     SETTLE_LUA,
@@ -64,6 +65,7 @@ class _Scripts:
     acquire: Script
     settle: Script
     restamp: Script
+    refused: Script
     release: Script
     pause: Script
     usage: Script
@@ -83,6 +85,7 @@ def _scripts_for(client: redis.Redis) -> _Scripts:
                 acquire=client.register_script(ACQUIRE_LUA),
                 settle=client.register_script(SETTLE_LUA),
                 restamp=client.register_script(RESTAMP_LUA),
+                refused=client.register_script(REFUSED_LUA),
                 release=client.register_script(RELEASE_LUA),
                 pause=client.register_script(PAUSE_LUA),
                 usage=client.register_script(USAGE_LUA),
@@ -226,6 +229,14 @@ class ThrottleStore:
             args=[rid, slot_ms, self.window_ms, rpm, tpm, interactive_cap, interactive_reserve],
         )
         return int(raw[0]), bool(int(raw[1]))
+
+    def refused(self, rid: str, slot_ms: int) -> bool:
+        """Turn a refused request's entry into an external phantom; False if gone."""
+        return bool(
+            self._scripts.refused(
+                keys=[self._log, self._interactive], args=[rid, slot_ms, self.window_ms]
+            )
+        )
 
     def release(self, rid: str, slot_ms: int, tokens: int) -> bool:
         """Remove the entry (reserved with ``tokens``); False if it was not logged."""

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from jobs.constants import throttle_init_key, throttle_log_key
+from jobs.constants import throttle_init_key, throttle_interactive_key, throttle_log_key
 from tests.integration.throttle_helpers import (
     BUCKET,
     CountingRedis,
@@ -35,7 +35,8 @@ def phantoms(client: CountingRedis) -> dict[str, int]:
 
 def test_outside_requests_push_the_next_slots_out(r: CountingRedis) -> None:
     rpm = 10
-    throttle = make(r, rpm=rpm, tpm=10**6, window_s=2.0)
+    # No interactive share, so no hold: the phantoms alone (the hold is tested below).
+    throttle = make(r, rpm=rpm, tpm=10**6, window_s=2.0, interactive_share=0.0)
     throttle.release(throttle.acquire(0))  # initialises the bucket
     before = redis_now_ms(r)
     # Somebody else made 6 calls: the provider has 4 left; the slack (1) is forgiven.
@@ -112,7 +113,8 @@ def test_observe_on_a_lost_bucket_waits_for_the_seed(r: CountingRedis) -> None:
 
 def test_booked_sleepers_move_behind_outside_usage(r: CountingRedis) -> None:
     rpm, tpm, window_ms = 10, 100, 1000
-    throttle = make(r, rpm=rpm, tpm=tpm, window_s=window_ms / 1000)
+    # No interactive share, so no hold: the phantoms alone (the hold is tested below).
+    throttle = make(r, rpm=rpm, tpm=tpm, window_s=window_ms / 1000, interactive_share=0.0)
     start = throttle.acquire(100, max_wait=0)  # the window is full of tokens now
     with ThreadPoolExecutor(8) as pool:
         sleepers = [pool.submit(throttle.acquire, 10) for _ in range(8)]
@@ -219,3 +221,54 @@ def test_bulk_moved_by_outside_usage_keeps_the_interactive_reserve(r: CountingRe
         log, now_ms=redis_now_ms(r), window_ms=window_ms, rpm=rpm - reserve, tpm=10**6
     )
     assert len(ours) == 2 * (rpm - reserve)
+
+
+def test_bulk_leaves_room_for_the_rate_of_other_clients(r: CountingRedis) -> None:
+    rpm, window_ms = 10, 2000
+    throttle = make(r, rpm=rpm, tpm=10**6, window_s=window_ms / 1000)  # cap: 5 a window
+    throttle.release(throttle.acquire(0))  # initialises the bucket
+    # Somebody else made 4 calls (less the slack of 1): three phantoms, also in the
+    # history that sizes the hold: ceil(1.25 * 3) + 1 = 5 requests a window.
+    assert throttle.observe(rpm - 4, None, None, None) == ExternalUsage(requests=3, tokens=0)
+    assert r.zcard(throttle_interactive_key(BUCKET)) == 3
+    for i in range(3 * rpm):
+        throttle._store.reserve(
+            f"b.{i:02d}", 1, rpm=rpm, tpm=10**6, max_wait_ms=10**6, interactive_cap=throttle._cap
+        )
+    log = entries(r)
+    assert not overfull_future_windows(log, now_ms=0, window_ms=window_ms, rpm=rpm, tpm=10**6)
+    # Beside the phantoms' window, bulk takes half of each window and leaves the rest.
+    last = max(score for score, _, _ in log)
+    latest = [m for score, _, m in log if last - window_ms < score <= last]
+    assert len(latest) == rpm - 5
+
+
+def test_a_refused_call_keeps_its_place_as_somebody_elses(r: CountingRedis) -> None:
+    rpm, window_ms = 4, 2000
+    throttle = make(r, rpm=rpm, tpm=10**6, window_s=window_ms / 1000)  # cap: 2 a window
+    granted = [throttle.acquire(1, max_wait=0) for _ in range(rpm)]
+    throttle.refused(granted[0])
+    # Freeing the place would hand it out again, to be refused again: it stays taken.
+    log = members(r)
+    assert log[f"x.{granted[0].id[2:]}:1"] == granted[0].start_ms
+    assert f"{granted[0].id}:1" not in log
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(1, max_wait=0)
+    # And the other client's rate (one call a window: a hold of ceil(1.25) + 1 = 3,
+    # capped at half the window, 2) is left free in the windows to come.
+    assert r.zcard(throttle_interactive_key(BUCKET)) == 1
+    for i in range(6):
+        throttle._store.reserve(
+            f"b.{i}", 1, rpm=rpm, tpm=10**6, max_wait_ms=10**6, interactive_cap=throttle._cap
+        )
+    later = [e for e in entries(r) if e[0] > granted[-1].start_ms]
+    assert len(later) == 6
+    assert not overfull_future_windows(later, now_ms=0, window_ms=window_ms, rpm=rpm - 2, tpm=10**6)
+
+
+def test_refusing_a_call_that_left_the_log_does_nothing(r: CountingRedis) -> None:
+    throttle = make(r, rpm=4, tpm=10**6, window_s=2.0)
+    granted = throttle.acquire(1)
+    throttle.release(granted)
+    throttle.refused(granted)
+    assert members(r) == {}

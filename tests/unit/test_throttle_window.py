@@ -81,7 +81,8 @@ def brute_force_held_slot(case: dict[str, Any]) -> int | None:
     floor = max([case["now_ms"], case["pause_until_ms"], *(e[0] for e in entries)])
     for t in range(floor, floor + case["window_ms"] + 1):
         inside = [e for e in entries if t - case["window_ms"] < e[0] <= t]
-        mine = [e for e in inside if e[2].startswith("i.")]
+        # Interactive entries and other clients' phantoms use the hold up.
+        mine = [e for e in inside if e[2].startswith(("i.", "x."))]
         free_requests = case["rpm"] - max(0, case["hold_requests"] - len(mine))
         free_tokens = case["tpm"] - max(0, case["hold_tokens"] - sum(e[1] for e in mine))
         if len(inside) + 1 <= free_requests and sum(e[1] for e in inside) + case["cost"] <= (
