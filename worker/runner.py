@@ -229,7 +229,10 @@ class Runner:
                 reserved_tokens=reservation.tokens,
                 request=self._body(job.request),
             )
-            reservation = self._starting(throttle, reservation)
+            # Tell the throttle the call starts now; with Redis away, send as granted.
+            reservation = (
+                self._quietly("restamp", partial(throttle.starting, reservation)) or reservation
+            )
             started = time.monotonic()
             try:
                 completion = self.client.chat(
@@ -279,28 +282,20 @@ class Runner:
             return outcome
 
     @staticmethod
-    def _quietly(what: str, step: Callable[[], object]) -> None:
+    def _quietly(what: str, step: Callable[[], T]) -> T | None:
         """Run a bookkeeping step that must not undo a recorded call if Redis is away.
 
-        A missed settle leaves the full reservation charged (the safe side); a
-        missed release or observation costs a little throughput for one window.
+        Returns the step's result, or None when Redis is away. A missed
+        settle leaves the full reservation charged (the safe side); a missed release
+        or observation costs a little throughput for one window; a missed restamp
+        sends the call as granted (the ledger row written just before holds the
+        start time a rebuilt bucket uses).
         """
         try:
-            step()
+            return step()
         except OUTAGES as exc:
             log_event("bookkeeping_skipped", step=what, error=type(exc).__name__)
-
-    @staticmethod
-    def _starting(throttle: Throttle, reservation: Reservation) -> Reservation:
-        """Tell the throttle the call starts now; with Redis away, send as granted.
-
-        The ledger row written just before holds the start time a rebuilt bucket uses.
-        """
-        try:
-            return throttle.starting(reservation)
-        except OUTAGES as exc:
-            log_event("bookkeeping_skipped", step="restamp", error=type(exc).__name__)
-            return reservation
+            return None
 
     def _estimate(self, job: store.ClaimedJob, raw_prompt: int) -> int:
         """Prompt tokens to reserve: the raw estimate, corrected by calibration if any."""
