@@ -27,7 +27,6 @@ from bench.scenarios_rate import BASE_RPM, BASE_TPM, LATENCY
 from bench.stack import Run, SimSpec, SimulatorProcess, StackSpec
 from jobs import api
 from jobs.models import Priority
-from jobs.settings import Settings
 
 #: What the system is told when the simulator has no limits at all.
 LIFTED_RPM = 1_000_000
@@ -141,7 +140,11 @@ def _priority(run: Run, name: str, *, reserve_share: float) -> Row:
     return row
 
 
-def _lifted(latency: tuple[float, float], concurrency: int = 100) -> StackSpec:
+#: WORKER_CONCURRENCY of the rows with lifted limits (whose default would be the cap).
+LIFTED_CONCURRENCY = 100
+
+
+def _lifted(latency: tuple[float, float], concurrency: int = LIFTED_CONCURRENCY) -> StackSpec:
     sim = SimSpec(latency=latency)
     return StackSpec(sim, rpm=LIFTED_RPM, tpm=LIFTED_TPM, concurrency=concurrency)
 
@@ -170,7 +173,7 @@ def overhead_throughput(run: Run) -> Row:
     row = Row("overhead-throughput", "Overhead: limits lifted, latency 0, 1 worker")
     row.description = (
         f"{count:,} jobs (100-token prompts, max_tokens 16) through 1 worker process "
-        f"(WORKER_CONCURRENCY={Settings().worker_concurrency}) against a simulator without "
+        f"(WORKER_CONCURRENCY={LIFTED_CONCURRENCY}) against a simulator without "
         "limits or latency; then "
         f"{loop_count:,} sequential calls from one thread with a plain httpx client, and "
         f"{count:,} calls from {POOL_THREADS} threads sharing one plain httpx client."
@@ -231,7 +234,7 @@ def overhead_rss(run: Run) -> Row:
     latency = 10.0 if run.quick else 20.0
     row = Row("overhead-rss", "Overhead: worker RSS with 100 calls in flight")
     row.description = (
-        f"1 worker (WORKER_CONCURRENCY={Settings().worker_concurrency}), simulator latency "
+        f"1 worker (WORKER_CONCURRENCY={LIFTED_CONCURRENCY}), simulator latency "
         f"fixed at {latency:g} s and no "
         "limits; 100 jobs of 1,000-token prompts. RSS of the worker's process tree (psutil) "
         "sampled once the ledger shows 100 calls in flight."

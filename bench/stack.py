@@ -241,7 +241,8 @@ class StackSpec:
     #: INFERENCE_RPM / INFERENCE_TPM given to the system (what it believes the limits are).
     rpm: int
     tpm: int
-    concurrency: int = Settings().worker_concurrency
+    #: WORKER_CONCURRENCY given to the system; None: its default for the limits.
+    concurrency: int | None = None
     #: INFERENCE_INTERACTIVE_RESERVE given to the system.
     interactive_reserve: int = Settings().interactive_reserve
 
@@ -332,11 +333,12 @@ class Stack:
             INFERENCE_RPM=str(self.spec.rpm),
             INFERENCE_TPM=str(self.spec.tpm),
             INFERENCE_TPM_CHARGE=self.spec.sim.charge,
-            WORKER_CONCURRENCY=str(self.spec.concurrency),
             INFERENCE_INTERACTIVE_RESERVE=str(self.spec.interactive_reserve),
             PYTHONUNBUFFERED="1",
             # Heroku's SIGTERM, handled as the Procfile's worker does.
         )
+        if self.spec.concurrency is not None:
+            env["WORKER_CONCURRENCY"] = str(self.spec.concurrency)
         return env
 
     @property
