@@ -31,6 +31,12 @@ from jobs.settings import Settings
 #: Redis socket timeouts: short enough that a vanished Redis is noticed quickly.
 REDIS_SOCKET_TIMEOUT = 15.0
 REDIS_CONNECT_TIMEOUT = 5.0
+#: Connections one client opens at most; a thread that finds them all busy waits
+#: for one (up to REDIS_SOCKET_TIMEOUT) instead of opening another. Every command
+#: we send is short, so a few serve a worker's hundreds of threads, and Heroku's
+#: Key-Value Store allows 20 clients in all on its mini plan (Celery takes ~10).
+#: redis-py's own pool would open up to 100 and then raise "Too many connections".
+REDIS_POOL_SIZE = 10
 
 
 def is_tls(url: str) -> bool:
@@ -43,14 +49,17 @@ def redis_client(url: str) -> redis.Redis:
     if is_tls(url):
         extra["ssl_cert_reqs"] = ssl.CERT_NONE
         extra["ssl_check_hostname"] = False
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=REDIS_SOCKET_TIMEOUT,
         socket_timeout=REDIS_SOCKET_TIMEOUT,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         health_check_interval=30,
         retry_on_timeout=True,
         **extra,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 _shared: dict[tuple[int, str], redis.Redis] = {}
