@@ -27,6 +27,7 @@ from bench.measure import (
 from bench.rows import Row
 from bench.stack import Charge, Run, SimSpec, StackSpec
 from jobs import api
+from jobs.settings import Settings
 
 BASE_RPM = 150
 BASE_TPM = 800_000
@@ -65,8 +66,8 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
         f"{count:,} jobs of ~{load.prompt_tokens:,} prompt tokens, max_tokens "
         f"{load.max_tokens:,}, charge={load.charge}, latency {load.latency[0]:g}-"
         f"{load.latency[1]:g} s, submitted at once to {load.workers} worker process(es) "
-        f"with the default WORKER_CONCURRENCY (INFERENCE_RPM + 50 = {load.rpm + 50}) and "
-        "DISPATCH_WINDOW (the same)."
+        f"with the default WORKER_CONCURRENCY ({Settings().worker_concurrency}) and "
+        "DISPATCH_WINDOW."
     )
     m = row.metrics
     m.update(workers=load.workers, limits=limits_text(load.rpm, load.tpm), requests=count)

@@ -121,10 +121,10 @@ class Settings:
     #: INFERENCE_AUTH_RETRY, seconds: after a 401/403 nothing is called for this
     #: long, then one probe call; it doubles per rejection up to 15 min. Default 60.
     auth_retry_s: float = 60.0
-    #: WORKER_CONCURRENCY: threads per worker process. Default INFERENCE_RPM + 50
-    #: (200 at 150 RPM), at most 2,000: a strict window admits a whole minute's
-    #: requests at once, and each needs a thread for its call (2-20 s) to start at
-    #: once; the rest is room for interactive jobs and callers waiting on the throttle.
+    #: WORKER_CONCURRENCY: threads per worker process. Default 200: a strict
+    #: window admits a whole minute's 150 requests at once, and each needs a
+    #: thread for its call (2-20 s) to start at once; the rest is room for
+    #: interactive jobs and callers waiting on the throttle.
     worker_concurrency: int = 200
     #: DISPATCH_WINDOW: most bulk jobs published to Redis and not yet finished,
     #: across all workers. Default WORKER_CONCURRENCY: one worker can hold the
@@ -213,7 +213,7 @@ class Settings:
         charge = e.get("INFERENCE_TPM_CHARGE", "reserve")
         if charge not in ("reserve", "actual"):
             raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
-        concurrency = _int(e, "WORKER_CONCURRENCY", min(rpm + 50, 2000), minimum=1)
+        concurrency = _int(e, "WORKER_CONCURRENCY", 200, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", 300.0)
         window = _int(e, "DISPATCH_WINDOW", concurrency, minimum=1)
         horizon = _float(e, "INFERENCE_BOOKING_HORIZON", 2.0, zero_ok=True)

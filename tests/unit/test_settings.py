@@ -18,11 +18,6 @@ def test_defaults_come_from_the_model_table() -> None:
     assert settings.interactive_reserve == 0
     assert Settings.from_env({"INFERENCE_INTERACTIVE_RESERVE": "15"}).interactive_reserve == 15
     assert settings.booking_horizon_s == 2.0
-    # A window's calls can all start at once: threads and dispatch window follow rpm.
-    assert settings.worker_concurrency == settings.dispatch_window == 200
-    faster = Settings.from_env({"INFERENCE_RPM": "1500"})
-    assert faster.worker_concurrency == faster.dispatch_window == 1550
-    assert Settings.from_env({"INFERENCE_RPM": "100000"}).worker_concurrency == 2000
     assert Settings.from_env({"INFERENCE_BOOKING_HORIZON": "0"}).booking_horizon_s == 0.0
     assert settings.simulated
     assert settings.database_url is None and settings.redis_url is None
