@@ -23,8 +23,9 @@ pure-Python statements of the same computations are
 
 from __future__ import annotations
 
-#: Windows of interactive (and external) history behind a bulk request's hold: the scripts and the
-#: Python reference (:func:`worker.throttle_reference.interactive_hold`) both read this one.
+#: Windows of interactive (and external) history behind a bulk request's hold: the
+#: scripts and the Python reference (:func:`worker.throttle_reference.interactive_hold`)
+#: both read this one.
 HISTORY_WINDOWS = 5
 
 #: Helpers shared by every script. Entries held in Lua tables are ``{score, tokens,
@@ -118,9 +119,10 @@ end
 
 -- What a bulk entry leaves of its window to interactive traffic and other clients of
 -- the key: their rate seen over the last HISTORY_WINDOWS windows (per window, over
--- the span actually seen), a quarter more, plus one request and one request's tokens for an arrival
--- above the rate; at least `reserve` requests (and the same share of tpm) at all
--- times; never more than the interactive share (cap requests, the same share of tpm).
+-- the span actually seen), a quarter more, plus one request and one request's tokens
+-- for an arrival above the rate; at least `reserve` requests (and the same share of
+-- tpm) at all times; never more than the interactive share (cap requests, the same
+-- share of tpm).
 local function interactive_hold(hist, now, window, rpm, tpm, cap, reserve)
   redis.call('ZREMRANGEBYSCORE', hist, '-inf', fmt(now - HISTORY_WINDOWS * window))
   local hold_r = math.min(cap, reserve)
