@@ -1,4 +1,5 @@
-"""The broker transport: closing a consumer's collected connection must not crash it."""
+"""The broker transport: closing a consumer's collected connection must not crash it,
+and kombu's synchronous Redis client is built once per pool."""
 
 from __future__ import annotations
 
@@ -70,3 +71,21 @@ def test_the_transport_works_as_kombus_on_a_live_connection(redis_url: str, unac
         take_one(conn)
         conn.default_channel.close()  # a clean close gives the message back
     assert redis_client(redis_url).llen("bi-test-broker") == 1
+
+
+def test_one_synchronous_client_per_pool_and_a_new_one_after_a_reconnection(
+    redis_url: str, unacked: str
+) -> None:
+    with Connection(redis_url, transport=broker.PLAIN) as conn:
+        channel = conn.default_channel
+        first = channel._create_client()
+        assert channel._create_client() is first
+        # The event loop's client stays kombu's own: a different pool.
+        assert channel._create_client(asynchronous=True) is not first
+        channel._disconnect_pools()
+        second = channel._create_client()
+        assert second is not first
+        assert second.connection_pool is channel.pool
+        # The rebuilt client works: a message goes through and is acknowledged.
+        take_one(conn).ack()
+        assert redis_client(redis_url).hlen(unacked) == 0
