@@ -40,13 +40,18 @@ def queue_for(priority: int) -> str:
     return QUEUE_INTERACTIVE if priority == Priority.INTERACTIVE else QUEUE_BULK
 
 
-def dispatch(settings: Settings, app: Celery) -> int:
-    """Run one sweep; returns how many jobs were published."""
+def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
+    """Run one sweep; returns how many jobs were published.
+
+    ``requeue=False`` skips step 1, for a caller that sweeps many times a second.
+    """
     assert settings.database_url is not None
     circuit = key_circuit.for_settings(settings)
-    # Its own transaction: the batch rows it touches are not held while publishing.
-    with session_scope(settings.database_url) as session:
-        recovered = store.requeue_stuck(session)
+    recovered = 0
+    if requeue:
+        # Its own transaction: the batch rows it touches are not held while publishing.
+        with session_scope(settings.database_url) as session:
+            recovered = store.requeue_stuck(session)
     _detect_lost_queue(settings)
     with session_scope(settings.database_url) as session:
         if circuit.is_open():

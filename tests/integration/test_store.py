@@ -165,6 +165,22 @@ def test_requeue_stuck_and_retry_batch(clean_db: str) -> None:
     assert (state["queued"], state["failed"], state["status"]) == (2, 0, "in_progress")
 
 
+def test_a_sweep_without_requeue_leaves_expired_leases_to_the_next_one(
+    clean_db: str, redis_url: str
+) -> None:
+    settings = Settings(database_url=clean_db, redis_url=redis_url, dispatch_window=5)
+    app = celery_app(settings)
+    batch_id = make_batch(clean_db, 1)
+    (job_id,) = job_ids(clean_db, batch_id)
+    with session_scope(clean_db) as s:
+        store.claim(s, job_id, lease_s=60)
+        s.execute(update(Job).where(Job.id == job_id).values(lease_until=func.now()))
+    assert dispatch(settings, app, requeue=False) == 0
+    assert counters(clean_db, batch_id)["running"] == 1
+    assert dispatch(settings, app) == 1  # handed back, then published again
+    assert counters(clean_db, batch_id)["queued"] == 1
+
+
 def test_idempotency_key_creates_a_batch_once(clean_db: str) -> None:
     with session_scope(clean_db) as s:
         first, created = store.create_batch(
