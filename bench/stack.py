@@ -243,6 +243,8 @@ class StackSpec:
     tpm: int
     #: WORKER_CONCURRENCY given to the system; None: its default for the limits.
     concurrency: int | None = None
+    #: DISPATCH_WINDOW given to the system; None: its default for the limits.
+    dispatch_window: int | None = None
     #: INFERENCE_INTERACTIVE_RESERVE given to the system.
     interactive_reserve: int = Settings().interactive_reserve
 
@@ -339,6 +341,8 @@ class Stack:
         )
         if self.spec.concurrency is not None:
             env["WORKER_CONCURRENCY"] = str(self.spec.concurrency)
+        if self.spec.dispatch_window is not None:
+            env["DISPATCH_WINDOW"] = str(self.spec.dispatch_window)
         return env
 
     @property
