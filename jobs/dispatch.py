@@ -30,7 +30,7 @@ from jobs import circuit as key_circuit
 from jobs import store
 from jobs.connections import shared_redis
 from jobs.constants import DISPATCH_EPOCH_KEY, QUEUE_BULK, QUEUE_INTERACTIVE, TASK_RUN_JOB
-from jobs.db import session_scope
+from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.models import Priority
 from jobs.settings import Settings
@@ -50,13 +50,13 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
     recovered = 0
     if requeue:
         # Its own transaction: the batch rows it touches are not held while publishing.
-        with session_scope(settings.database_url) as session:
-            recovered = store.requeue_stuck(session)
+        with transaction(settings.database_url) as tx:
+            recovered = store.requeue_stuck(tx)
     _detect_lost_queue(settings)
-    with session_scope(settings.database_url) as session:
+    with transaction(settings.database_url) as tx:
         if circuit.is_open():
             picked = store.dispatchable(
-                session,
+                tx,
                 bulk_room=1,
                 interactive_room=1,
                 redeliver_after_s=settings.dispatch_redeliver_after,
@@ -66,9 +66,9 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
             if picked and circuit.claim_probe(picked[0][0], lease_s) < 0:
                 picked = []
         else:
-            room = settings.dispatch_window - store.outstanding_bulk(session)
+            room = settings.dispatch_window - store.outstanding_bulk(tx)
             picked = store.dispatchable(
-                session, bulk_room=room, redeliver_after_s=settings.dispatch_redeliver_after
+                tx, bulk_room=room, redeliver_after_s=settings.dispatch_redeliver_after
             )
         if picked:
             with app.producer_or_acquire() as producer:
@@ -76,7 +76,7 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
                     app.send_task(
                         TASK_RUN_JOB, args=[job_id], queue=queue_for(priority), producer=producer
                     )
-            store.mark_dispatched(session, [job_id for job_id, _, _ in picked])
+            store.mark_dispatched(tx, [job_id for job_id, _, _ in picked])
     if recovered:
         log_event("requeued", jobs=recovered, reason="lease expired")
     for job_id, priority, batch_id in picked:
@@ -94,7 +94,7 @@ def _detect_lost_queue(settings: Settings) -> None:
     assert settings.database_url is not None and settings.redis_url is not None
     if not shared_redis(settings.redis_url).set(DISPATCH_EPOCH_KEY, "1", nx=True):
         return
-    with session_scope(settings.database_url) as session:
-        forgotten = store.forget_published(session)
+    with transaction(settings.database_url) as tx:
+        forgotten = store.forget_published(tx)
     if forgotten:
         log_event("republishing", jobs=forgotten, reason="Redis lost its data")

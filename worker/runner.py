@@ -26,12 +26,12 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 import redis
+from sqlalchemy import Connection
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.circuit import KeyCircuit
-from jobs.db import session_scope
+from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
@@ -121,12 +121,12 @@ class Runner:
     def _lease_s(self) -> float:
         return self.settings.job_lease_seconds
 
-    def _in_tx(self, step: Callable[[Session], T]) -> T:
+    def _in_tx(self, step: Callable[[Connection], T]) -> T:
         """Run ``step`` in one transaction, retried whole through a brief outage."""
 
         def op() -> T:
-            with session_scope(self._db) as session:
-                return step(session)
+            with transaction(self._db) as tx:
+                return step(tx)
 
         return self._through_outage(op)
 
@@ -156,7 +156,7 @@ class Runner:
     def run(self, job_id: int) -> Outcome:
         """Run one job to a terminal state, or hand it back; see the module docstring."""
         deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
-        job = self._in_tx(lambda session: store.claim(session, job_id, lease_s=self._lease_s()))
+        job = self._in_tx(lambda tx: store.claim(tx, job_id, lease_s=self._lease_s()))
         if job is None:
             log_event("skipped", job=job_id, reason="finished or leased elsewhere")
             return "skipped"
@@ -170,8 +170,8 @@ class Runner:
             # rather than leave it to its lease, if Postgres lets us.
             log_event("crashed", job=job_id, error=type(exc).__name__, message=str(exc)[:200])
             try:
-                with session_scope(self._db) as session:
-                    store.hand_back(session, job_id, reason=f"worker error: {type(exc).__name__}")
+                with transaction(self._db) as tx:
+                    store.hand_back(tx, job_id, reason=f"worker error: {type(exc).__name__}")
             except OUTAGES:
                 pass
             raise
@@ -216,7 +216,7 @@ class Runner:
                 self._quietly("release", partial(throttle.release, reservation))
                 return self._paused(job.id, fields)
             number = self._in_tx(
-                lambda session: store.begin_attempt(session, job.id, lease_s=self._lease_s())
+                lambda tx: store.begin_attempt(tx, job.id, lease_s=self._lease_s())
             )
             if number is None:
                 self._quietly("release", partial(throttle.release, reservation))
@@ -345,9 +345,9 @@ class Runner:
         self._quietly("observe", lambda: self._observe(throttle, exc.rate_limits))
         usage = getattr(exc, "usage", None)
 
-        def _step(session: Session) -> None:
+        def _step(tx: Connection) -> None:
             store.finish_attempt(
-                session,
+                tx,
                 job_id,
                 number,
                 latency_ms=latency_ms,
@@ -379,9 +379,9 @@ class Runner:
         latency_ms = int(completion.latency_s * 1000)
 
         # The ledger row and the result commit together: recorded exactly once.
-        def _step(session: Session) -> None:
+        def _step(tx: Connection) -> None:
             store.finish_attempt(
-                session,
+                tx,
                 job_id,
                 number,
                 latency_ms=latency_ms,
@@ -390,7 +390,7 @@ class Runner:
                 usage=triple,
             )
             store.record_success(
-                session,
+                tx,
                 job_id,
                 response=completion.body,
                 output_text=completion.output_text,
@@ -427,8 +427,8 @@ class Runner:
         *,
         attempt: int | None = None,
     ) -> Outcome:
-        def _step(session: Session) -> None:
-            store.record_failure(session, job_id, code=code, message=message[:2000])
+        def _step(tx: Connection) -> None:
+            store.record_failure(tx, job_id, code=code, message=message[:2000])
 
         self._in_tx(_step)
         log_event("failed", **fields, status="failed", attempt=attempt, error=code, message=message)
@@ -452,8 +452,8 @@ class Runner:
         return self._hand_back(job_id, fields, reason)
 
     def _hand_back(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome:
-        def _step(session: Session) -> None:
-            store.hand_back(session, job_id, reason=reason[:2000])
+        def _step(tx: Connection) -> None:
+            store.hand_back(tx, job_id, reason=reason[:2000])
 
         self._in_tx(_step)
         log_event("handed_back", **fields, status="queued", reason=reason)
