@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ class Machine:
     python: str
     cpu_model: str
     kernel: str
+    #: Seconds one thread takes for :data:`SPEED_LOOP` additions in plain Python.
+    loop_s: float
 
     @classmethod
     def current(cls) -> Machine:
@@ -32,7 +35,29 @@ class Machine:
             python=platform.python_version(),
             cpu_model=_cpu_model(),
             kernel=platform.release(),
+            loop_s=python_speed(),
         )
+
+
+#: Additions timed by :func:`python_speed`.
+SPEED_LOOP = 10_000_000
+
+
+def python_speed() -> float:
+    """The best of three timings of a plain Python loop, in seconds.
+
+    Machines of the same description differ: on the same 2-core sandbox, the
+    overhead row's plain httpx loop used 0.58 ms of CPU per call in one session
+    and 1.13 to 1.6 ms in another, and the CPU-bound rows scale with it.
+    """
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(SPEED_LOOP):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 2)
 
 
 def _meminfo_kb(field: str) -> int:
@@ -132,10 +157,15 @@ def render(
         "`/stats` (`sim_*`) and the Postgres attempts ledger (`ledger_*`, timelines); "
         "rerun the command above to reproduce them.",
         "",
-        "| nproc | memory | Python | CPU model | kernel | load avg before | load avg after |",
-        "|---|---|---|---|---|---|---|",
+        "| nproc | memory | Python | CPU model | kernel | Python loop s | load avg before "
+        "| load avg after |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {machine.nproc} | {machine.memory_gb} GB | {machine.python} | "
-        f"{fmt(machine.cpu_model)} | {fmt(machine.kernel)} | {load_before} | {load_after} |",
+        f"{fmt(machine.cpu_model)} | {fmt(machine.kernel)} | {machine.loop_s} | "
+        f"{load_before} | {load_after} |",
+        "",
+        f"Python loop s: one thread's best time for {SPEED_LOOP:,} additions in plain "
+        "Python. The CPU-bound rows (overhead, rpm10x) scale with it; compare runs by it.",
         "",
         f"Servers: {servers}.",
         "",
