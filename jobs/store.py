@@ -43,7 +43,7 @@ INSERT_CHUNK_BYTES = 16 * 1024 * 1024
 
 # The statements a worker runs for every job use the tables, not the mapped
 # classes: an ORM-enabled UPDATE synchronises the session's identity map after
-# it runs, which took a fifth of a busy worker's CPU for rows nobody had loaded.
+# it runs, which took a fifth of a busy worker's GIL time for rows nobody had loaded.
 _jobs = cast(Table, Job.__table__)
 _batches = cast(Table, Batch.__table__)
 _attempts = cast(Table, Attempt.__table__)

@@ -26,8 +26,8 @@ from worker.runner import Runner
 from worker.throttle import Throttle
 
 #: After a wake, the dispatcher waits this long for more jobs to finish before it
-#: sweeps: at full speed a sweep per finished job cost more CPU than the jobs did,
-#: and the dispatch window holds far more than this much work.
+#: sweeps: at full speed a sweep per finished job took a quarter of the worker's
+#: GIL time, and the dispatch window holds far more than this much work.
 DISPATCH_COALESCE_S = 0.05
 
 
@@ -156,7 +156,7 @@ class Runtime:
         last_requeue = -interval
         while not self.stop.is_set():
             # Expired leases are found on the DISPATCH_INTERVAL cadence, not on every
-            # wake: a lease lasts many seconds, and jobs finish hundreds of times a second.
+            # wake: a lease lasts many seconds, and jobs finish many times a second.
             requeue = time.monotonic() - last_requeue >= interval
             try:
                 dispatch(self.settings, self.app, requeue=requeue)
