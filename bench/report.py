@@ -46,9 +46,9 @@ SPEED_LOOP = 10_000_000
 def python_speed() -> float:
     """The best of three timings of a plain Python loop, in seconds.
 
-    Machines of the same description differ: on the same 2-core sandbox, the
-    overhead row's plain httpx loop used 0.58 ms of CPU per call in one session
-    and 1.13 to 1.6 ms in another, and the CPU-bound rows scale with it.
+    Machines of the same description differ, and one machine's speed can change
+    within a run: the same 2-core sandbox ran this loop in 0.38 s, and an hour
+    later in 1.21 s. It is timed once, at the start, so it is a rough guide.
     """
     best = float("inf")
     for _ in range(3):
@@ -165,7 +165,9 @@ def render(
         f"{load_before} | {load_after} |",
         "",
         f"Python loop s: one thread's best time for {SPEED_LOOP:,} additions in plain "
-        "Python. The CPU-bound rows (overhead, rpm10x) scale with it; compare runs by it.",
+        "Python, at the start of the run. The CPU-bound rows (overhead, rpm10x) scale with "
+        "the machine's speed, which can change during a run; the overhead row's plain "
+        "httpx loop is a reference measured in that row.",
         "",
         f"Servers: {servers}.",
         "",
