@@ -121,11 +121,13 @@ class Settings:
     #: INFERENCE_AUTH_RETRY, seconds: after a 401/403 nothing is called for this
     #: long, then one probe call; it doubles per rejection up to 15 min. Default 60.
     auth_retry_s: float = 60.0
-    #: WORKER_CONCURRENCY: threads per worker process. Default 200: a strict
-    #: window admits a whole minute's 150 requests at once, and each needs a
-    #: thread for its call (2-20 s) to start at once; the rest is room for
-    #: interactive jobs and callers waiting on the throttle.
-    worker_concurrency: int = 200
+    #: WORKER_CONCURRENCY: threads per worker process. Default 250: the default
+    #: DISPATCH_WINDOW at 150 RPM (200) plus 50. The window's bulk jobs may all be
+    #: taken by one process (a single dyno), each holding its thread while it waits
+    #: for its slot and during its call, and an interactive job is published at
+    #: once but starts only on a free thread: with 200 threads, one process kept
+    #: interactive jobs waiting 59 s (p95) behind a bulk backlog.
+    worker_concurrency: int = 250
     #: DISPATCH_WINDOW: most bulk jobs published to Redis and not yet finished,
     #: across all workers; it bounds the calls in flight. Default INFERENCE_RPM +
     #: 50 (200 at 150 RPM): a strict window admits a whole minute's requests at
@@ -216,7 +218,7 @@ class Settings:
         charge = e.get("INFERENCE_TPM_CHARGE", "reserve")
         if charge not in ("reserve", "actual"):
             raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
-        concurrency = _int(e, "WORKER_CONCURRENCY", 200, minimum=1)
+        concurrency = _int(e, "WORKER_CONCURRENCY", 250, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", 300.0)
         window = _int(e, "DISPATCH_WINDOW", rpm + 50, minimum=1)
         horizon = _float(e, "INFERENCE_BOOKING_HORIZON", 2.0, zero_ok=True)

@@ -28,12 +28,18 @@ def test_explicit_limits_override_the_table() -> None:
     assert (settings.rpm, settings.tpm) == (30, 1000)
 
 
+def test_one_process_keeps_threads_for_interactive_jobs_beyond_the_window() -> None:
+    # A single worker may hold every published bulk job; interactive ones need more threads.
+    settings = Settings.from_env({})
+    assert settings.worker_concurrency >= settings.dispatch_window + 50
+
+
 def test_the_dispatch_window_follows_the_request_limit() -> None:
     # A whole minute's requests must be published to start at one window roll.
     assert Settings.from_env({}).dispatch_window == 200
     raised = Settings.from_env({"INFERENCE_RPM": "1500", "INFERENCE_TPM": "8000000"})
     assert raised.dispatch_window == 1550
-    assert raised.worker_concurrency == 200
+    assert raised.worker_concurrency == 250
     assert raised.dispatch_redeliver_after == 2 * 60.0 * 1550 / 1500
     explicit = Settings.from_env({"INFERENCE_RPM": "1500", "DISPATCH_WINDOW": "300"})
     assert explicit.dispatch_window == 300
