@@ -27,6 +27,11 @@ def limits_text(rpm: int | None, tpm: int | None) -> str:
     return f"{rpm_text} / {tpm_text}"
 
 
+def processes(workers: int) -> str:
+    """``"1 worker process"``, ``"3 worker processes"``: row titles and descriptions."""
+    return f"{workers} worker process" + ("es" if workers != 1 else "")
+
+
 def record_sim(
     row: Row, sim: SimulatorProcess, before: dict[str, int] | None = None
 ) -> dict[str, int]:

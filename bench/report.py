@@ -140,8 +140,9 @@ def render(
     load_before: str,
     load_after: str,
     servers: str,
+    lanes: int = 1,
 ) -> str:
-    """The whole ``BENCHMARKS.md`` text."""
+    """The whole ``BENCHMARKS.md`` text; ``lanes``: how many rows ran side by side."""
     out: list[str] = ["# Benchmarks", ""]
     mode = (
         "quick mode (limits x10, latencies /10, about two windows per row)"
@@ -157,6 +158,18 @@ def render(
         "`/stats` (`sim_*`) and the Postgres attempts ledger (`ledger_*`, timelines); "
         "rerun the command above to reproduce them.",
         "",
+        *(
+            [
+                f"Rows paced by the real limits ran up to {lanes} at a time, side by side, "
+                "each with its own simulator, key, Redis database, PostgreSQL database and "
+                "workers; `ran_alongside` in each row names the rows that overlapped it. The "
+                "rows that measure the CPU's work (rpm10x, overhead) ran afterwards, one at "
+                "a time, with the machine to themselves.",
+                "",
+            ]
+            if lanes > 1
+            else []
+        ),
         "| nproc | memory | Python | CPU model | kernel | Python loop s | load avg before "
         "| load avg after |",
         "|---|---|---|---|---|---|---|---|",

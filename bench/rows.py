@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 #: A raw number as reported: counts, seconds, percentages, or a short text.
 Metric = int | float | str | None
@@ -43,6 +45,13 @@ class Row:
     def as_dict(self) -> dict[str, object]:
         """The row as plain data (for JSON or further processing)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Row:
+        """The row :meth:`as_dict` gave (read back from JSON)."""
+        fields = dict(data)
+        fields["targets"] = [Target(**t) for t in data["targets"]]
+        return cls(**fields)
 
     @property
     def missed(self) -> list[Target]:

@@ -1,10 +1,16 @@
-"""Select scenarios, run them one after another, keep going past failures, write the table."""
+"""Select scenarios, run them, keep going past failures, write the table.
+
+Rows that only pace calls under the real limits run side by side in lanes
+(:mod:`bench.lanes`); rows whose numbers depend on the CPU run afterwards, one at a time,
+with the machine to themselves.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import fcntl
+import json
 import os
 import shlex
 import signal
@@ -18,37 +24,76 @@ from types import FrameType
 from typing import TextIO
 from urllib.parse import urlsplit
 
+from bench import lanes
 from bench import scenarios_rate as rate
 from bench import scenarios_system as system
 from bench.report import Machine, load_average, render
 from bench.rows import Row
-from bench.stack import DEFAULT_REDIS_DB, Run, Servers
+from bench.stack import DEFAULT_REDIS_DB, Run, Servers, with_redis_db
+
+#: Rows run side by side in full mode; each lane owns the next Redis database. On a
+#: 2-core machine five rows (RPM, restart, baseline) left the CPU 90 % idle, while eight
+#: (with the priority and shared-key rows) kept it 91-98 % busy and calls arriving late
+#: drew 429s after the restart rows' flush. Quick mode runs one at a time: at ten
+#: times the limits, every row needs the CPU.
+DEFAULT_LANES = 4
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """A named scenario; ``full_only`` ones are skipped in quick mode."""
+    """A named scenario.
+
+    ``full_only`` ones are skipped in quick mode; ``solo`` ones measure the CPU's work
+    and run with the machine to themselves, never in a lane.
+    """
 
     name: str
     title: str
     func: Callable[[Run], Row]
     full_only: bool = False
+    solo: bool = False
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker" + ("s" if n > 1 else "")
+
+
+def _with(func: Callable[..., Row], *args: object) -> Callable[[Run], Row]:
+    """``func(run, *args)`` as a scenario function."""
+
+    def scenario(run: Run) -> Row:
+        return func(run, *args)
+
+    return scenario
+
+
+def _both(
+    name: str, title: str, func: Callable[..., Row], *args: object, **flags: bool
+) -> tuple[Scenario, ...]:
+    """The scenario with 1 worker process and with 3 (standing in for 3 dynos)."""
+    return tuple(
+        Scenario(f"{name}-w{n}", f"{title}, {_workers(n)}", _with(func, n, *args), **flags)
+        for n in (1, 3)
+    )
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("rpm-w1", "RPM-bound, 1 worker", rate.rpm_1),
-    Scenario("rpm-w3", "RPM-bound, 3 workers", rate.rpm_3),
-    Scenario("rpm10x-w1", "RPM-bound at 10x limits, 1 worker", rate.rpm10x_1, full_only=True),
-    Scenario("rpm10x-w3", "RPM-bound at 10x limits, 3 workers", rate.rpm10x_3, full_only=True),
-    Scenario("tpm-reserve", "TPM-bound, charge=reserve", rate.tpm_reserve),
-    Scenario("tpm-actual", "TPM-bound, charge=actual", rate.tpm_actual),
-    Scenario("restart", "Start-up and Redis FLUSHDB mid-run", rate.restart),
-    Scenario("shared-key", "Another client on the same key", rate.shared_key),
-    Scenario("priority", "Interactive jobs over a bulk backlog", system.priority),
-    Scenario("priority-reserve", "The same with an interactive reserve", system.priority_reserve),
-    Scenario("overhead-throughput", "Limits lifted: jobs/s and CPU", system.overhead_throughput),
-    Scenario("overhead-rss", "Worker RSS with 100 calls in flight", system.overhead_rss),
-    Scenario("overhead-submit", "Submitting a big batch file", system.overhead_submit),
+    *_both("rpm", "RPM-bound", rate.rpm),
+    *_both("rpm10x", "RPM-bound at 10x limits", rate.rpm, 10, full_only=True, solo=True),
+    *_both("tpm-reserve", "TPM-bound, charge=reserve", rate.tpm, "reserve"),
+    *_both("tpm-actual", "TPM-bound, charge=actual", rate.tpm, "actual"),
+    *_both("restart", "Start-up and Redis FLUSHDB mid-run", rate.restart),
+    *_both("shared-key", "Another client on the same key", rate.shared_key),
+    *_both("priority", "Interactive jobs over a bulk backlog", system.priority),
+    *_both("priority-reserve", "The same with an interactive reserve", system.priority_reserve),
+    *_both(
+        "overhead-throughput",
+        "Limits lifted: jobs/s and CPU",
+        system.overhead_throughput,
+        solo=True,
+    ),
+    Scenario("overhead-rss", "Worker RSS with 100 calls in flight", system.overhead_rss, solo=True),
+    Scenario("overhead-submit", "Submitting a big batch file", system.overhead_submit, solo=True),
     Scenario("baseline-celery", "Celery rate_limit baseline", system.baseline),
 )
 
@@ -142,22 +187,37 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--redis-db",
         type=int,
         default=int(os.environ.get("BENCH_REDIS_DB", DEFAULT_REDIS_DB)),
-        help=f"Redis database number the run owns and flushes (default {DEFAULT_REDIS_DB})",
+        help=f"first Redis database the run owns and flushes; lane i uses the first + i "
+        f"(default {DEFAULT_REDIS_DB})",
+    )
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        help=f"rows paced by the real limits run this many at once (default {DEFAULT_LANES}, "
+        "1 in quick mode: one after another)",
     )
     parser.add_argument(
         "--logs", help="directory for worker and simulator logs (default: VAR_DIR/bench/<time>)"
     )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    return parser.parse_args(argv)
+    # A lane's own process (bench.lanes): run one row, write it as JSON, write no table.
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--row-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.lanes is None:
+        args.lanes = 1 if args.quick else DEFAULT_LANES
+    if args.lanes < 1:
+        parser.error("--lanes must be 1 or more")
+    return args
 
 
-def _exclusive(servers: Servers, var_dir: Path) -> TextIO:
+def _exclusive(redis_url: str, var_dir: Path) -> TextIO:
     """Hold a lock for the benchmark's Redis database while this run lasts.
 
     Two runs on one Redis database would flush each other's queues and throttle state and
     run each other's jobs, so a second run fails at once instead.
     """
-    parts = urlsplit(servers.redis_url)
+    parts = urlsplit(redis_url)
     lock = var_dir / f".lock-{parts.hostname}-{parts.port}-{parts.path.strip('/') or 0}"
     handle = open(lock, "a+")  # noqa: SIM115 - held until the process exits
     try:
@@ -167,7 +227,7 @@ def _exclusive(servers: Servers, var_dir: Path) -> TextIO:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise SystemExit(
-            f"bench: {holder} is already benchmarking on {_host(servers.redis_url)} database "
+            f"bench: {holder} is already benchmarking on {_host(redis_url)} database "
             f"{parts.path.strip('/')}; wait for it or pass --redis-db N"
         ) from None
     handle.truncate(0)
@@ -186,21 +246,38 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _child(args: argparse.Namespace) -> int:
+    """Run one row in this process (a lane) and write it to ``--row-json``."""
+    scenario = next((s for s in SCENARIOS if s.name == args.child), None)
+    if scenario is None or not args.row_json or not args.logs:
+        raise SystemExit(f"bench: --child needs a known row, --row-json and --logs: {args}")
+    _stop_on_sigterm()
+    run = Run(servers=Servers.resolve(args.redis_db), logs=Path(args.logs), quick=args.quick)
+    row = run_one(scenario, run)
+    Path(args.row_json).write_text(json.dumps(row.as_dict()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(args_list)
     if args.list:
         for s in SCENARIOS:
-            print(f"{s.name:<22} {s.title}{'  (full mode only)' if s.full_only else ''}")
+            flags = ("  (full mode only)" if s.full_only else "") + ("  (alone)" if s.solo else "")
+            print(f"{s.name:<24} {s.title}{flags}")
         return 0
+    if args.child:
+        return _child(args)
     selected = select(args.only, args.quick)
     var_bench = Path(os.environ.get("VAR_DIR") or "var") / "bench"
     var_bench.mkdir(parents=True, exist_ok=True)
     servers = Servers.resolve(args.redis_db)
-    lock = _exclusive(servers, var_bench)
+    shared = [s for s in selected if not s.solo]
+    dbs = [args.redis_db + i for i in range(min(args.lanes, len(shared)) or 1)]
+    locks = [_exclusive(with_redis_db(servers.redis_url, n), var_bench) for n in dbs]
     _stop_on_sigterm()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    logs = Path(args.logs) if args.logs else var_bench / stamp
+    logs = (Path(args.logs) if args.logs else var_bench / stamp).resolve()
     logs.mkdir(parents=True, exist_ok=True)
     run = Run(servers=servers, logs=logs, quick=args.quick)
     out_path = Path(args.out)
@@ -208,14 +285,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_path = Path.cwd() / out_path
     machine = Machine.current()
     started, load_before = _utc_now(), load_average()
+    databases = f"database {dbs[0]}" if len(dbs) == 1 else f"databases {dbs[0]} to {dbs[-1]}"
     server_text = (
-        f"PostgreSQL {_host(servers.postgres_url)}, Redis {_host(servers.redis_url)} "
-        f"database {args.redis_db}"
+        f"PostgreSQL {_host(servers.postgres_url)}, Redis {_host(servers.redis_url)} {databases}"
     )
     print(f"bench: {len(selected)} scenario(s); logs in {logs}", flush=True)
+    order = {s.name: i for i, s in enumerate(SCENARIOS)}
     rows: list[Row] = []
 
-    def write() -> None:
+    def done(row: Row) -> None:
+        rows.append(row)
+        rows.sort(key=lambda r: order.get(r.name, len(order)))
+        verdict = row.error or (
+            "all targets met" if not row.missed else f"missed: {[t.label for t in row.missed]}"
+        )
+        print(f"bench: {row.name} done in {row.seconds:.0f} s: {verdict}", flush=True)
         text = render(
             rows,
             machine=machine,
@@ -226,20 +310,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_before=load_before,
             load_after=load_average(),
             servers=server_text,
+            lanes=len(dbs) if len(shared) > 1 else 1,
         )
         out_path.write_text(text)
 
-    for scenario in selected:
-        print(f"bench: {scenario.name} ...", flush=True)
-        row = run_one(scenario, run)
-        rows.append(row)
-        verdict = row.error or (
-            "all targets met" if not row.missed else f"missed: {[t.label for t in row.missed]}"
+    if len(shared) > 1 and len(dbs) > 1:
+        lanes.run_side_by_side(
+            [(s.name, s.title) for s in shared],
+            redis_dbs=dbs,
+            logs=logs,
+            quick=args.quick,
+            on_row=done,
         )
-        print(f"bench: {scenario.name} done in {row.seconds:.0f} s: {verdict}", flush=True)
-        write()
+        alone = [s for s in selected if s.solo]
+    else:
+        alone = selected
+    for scenario in alone:
+        print(f"bench: {scenario.name} ...", flush=True)
+        done(run_one(scenario, run))
     print(f"bench: wrote {out_path}", flush=True)
-    lock.close()
+    for lock in locks:
+        lock.close()
     return 1 if any(r.error for r in rows) else 0
 
 

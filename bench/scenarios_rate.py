@@ -17,6 +17,7 @@ from bench.measure import (
     BATCH_TIME_SLACK,
     admissions,
     limits_text,
+    processes,
     record_pace,
     record_sim,
     record_sim_targets,
@@ -151,33 +152,23 @@ def _rpm_load(run: Run, workers: int, factor: int) -> Load:
     )
 
 
-def rpm_1(run: Run) -> Row:
-    load = _rpm_load(run, 1, 1)
-    return saturate(run, "rpm-w1", "RPM-bound, 1 worker process", load)
+def rpm(run: Run, workers: int, factor: int = 1) -> Row:
+    """A saturating RPM-bound batch at ``factor`` times the real limits."""
+    load = _rpm_load(run, workers, factor)
+    if factor > 1 and workers == 1:
+        # One process needs a thread per call in flight: 25 calls/s of 2-20 s each is
+        # 275 on average, above the default WORKER_CONCURRENCY.
+        load = replace(load, concurrency=400)
+    prefix = "rpm" if factor == 1 else f"rpm{factor}x"
+    title = "RPM-bound" + (f" at {factor}x limits" if factor > 1 else "")
+    return saturate(run, f"{prefix}-w{workers}", f"{title}, {processes(workers)}", load)
 
 
-def rpm_3(run: Run) -> Row:
-    load = _rpm_load(run, 3, 1)
-    return saturate(run, "rpm-w3", "RPM-bound, 3 worker processes", load)
-
-
-def rpm10x_1(run: Run) -> Row:
-    # One process needs a thread per call in flight: 25 calls/s of 2-20 s each is
-    # 275 on average, and the default 200 would cap the row near 73 %.
-    load = replace(_rpm_load(run, 1, 10), concurrency=400)
-    return saturate(run, "rpm10x-w1", "RPM-bound at 10x limits, 1 worker process", load)
-
-
-def rpm10x_3(run: Run) -> Row:
-    load = _rpm_load(run, 3, 10)
-    return saturate(run, "rpm10x-w3", "RPM-bound at 10x limits, 3 worker processes", load)
-
-
-def _tpm_load(run: Run, charge: Charge) -> Load:
+def _tpm_load(run: Run, charge: Charge, workers: int) -> Load:
     return Load(
         rpm=BASE_RPM * run.scale,
         tpm=BASE_TPM * run.scale,
-        workers=3,
+        workers=workers,
         prompt_tokens=8000,
         max_tokens=1000,
         charge=charge,
@@ -186,14 +177,11 @@ def _tpm_load(run: Run, charge: Charge) -> Load:
     )
 
 
-def tpm_reserve(run: Run) -> Row:
-    load = _tpm_load(run, "reserve")
-    return saturate(run, "tpm-reserve", "TPM-bound, charge=reserve, 3 workers", load)
-
-
-def tpm_actual(run: Run) -> Row:
-    load = _tpm_load(run, "actual")
-    return saturate(run, "tpm-actual", "TPM-bound, charge=actual, 3 workers", load)
+def tpm(run: Run, workers: int, charge: Charge) -> Row:
+    """A TPM-bound batch under one charge mode, on ``workers`` worker processes."""
+    load = _tpm_load(run, charge, workers)
+    title = f"TPM-bound, charge={charge}, {processes(workers)}"
+    return saturate(run, f"tpm-{charge}-w{workers}", title, load)
 
 
 def _wait_first_admission(database_url: str, deadline: float) -> float | None:
@@ -206,25 +194,28 @@ def _wait_first_admission(database_url: str, deadline: float) -> float | None:
     return None
 
 
-def restart(run: Run) -> Row:
+def restart(run: Run, workers: int) -> Row:
     """Start saturated, FLUSHDB the Redis database mid-run; admissions after each event."""
     rpm, tpm = BASE_RPM * run.scale, BASE_TPM * run.scale
     latency = run.latency(*LATENCY)
     flush_after, observe = (75.0, 125.0) if run.quick else (150.0, 130.0)
     # Room for a slow start (up to a window) plus the run, so the backlog never runs dry.
     count = rpm * math.ceil((60.0 + flush_after + observe) / 60.0 + 2)
-    row = Row("restart", "Start-up and Redis FLUSHDB mid-run, 3 workers")
+    name = f"restart-w{workers}"
+    row = Row(name, f"Start-up and Redis FLUSHDB mid-run, {processes(workers)}")
     row.description = (
-        f"{count:,} jobs (250-token prompts, max_tokens 100) submitted to 3 running workers; "
+        f"{count:,} jobs (250-token prompts, max_tokens 100) submitted to {processes(workers)} "
+        "already running; "
         f"{flush_after:g} s after the first admitted call the benchmark's Redis database is "
         "flushed (throttle log, Celery queues and bindings gone), then watched for "
         f"{observe:g} s. Counts per interval come from the ledger."
     )
     m = row.metrics
-    m.update(workers=3, limits=limits_text(rpm, tpm), requests=count, limit_rpm=rpm, limit_tpm=tpm)
+    m.update(workers=workers, limits=limits_text(rpm, tpm), requests=count)
+    m.update(limit_rpm=rpm, limit_tpm=tpm)
     sim = SimSpec(rpm=rpm, tpm=tpm, latency=latency)
-    with run.stack("restart", StackSpec(sim, rpm=rpm, tpm=tpm)) as st:
-        st.start_workers(3)
+    with run.stack(name, StackSpec(sim, rpm=rpm, tpm=tpm)) as st:
+        st.start_workers(workers)
         batch = api.submit_batch(bodies("restart", count, 250, 100), settings=st.settings)
         start, _ = ledger.batch_span(st.database_url, batch.id)
         first = _wait_first_admission(st.database_url, start + 240.0)
@@ -278,25 +269,26 @@ def restart(run: Run) -> Row:
     return row
 
 
-def shared_key(run: Run) -> Row:
+def shared_key(run: Run, workers: int) -> Row:
     """Our batch plus another client on the same key at a fifth of the RPM."""
     rpm, tpm = BASE_RPM * run.scale, BASE_TPM * run.scale
     latency = run.latency(*LATENCY)
     other_rpm = rpm // 5
     duration = 130.0 if run.quick else 240.0
     count = rpm * math.ceil(duration / 60.0 + 2)
-    row = Row("shared-key", "Shared key: another client sends 20% of the RPM, 3 workers")
+    name = f"shared-key-w{workers}"
+    row = Row(name, f"Shared key: another client sends 20% of the RPM, {processes(workers)}")
     row.description = (
         f"A saturating batch of {count:,} jobs (250-token prompts) while a plain httpx "
         f"client sends {other_rpm} requests/min on the same key (no throttle, no backoff), "
         f"for {duration:g} s."
     )
     m = row.metrics
-    m.update(workers=3, limits=limits_text(rpm, tpm), requests=count, limit_rpm=rpm, limit_tpm=tpm)
-    m.update(elapsed_s=duration, other_client_rpm=other_rpm)
+    m.update(workers=workers, limits=limits_text(rpm, tpm), requests=count)
+    m.update(limit_rpm=rpm, limit_tpm=tpm, elapsed_s=duration, other_client_rpm=other_rpm)
     sim = SimSpec(rpm=rpm, tpm=tpm, latency=latency)
-    with run.stack("shared-key", StackSpec(sim, rpm=rpm, tpm=tpm)) as st:
-        st.start_workers(3)
+    with run.stack(name, StackSpec(sim, rpm=rpm, tpm=tpm)) as st:
+        st.start_workers(workers)
         other = PacedClient(st.simulator.url, st.key, other_rpm, 250, latency[1])
         payload = bodies("shared", count, 250, 100)
         started = time.time()

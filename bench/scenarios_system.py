@@ -16,6 +16,7 @@ from bench.loads import bodies, chat_body, plain_loop, plain_pool, write_batch_f
 from bench.measure import (
     cancel,
     limits_text,
+    processes,
     record_sim,
     record_sim_targets,
     seconds,
@@ -45,17 +46,17 @@ def _round_opt(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def priority(run: Run) -> Row:
+def priority(run: Run, workers: int) -> Row:
     """Interactive jobs over a bulk backlog, with only the hold the throttle learns."""
-    return _priority(run, "priority", reserve_share=0.0)
+    return _priority(run, f"priority-w{workers}", workers, reserve_share=0.0)
 
 
-def priority_reserve(run: Run) -> Row:
+def priority_reserve(run: Run, workers: int) -> Row:
     """The same with INFERENCE_INTERACTIVE_RESERVE at a tenth of the request limit."""
-    return _priority(run, "priority-reserve", reserve_share=0.1)
+    return _priority(run, f"priority-reserve-w{workers}", workers, reserve_share=0.1)
 
 
-def _priority(run: Run, name: str, *, reserve_share: float) -> Row:
+def _priority(run: Run, name: str, workers: int, *, reserve_share: float) -> Row:
     """Interactive ``enqueue`` jobs every 5 s on top of a saturating bulk backlog."""
     rpm, tpm = BASE_RPM * run.scale, BASE_TPM * run.scale
     reserve = round(reserve_share * rpm)
@@ -64,7 +65,8 @@ def _priority(run: Run, name: str, *, reserve_share: float) -> Row:
     backlog = 5_000 if run.quick else 10_000
     every = 5.0
     steady_after = 60.0 if run.quick else 120.0
-    row = Row(name, f"Priority: interactive jobs over a bulk backlog, reserve {reserve}, 3 workers")
+    title = f"Priority: interactive jobs over a bulk backlog, reserve {reserve}"
+    row = Row(name, f"{title}, {processes(workers)}")
     row.description = (
         f"A {backlog:,}-job bulk batch (250-token prompts) saturates the limit; an interactive "
         f"job is enqueued every {every:g} s for {duration:g} s, from the start. "
@@ -80,12 +82,19 @@ def _priority(run: Run, name: str, *, reserve_share: float) -> Row:
         "jobs that were called."
     )
     m = row.metrics
-    m.update(workers=3, limits=limits_text(rpm, tpm), requests=backlog, elapsed_s=duration)
-    m.update(limit_rpm=rpm, limit_tpm=tpm, interactive_reserve=reserve)
+    m.update(
+        workers=workers,
+        limits=limits_text(rpm, tpm),
+        requests=backlog,
+        elapsed_s=duration,
+        limit_rpm=rpm,
+        limit_tpm=tpm,
+        interactive_reserve=reserve,
+    )
     sim = SimSpec(rpm=rpm, tpm=tpm, latency=latency)
     spec = StackSpec(sim, rpm=rpm, tpm=tpm, interactive_reserve=reserve)
     with run.stack(name, spec) as st:
-        st.start_workers(3)
+        st.start_workers(workers)
         batch = api.submit_batch(bodies("bulk", backlog, 250, 100), settings=st.settings)
         started = time.time()
         handles: list[api.JobHandle] = []
@@ -174,22 +183,24 @@ def _plain_clients(row: Row, sim: SimulatorProcess, key: str, loop_count: int, c
     m["pool_threads"] = POOL_THREADS
 
 
-def overhead_throughput(run: Run) -> Row:
+def overhead_throughput(run: Run, workers: int) -> Row:
     """Limits lifted, latency 0: jobs/s through the stack vs a plain httpx loop."""
     count = 1_500 if run.quick else 5_000
     loop_count = 1_000 if run.quick else 2_000
-    row = Row("overhead-throughput", "Overhead: limits lifted, latency 0, 1 worker")
+    name = f"overhead-throughput-w{workers}"
+    row = Row(name, f"Overhead: limits lifted, latency 0, {processes(workers)}")
     row.description = (
-        f"{count:,} jobs (100-token prompts, max_tokens 16) through 1 worker process "
-        f"(WORKER_CONCURRENCY and DISPATCH_WINDOW {LIFTED_CONCURRENCY}) against a "
+        f"{count:,} jobs (100-token prompts, max_tokens 16) through {processes(workers)} "
+        f"(WORKER_CONCURRENCY {LIFTED_CONCURRENCY} each, DISPATCH_WINDOW "
+        f"{LIFTED_CONCURRENCY}) against a "
         "simulator without limits or latency; then "
         f"{loop_count:,} sequential calls from one thread with a plain httpx client, and "
         f"{count:,} calls from {POOL_THREADS} threads sharing one plain httpx client."
     )
     m = row.metrics
-    m.update(workers=1, limits="lifted", requests=count)
-    with run.stack("overhead-throughput", _lifted((0.0, 0.0))) as st:
-        st.start_workers(1)
+    m.update(workers=workers, limits="lifted", requests=count)
+    with run.stack(name, _lifted((0.0, 0.0))) as st:
+        st.start_workers(workers)
         worker_pids = [w.pid for w in st.workers]
         cpu0 = procstats.cpu_seconds(worker_pids)
         sim0 = procstats.cpu_seconds([st.simulator.pid])

@@ -36,8 +36,9 @@ from jobs.connections import redis_client
 from jobs.settings import Settings, normalize_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Redis database the benchmark owns and flushes (CI uses 13, the embedded default 0).
-DEFAULT_REDIS_DB = 14
+#: First Redis database the benchmark owns and flushes, one more per lane (1 to 4 with
+#: the default 4 lanes; the embedded services' default is 0, CI's tests use 13).
+DEFAULT_REDIS_DB = 1
 #: Seconds a worker gets to finish calls in flight after SIGTERM before it is killed.
 WORKER_STOP_TIMEOUT = 45.0
 Charge = Literal["reserve", "actual"]
