@@ -471,8 +471,8 @@ def submit_file(
     """Validate an OpenAI Batch JSONL file whole, then store and queue it.
 
     The file is read twice: once to validate every line (keeping only the custom_ids),
-    then again to stream its requests into one transaction a chunk at a time, so memory
-    stays bounded whatever the file's size. A stream that cannot be read twice (a pipe)
+    then again to stream its requests into one transaction (one COPY), so memory stays
+    bounded whatever the file's size. A stream that cannot be read twice (a pipe)
     is validated and held in memory in one pass instead.
     """
     ctx = context(settings)

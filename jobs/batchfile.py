@@ -68,9 +68,6 @@ class BatchItem:
     line: int
     custom_id: str
     request: CheckedRequest
-    #: Bytes of the input line (0 when the request did not come from a file); storage
-    #: uses it to keep each INSERT to a few megabytes.
-    size: int = 0
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -230,13 +227,12 @@ def _scan(stream: BinaryIO, limits: RequestLimits, collected: _Collector) -> Ite
         if not raw.strip():
             continue
         any_line = True
-        size = len(raw)
         try:
             custom_id, request = _check_batch_line(_parse_line(raw), limits, collected, number)
         except ValidationError as exc:
             collected.problem(exc, number)
             continue
-        yield BatchItem(line=number, custom_id=custom_id, request=request, size=size)
+        yield BatchItem(line=number, custom_id=custom_id, request=request)
     if not any_line:
         raise ValidationError("file is empty")
 

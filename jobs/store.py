@@ -21,10 +21,12 @@ the CPU of each statement it ran.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import psycopg
+from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, Table, and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
@@ -35,11 +37,11 @@ from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
 #: ``error_kind`` of a ledger row whose worker died before the answer was recorded.
 ABANDONED = "abandoned"
 
-#: Rows per INSERT statement when a batch is stored.
-INSERT_CHUNK = 5000
-#: Input bytes per INSERT statement (by :attr:`BatchItem.size`), so a file of large
-#: requests is stored a few megabytes at a time.
-INSERT_CHUNK_BYTES = 16 * 1024 * 1024
+#: The columns a batch's jobs are stored with (the others take their server defaults).
+_COPY_JOBS = (
+    "COPY jobs (batch_id, custom_id, priority, model, request, est_prompt_tokens, status, "
+    "attempts) FROM STDIN"
+)
 
 # The statements a worker runs for every job use the tables, not the mapped
 # classes: an ORM-enabled UPDATE synchronises the session's identity map after
@@ -101,18 +103,35 @@ def _move(session: Tx, batch_id: int | None, frm: str, to: str, n: int = 1) -> N
     )
 
 
-def _chunks(items: Iterable[BatchItem]) -> Iterator[list[BatchItem]]:
-    """Consecutive runs of items, each within INSERT_CHUNK rows and INSERT_CHUNK_BYTES."""
-    chunk: list[BatchItem] = []
-    size = 0
-    for item in items:
-        chunk.append(item)
-        size += item.size
-        if len(chunk) >= INSERT_CHUNK or size >= INSERT_CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+def _copy_jobs(
+    session: Session, batch_id: int, items: Iterable[BatchItem], priority: Priority
+) -> int:
+    """Stream the items into ``jobs`` with one COPY; returns how many.
+
+    COPY took a third of the time of the batched INSERTs it replaces for a 100,000-line
+    file (the INSERTs were over a third of the whole submission). psycopg sends the rows
+    a buffer at a time, so memory stays bounded however many there are; an exception
+    from ``items`` aborts the COPY, and with it the caller's transaction.
+    """
+    driver = session.connection().connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    count = 0
+    with driver.cursor() as cursor, cursor.copy(_COPY_JOBS) as copy:
+        for item in items:
+            copy.write_row(
+                (
+                    batch_id,
+                    item.custom_id,
+                    int(priority),
+                    item.request.model,
+                    Jsonb(item.request.body),
+                    item.request.est_prompt_tokens,
+                    JobStatus.QUEUED.value,
+                    0,
+                )
+            )
+            count += 1
+    return count
 
 
 def create_batch(
@@ -129,8 +148,8 @@ def create_batch(
 
     With an ``idempotency_key`` that already exists, nothing is written and the
     existing batch is returned with ``created=False``. ``items`` may be an iterator
-    (a file streamed by :func:`jobs.batchfile.iter_batch_stream`): it is consumed a chunk
-    at a time, and an exception it raises leaves the caller's transaction to roll back.
+    (a file streamed by :func:`jobs.batchfile.iter_batch_stream`): it is consumed as the
+    rows are sent, and an exception it raises leaves the caller's transaction to roll back.
     """
     expected = len(items) if isinstance(items, Sequence) else 0
     values = {
@@ -157,24 +176,7 @@ def create_batch(
             return existing, False
     else:
         batch_id = session.execute(insert(Batch).values(**values).returning(Batch.id)).scalar_one()
-    count = 0
-    for chunk in _chunks(items):
-        count += len(chunk)
-        session.execute(
-            insert(Job),
-            [
-                {
-                    "batch_id": batch_id,
-                    "custom_id": item.custom_id,
-                    "priority": priority,
-                    "model": item.request.model,
-                    "request": item.request.body,
-                    "est_prompt_tokens": item.request.est_prompt_tokens,
-                    "status": JobStatus.QUEUED,
-                }
-                for item in chunk
-            ],
-        )
+    count = _copy_jobs(session, batch_id, items, priority)
     if not count:
         session.execute(
             update(Batch)

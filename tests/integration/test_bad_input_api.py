@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from jobs import api, store
 from jobs.batchfile import MAX_LINE_BYTES, iter_batch_stream
 from jobs.db import session_scope
-from jobs.models import Batch, Job
+from jobs.models import Batch, Job, Priority
 from jobs.settings import Settings
 from jobs.validation import BatchValidationError, ValidationError
 from tests.support import LIMITS, body, jsonl, line, run_cli, run_python, settings_env
@@ -344,12 +344,9 @@ def test_every_batch_handle_call_on_a_missing_batch_raises_not_found(settings: S
 # --- streaming storage: all or nothing, bounded memory ---------------------------------------
 
 
-def test_a_failure_midway_through_streamed_storage_stores_nothing(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Chunks of 2 rows: four INSERTs have run when line 9 turns out bad (as when the file
+def test_a_failure_midway_through_streamed_storage_stores_nothing(settings: Settings) -> None:
+    # Eight rows have gone into the COPY when line 9 turns out bad (as when the file
     # changed between the check and the storage pass).
-    monkeypatch.setattr(store, "INSERT_CHUNK", 2)
     assert settings.database_url
     data = jsonl(*(line(f"r{n}") for n in range(1, 9)), line("r9", method="GET"))
     stream = iter_batch_stream(io.BytesIO(data), LIMITS)
@@ -361,10 +358,7 @@ def test_a_failure_midway_through_streamed_storage_stores_nothing(
     assert rows_stored(settings) == (0, 0)
 
 
-def test_a_streamed_file_gets_its_count_and_every_line(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store, "INSERT_CHUNK_BYTES", 300)  # about two lines per INSERT
+def test_a_streamed_file_gets_its_count_and_every_line(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "ok.jsonl"
     path.write_bytes(jsonl(*(line(f"r{n}") for n in range(1, 8))))
     batch = api.submit_file(path, settings=settings)
@@ -372,8 +366,16 @@ def test_a_streamed_file_gets_its_count_and_every_line(
     assert (progress.total, progress.queued) == (7, 7)
     assert settings.database_url
     with session_scope(settings.database_url) as s:
-        ids = s.execute(select(Job.custom_id).order_by(Job.id)).scalars().all()
-    assert ids == [f"r{n}" for n in range(1, 8)]
+        jobs = s.execute(select(Job).order_by(Job.id)).scalars().all()
+        assert [j.custom_id for j in jobs] == [f"r{n}" for n in range(1, 8)]
+        first = jobs[0]
+        sent = line("r1")["body"]
+        assert first.request is not None
+        assert first.request["messages"] == sent["messages"]
+        assert (first.batch_id, first.model) == (batch.id, sent["model"])
+        assert (first.status, first.priority, first.attempts) == ("queued", Priority.BULK, 0)
+        assert first.est_prompt_tokens > 0 and first.meta == {}
+        assert first.created_at is not None
 
 
 @pytest.fixture
@@ -487,7 +489,7 @@ def test_a_200_mb_file_is_stored_in_bounded_memory(settings: Settings, tmp_path:
     path.unlink()
     assert result["error"] is None, result["error"]
     # Holding the requests, or one INSERT of them all, costs at least the file's 200 MB;
-    # streamed, one chunk (16 MB of lines) is in memory at a time.
+    # streamed through COPY, one buffer of rows is in memory at a time.
     assert result["peak_mb"] < 150, result
     assert api.get_batch(result["batch"], settings=settings).progress().total == count
     assert rows_stored(settings) == (1, count)

@@ -188,12 +188,6 @@ def test_storage_pass_stops_at_the_first_bad_line() -> None:
     )
 
 
-def test_storage_pass_reports_line_sizes_for_chunked_inserts() -> None:
-    first, second = json.dumps(line("a")).encode(), json.dumps(line("bb")).encode()
-    items = list(iter_batch_stream(io.BytesIO(first + b"\r\n" + second), LIMITS))
-    assert [i.size for i in items] == [len(first) + 2, len(second)]
-
-
 class _Unseekable(io.RawIOBase):
     """A pipe-like binary stream: readable once, not seekable."""
 
