@@ -68,18 +68,32 @@ def _with(func: Callable[..., Row], *args: object) -> Callable[[Run], Row]:
 
 
 def _both(
-    name: str, title: str, func: Callable[..., Row], *args: object, **flags: bool
+    name: str,
+    title: str,
+    func: Callable[..., Row],
+    *args: object,
+    quick: Sequence[int] = (3,),
+    solo: bool = False,
 ) -> tuple[Scenario, ...]:
-    """The scenario with 1 worker process and with 3 (standing in for 3 dynos)."""
+    """The scenario with 1 worker process and with 3 (standing in for 3 dynos).
+
+    Quick mode runs one row at a time, so it keeps only the variants in ``quick``.
+    """
     return tuple(
-        Scenario(f"{name}-w{n}", f"{title}, {_workers(n)}", _with(func, n, *args), **flags)
+        Scenario(
+            f"{name}-w{n}",
+            f"{title}, {_workers(n)}",
+            _with(func, n, *args),
+            full_only=n not in quick,
+            solo=solo,
+        )
         for n in (1, 3)
     )
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    *_both("rpm", "RPM-bound", rate.rpm),
-    *_both("rpm10x", "RPM-bound at 10x limits", rate.rpm, 10, full_only=True, solo=True),
+    *_both("rpm", "RPM-bound", rate.rpm, quick=(1, 3)),
+    *_both("rpm10x", "RPM-bound at 10x limits", rate.rpm, 10, quick=(), solo=True),
     *_both("tpm-reserve", "TPM-bound, charge=reserve", rate.tpm, "reserve"),
     *_both("tpm-actual", "TPM-bound, charge=actual", rate.tpm, "actual"),
     *_both("restart", "Start-up and Redis FLUSHDB mid-run", rate.restart),
@@ -90,6 +104,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "overhead-throughput",
         "Limits lifted: jobs/s and CPU",
         system.overhead_throughput,
+        quick=(1,),
         solo=True,
     ),
     Scenario("overhead-rss", "Worker RSS with 100 calls in flight", system.overhead_rss, solo=True),
