@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -44,6 +44,9 @@ CHAT_PATH = "/v1/chat/completions"
 CLIENT_REQUEST_ID = "X-Client-Request-Id"
 #: Idle keep-alive connections are dropped after this many seconds.
 KEEPALIVE_EXPIRY_S = 30.0
+#: httpcore trace events (``trace`` request extension) fired once the whole request,
+#: body included, has been written to the socket: from then on the provider has it.
+_SENT_EVENTS = frozenset({"http11.send_request_body.complete", "http2.send_request_body.complete"})
 
 
 def default_timeout(connect: float, read: float) -> httpx.Timeout:
@@ -125,12 +128,23 @@ class ModelClient:
         """Close pooled connections; the client is unusable afterwards."""
         self._http.close()
 
-    def chat(self, body: Mapping[str, Any], *, client_request_id: str | None = None) -> Completion:
+    def chat(
+        self,
+        body: Mapping[str, Any],
+        *,
+        client_request_id: str | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Completion:
         """POST ``body`` to ``/v1/chat/completions``; raise a :class:`ModelError` subclass.
 
         ``client_request_id`` goes out as ``X-Client-Request-Id`` (OpenAI's name
         for a caller-chosen id), so the provider's logs and our ledger row of the
         call can be matched even when the answer never arrives.
+
+        ``on_sent`` is called in this thread as soon as the whole request has been
+        written to the socket, before the answer is awaited (through httpcore's
+        ``trace`` extension; a transport that does not trace, such as
+        ``httpx.MockTransport``, never calls it). It must not raise.
 
         Errors are raised outside any ``except`` block so that no httpx
         exception (which holds the request and its headers) is attached as
@@ -140,16 +154,31 @@ class ModelClient:
         if isinstance(payload, ModelError):
             raise payload
         started = time.monotonic()
-        outcome = self._send(payload, client_request_id)
+        outcome = self._send(payload, client_request_id, on_sent)
         if isinstance(outcome, ModelError):
             raise outcome
         latency = time.monotonic() - started
         return self._interpret(outcome, latency)
 
-    def _send(self, payload: bytes, client_request_id: str | None) -> httpx.Response | ModelError:
+    def _send(
+        self,
+        payload: bytes,
+        client_request_id: str | None,
+        on_sent: Callable[[], None] | None,
+    ) -> httpx.Response | ModelError:
         headers = {CLIENT_REQUEST_ID: client_request_id} if client_request_id else None
+        extensions = None
+        if on_sent is not None:
+
+            def trace(event: str, info: Mapping[str, Any]) -> None:
+                if event in _SENT_EVENTS:
+                    on_sent()
+
+            extensions = {"trace": trace}
         try:
-            return self._http.post(self._url, content=payload, headers=headers)
+            return self._http.post(
+                self._url, content=payload, headers=headers, extensions=extensions
+            )
         except httpx.TimeoutException as exc:
             return self._timeout_error(exc)
         except httpx.DecodingError as exc:

@@ -82,6 +82,19 @@ class Limits:
     context_tokens: int
 
 
+@dataclass
+class _Sending:
+    """The reservation of a call about to go out, moved if the call starts late."""
+
+    throttle: Throttle
+    reservation: Reservation
+
+    def sent(self) -> None:
+        """Move the slot to now if the call is late (:meth:`Throttle.starting`)."""
+        step = partial(self.throttle.starting, self.reservation)
+        self.reservation = Runner._quietly("restamp", step) or self.reservation
+
+
 class Runner:
     """Runs jobs for one worker process; thread-safe, one instance per process."""
 
@@ -229,16 +242,19 @@ class Runner:
                 reserved_tokens=reservation.tokens,
                 request=self._body(job.request),
             )
-            # Tell the throttle the call starts now; with Redis away, send as granted.
-            reservation = (
-                self._quietly("restamp", partial(throttle.starting, reservation)) or reservation
-            )
+            # Tell the throttle the call starts now, and again once its bytes are out:
+            # with a whole window's calls starting in one process, a thread can wait
+            # for the CPU between the two, and the provider counts the call from its
+            # arrival. With Redis away, the call goes as granted.
+            sending = _Sending(throttle, reservation)
+            sending.sent()
             started = time.monotonic()
             try:
                 completion = self.client.chat(
-                    job.request, client_request_id=call_id(job.id, number)
+                    job.request, client_request_id=call_id(job.id, number), on_sent=sending.sent
                 )
             except ModelError as exc:
+                reservation = sending.reservation
                 latency_ms = int((time.monotonic() - started) * 1000)
                 self._record_error(job.id, number, exc, latency_ms, throttle, reservation)
                 if isinstance(exc, AuthFailed):
@@ -262,6 +278,7 @@ class Runner:
                 if self.stop.wait(delay):
                     return self._hand_back(job.id, fields, "worker shutting down")
                 continue
+            reservation = sending.reservation
             # The answer is paid for: record it before anything else, so that a worker
             # killed now loses as few answers as possible.
             outcome = self._succeed(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from sqlalchemy import func, select
@@ -19,6 +21,7 @@ from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
 from jobs.simulator import Simulator, SimulatorConfig
 from jobs.validation import CheckedRequest
+from tests.integration.throttle_helpers import entries, redis_now_ms
 from tests.support import TEST_KEY, make_settings
 from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
@@ -45,13 +48,18 @@ def body(text: str = "hello", **extra: Any) -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, settings: Settings, sim: Simulator) -> None:
+    def __init__(
+        self, settings: Settings, sim: Simulator, transport: httpx.BaseTransport | None = None
+    ) -> None:
         assert settings.redis_url and settings.inference_url
         self.settings = settings
         self.sim = sim
         self.redis = redis_client(settings.redis_url)
         self.client = ModelClient(
-            settings.inference_url, settings.inference_key, timeout=default_timeout(2.0, 2.0)
+            settings.inference_url,
+            settings.inference_key,
+            timeout=default_timeout(2.0, 2.0),
+            transport=transport,
         )
         self.throttle = Throttle(
             self.redis,
@@ -207,6 +215,49 @@ def test_429_pauses_the_bucket_and_retries(clean_db: str, redis_url: str) -> Non
     finally:
         h.close()
         sim.stop()
+
+
+def test_the_client_reports_a_request_sent_once_in_the_calling_thread(harness: Harness) -> None:
+    sent: list[int] = []
+    answer = harness.client.chat(body(), on_sent=lambda: sent.append(threading.get_ident()))
+    assert answer.status == 200
+    assert sent == [threading.get_ident()]
+
+
+class _HeldTransport(httpx.BaseTransport):
+    """Holds each request before the real transport writes it, like a thread kept
+    waiting for the CPU while a whole window's calls start in its process."""
+
+    def __init__(self, hold_s: float) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._hold_s = hold_s
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        time.sleep(self._hold_s)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_a_call_held_before_its_bytes_go_out_moves_its_slot(
+    settings: Settings, simulator: Simulator
+) -> None:
+    # The provider counts the call from its arrival; a slot left at the grant would let
+    # the next window's calls in while this one is still in the provider's window.
+    h = Harness(settings, simulator, transport=_HeldTransport(0.6))
+    try:
+        assert settings.database_url
+        job_id = store_job(settings.database_url, body(max_tokens=16))
+        before = redis_now_ms(h.redis)
+        assert h.runner.run(job_id) == "succeeded"
+        ((score, tokens, _),) = entries(h.redis, settings.bucket_name)
+        assert score >= before + 600
+        # The settle found the moved entry: it holds the real prompt plus max_tokens.
+        (attempt,) = h.attempts(job_id)
+        assert tokens == attempt.prompt_tokens + 16
+    finally:
+        h.close()
 
 
 def test_shutdown_hands_the_job_back(harness: Harness) -> None:

@@ -58,11 +58,11 @@ def members(client: redis.Redis) -> dict[str, int]:
     return {member: score for score, _, member in entries(client)}
 
 
-def entries(client: redis.Redis) -> list[tuple[int, int, str]]:
+def entries(client: redis.Redis, bucket: str = BUCKET) -> list[tuple[int, int, str]]:
     """The log as ``(score, tokens, member)``, in Redis order (score, then member)."""
     raw = cast(
         "list[tuple[bytes, float]]",
-        client.zrange(throttle_log_key(BUCKET), 0, -1, withscores=True),
+        client.zrange(throttle_log_key(bucket), 0, -1, withscores=True),
     )
     out = []
     for member, score in raw:
