@@ -41,7 +41,7 @@ demo: install
 	$(BIN)/python -m jobs demo
 
 # Measures the whole stack against the strict simulator and writes BENCHMARKS.md
-# (about 45 minutes; QUICK=1: limits x10, latencies /10, much shorter; ONLY="rpm priority").
+# (38 minutes on a 2-core machine; QUICK=1: limits x10, latencies /10; ONLY="rpm priority").
 bench: install
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
 
