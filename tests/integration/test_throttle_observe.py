@@ -140,7 +140,7 @@ def test_booked_sleepers_move_behind_outside_usage(r: CountingRedis) -> None:
 
 def test_observations_on_random_logs_keep_the_invariant(r: CountingRedis) -> None:
     rng = random.Random(424242)
-    added_any = 0
+    added_any = repeated = 0
     for case in range(120):
         r.delete(throttle_log_key(BUCKET), throttle_init_key(BUCKET))
         window_ms = rng.choice([300, 2000, 60_000])
@@ -163,6 +163,7 @@ def test_observations_on_random_logs_keep_the_invariant(r: CountingRedis) -> Non
             "slack_requests": 1,
             "slack_tokens": 1,
         }
+        first_ms = redis_now_ms(r)
         added = store.observe(f"p{case}", **kwargs)  # type: ignore[arg-type]
         after = members(r)
         seen = redis_now_ms(r)
@@ -180,9 +181,17 @@ def test_observations_on_random_logs_keep_the_invariant(r: CountingRedis) -> Non
             entries(r), now_ms=seen, window_ms=window_ms, rpm=rpm, tpm=tpm
         ), f"case {case}"
         again = store.observe(f"q{case}", **kwargs)  # type: ignore[arg-type]
-        assert again == (0, 0), f"case {case}"
+        again_ms = redis_now_ms(r)
+        # Repeating an observation adds nothing while the window holds the same entries.
+        # An entry that left it in between (a 300 ms window on a slow machine) frees room
+        # that the provider's figure, taken before, does not show: a new phantom is right.
+        left = [m for m, s in after.items() if first_ms - window_ms < s <= again_ms - window_ms]
+        if not left:
+            assert again == (0, 0), f"case {case}"
+            repeated += 1
         added_any += added[0] > 0
     assert added_any >= 30
+    assert repeated >= 100
 
 
 def test_concurrent_observers_do_not_double_count(r: CountingRedis) -> None:
