@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from bench import lanes
 from bench import scenarios_rate as rate
 from bench import scenarios_system as system
+from bench.measure import processes
 from bench.report import Machine, load_average, render
 from bench.rows import Row
 from bench.stack import DEFAULT_REDIS_DB, Run, Servers, with_redis_db
@@ -54,10 +55,6 @@ class Scenario:
     solo: bool = False
 
 
-def _workers(n: int) -> str:
-    return f"{n} worker" + ("s" if n > 1 else "")
-
-
 def _with(func: Callable[..., Row], *args: object) -> Callable[[Run], Row]:
     """``func(run, *args)`` as a scenario function."""
 
@@ -82,7 +79,7 @@ def _both(
     return tuple(
         Scenario(
             f"{name}-w{n}",
-            f"{title}, {_workers(n)}",
+            f"{title}, {processes(n)}",
             _with(func, n, *args),
             full_only=n not in quick,
             solo=solo,
