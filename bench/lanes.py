@@ -71,7 +71,7 @@ def run_side_by_side(
     free = list(redis_dbs)
     gap_s = WINDOW_S / len(redis_dbs)
     running: list[_Lane] = []
-    finished: list[tuple[str, float, float]] = []
+    finished: list[tuple[str, float]] = []  # (name, end time) of each finished row
     last_start = -math.inf
     try:
         while pending or running:
@@ -90,19 +90,18 @@ def run_side_by_side(
             for lane in [lane for lane in running if lane.proc.poll() is not None]:
                 running.remove(lane)
                 free.append(lane.redis_db)
-                ended = time.time()
                 row = _read_row(lane)
                 # Every row that overlapped this one has started by now.
                 row.metrics["ran_alongside"] = (
                     ", ".join(
                         sorted(
                             [other.name for other in running]
-                            + [name for name, _, end in finished if end > lane.started]
+                            + [name for name, end in finished if end > lane.started]
                         )
                     )
                     or "nothing"
                 )
-                finished.append((lane.name, lane.started, ended))
+                finished.append((lane.name, time.time()))
                 on_row(row)
     finally:
         _stop(running)
