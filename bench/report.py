@@ -201,6 +201,10 @@ def render(
         "against the limit that binds (RPM, or TPM for the TPM rows); max req / tok per 60 s: "
         "the simulator's exact busiest window of admitted calls against the limit.",
         "",
+        "In the rows below, throttle_redis_commands_per_admitted is the number of commands "
+        "the throttle sent to Redis (one per script call) per call it admitted, summed over "
+        "every worker process from the `event=throttle_stats` lines they log.",
+        "",
         "## Rows",
     ]
     for row in rows:

@@ -135,7 +135,7 @@ def run_one(scenario: Scenario, run: Run) -> Row:
         row.error = f"{type(exc).__name__}: {exc}"
         (run.logs / f"{scenario.name}-error.txt").write_text(traceback.format_exc())
     row.seconds = time.perf_counter() - t0
-    _scan_worker_logs(row, run.logs, scenario.name)
+    scan_worker_logs(row, run.logs, scenario.name)
     return row
 
 
@@ -155,7 +155,7 @@ LOG_CHECKS: tuple[tuple[str, Callable[[str], bool]], ...] = (
 )
 
 
-def _scan_worker_logs(row: Row, logs: Path, name: str) -> None:
+def scan_worker_logs(row: Row, logs: Path, name: str) -> None:
     """Count tracebacks, task exceptions, deadlocks and fatal errors in the row's worker logs."""
     paths = sorted(logs.glob(f"{name}-worker*.log"))
     if not paths:
@@ -163,11 +163,33 @@ def _scan_worker_logs(row: Row, logs: Path, name: str) -> None:
     texts = [p.read_text(errors="replace") for p in paths]
     for key, check in LOG_CHECKS:
         row.metrics[key] = sum(check(line) for text in texts for line in text.splitlines())
+    _throttle_round_trips(row, texts)
     for text in texts:
         line = next((ln for ln in text.splitlines() if "Unrecoverable error" in ln), None)
         if line is not None:
             row.notes.append(f"A worker logged: {line.strip()[:300]}")
             break
+
+
+def _throttle_round_trips(row: Row, texts: Sequence[str]) -> None:
+    """Redis commands the throttle sent per admitted call, from each process's last count.
+
+    Workers log cumulative ``event=throttle_stats`` lines (:mod:`worker.runtime`); a
+    restarted worker writes to the same file under a new pid.
+    """
+    last: dict[tuple[int, str, str], tuple[int, int]] = {}
+    for n, text in enumerate(texts):
+        for line in text.splitlines():
+            if line.startswith("event=throttle_stats "):
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                key = (n, fields.get("pid", ""), fields.get("model", ""))
+                last[key] = (int(fields["admitted"]), int(fields["redis_round_trips"]))
+    admitted = sum(a for a, _ in last.values())
+    trips = sum(t for _, t in last.values())
+    if admitted:
+        row.metrics["throttle_admitted"] = admitted
+        row.metrics["throttle_redis_commands"] = trips
+        row.metrics["throttle_redis_commands_per_admitted"] = round(trips / admitted, 2)
 
 
 def _command(argv: Sequence[str]) -> str:

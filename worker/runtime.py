@@ -23,7 +23,7 @@ from jobs.settings import MODEL_LIMITS, Settings
 from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
-from worker.throttle import Throttle
+from worker.throttle import Throttle, ThrottleStats
 
 #: After a wake, the dispatcher waits this long for more jobs to finish before it
 #: sweeps: at full speed a sweep per finished job took a quarter of the worker's
@@ -50,6 +50,7 @@ class Runtime:
             max_connections=settings.worker_concurrency + 10,
         )
         self._throttles: dict[str, Throttle] = {}
+        self._logged_stats: dict[str, ThrottleStats] = {}
         self._lock = threading.Lock()
         self.circuit = KeyCircuit(
             self.redis, settings.key_fingerprint, first_wait_s=settings.auth_retry_s
@@ -138,6 +139,7 @@ class Runtime:
         assert url is not None
         interval = self.settings.job_lease_seconds / 4
         while not self.stop.wait(interval):
+            self.log_throttle_stats()
             held = self.runner.held()
             if not held:
                 continue
@@ -146,6 +148,32 @@ class Runtime:
                     store.renew_leases(session, held, lease_s=self.settings.job_lease_seconds)
             except Exception as exc:  # noqa: BLE001 - Postgres blip: renew next time
                 log_event("heartbeat_error", error=type(exc).__name__, message=str(exc)[:200])
+
+    def log_throttle_stats(self) -> None:
+        """Log each bucket's admitted calls and Redis commands so far, when they changed.
+
+        ``event=throttle_stats pid=4242 model=kimi-k2-5 admitted=750
+        redis_round_trips=1712 per_admitted=2.28``: the counts are this process's since
+        it started, so the last lines of every process add up to the whole run.
+        """
+        changed: list[tuple[str, ThrottleStats]] = []
+        with self._lock:
+            for model, throttle in self._throttles.items():
+                stats = throttle.stats()
+                if self._logged_stats.get(model) != stats:
+                    self._logged_stats[model] = stats
+                    changed.append((model, stats))
+        for model, stats in changed:
+            log_event(
+                "throttle_stats",
+                pid=self.pid,
+                model=model,
+                admitted=stats.admitted,
+                redis_round_trips=stats.redis_round_trips,
+                per_admitted=(
+                    round(stats.redis_round_trips / stats.admitted, 2) if stats.admitted else None
+                ),
+            )
 
     def wake_dispatcher(self) -> None:
         """A job finished: there is room for the next one now, not in a few seconds."""
@@ -173,6 +201,7 @@ class Runtime:
         """Stop waiting and dispatching; calls in flight keep their connections and finish."""
         self.stop.set()
         self._wake.set()
+        self.log_throttle_stats()
 
 
 _runtime: Runtime | None = None

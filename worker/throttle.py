@@ -157,6 +157,14 @@ class WindowUsage:
 
 
 @dataclass(frozen=True)
+class ThrottleStats:
+    """What one :class:`Throttle` instance did so far: calls admitted, Redis commands sent."""
+
+    admitted: int
+    redis_round_trips: int
+
+
+@dataclass(frozen=True)
 class ExternalUsage:
     """Usage by others that one :meth:`Throttle.observe` call added to the window."""
 
@@ -238,6 +246,12 @@ class Throttle:
         # seeding instead of querying the ledger too. Bumped after every seeding.
         self._seeding = threading.Lock()
         self._seedings = 0
+        self._admitted = 0
+        self._admitted_lock = threading.Lock()
+
+    def stats(self) -> ThrottleStats:
+        """Calls this instance admitted and the Redis commands it sent (every thread's)."""
+        return ThrottleStats(admitted=self._admitted, redis_round_trips=self._store.round_trips)
 
     def acquire(
         self,
@@ -283,6 +297,8 @@ class Throttle:
                     f"beyond max_wait={max_wait:g} s"
                 )
             if delay_ms <= 0:
+                with self._admitted_lock:
+                    self._admitted += 1
                 return Reservation(
                     id=rid,
                     tokens=cost,

@@ -143,6 +143,21 @@ class ThrottleStore:
         self._init = throttle_init_key(bucket)
         self._interactive = throttle_interactive_key(bucket)
         self.window_ms = window_ms
+        self._round_trips = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def round_trips(self) -> int:
+        """Commands this instance has sent to Redis: one per script call or PTTL.
+
+        redis-py loads a script again after a ``NOSCRIPT`` answer (a flushed or
+        restarted Redis); those extra commands are not counted.
+        """
+        return self._round_trips
+
+    def _sent(self) -> None:
+        with self._count_lock:
+            self._round_trips += 1
 
     def place(
         self,
@@ -178,6 +193,7 @@ class ThrottleStore:
         if init is InitMode.SEED:
             for age_ms, entry_tokens in history:
                 args.extend((age_ms, entry_tokens))
+        self._sent()
         raw = self._scripts.acquire(
             keys=[self._log, self._pause, self._init, self._interactive], args=args
         )
@@ -211,6 +227,7 @@ class ThrottleStore:
 
     def settle(self, rid: str, slot_ms: int, tokens: int) -> bool:
         """Set the entry's token count; False if it already left the log."""
+        self._sent()
         return bool(self._scripts.settle(keys=[self._log], args=[rid, slot_ms, tokens]))
 
     def restamp(
@@ -224,6 +241,7 @@ class ThrottleStore:
         interactive_reserve: int = 0,
     ) -> tuple[int, bool]:
         """Move a late entry to Redis now; returns its slot and whether it moved."""
+        self._sent()
         raw = self._scripts.restamp(
             keys=[self._log, self._init, self._interactive],
             args=[rid, slot_ms, self.window_ms, rpm, tpm, interactive_cap, interactive_reserve],
@@ -232,6 +250,7 @@ class ThrottleStore:
 
     def refused(self, rid: str, slot_ms: int) -> bool:
         """Turn a refused request's entry into an external phantom; False if gone."""
+        self._sent()
         return bool(
             self._scripts.refused(
                 keys=[self._log, self._interactive], args=[rid, slot_ms, self.window_ms]
@@ -240,19 +259,23 @@ class ThrottleStore:
 
     def release(self, rid: str, slot_ms: int, tokens: int) -> bool:
         """Remove the entry (reserved with ``tokens``); False if it was not logged."""
+        self._sent()
         return bool(self._scripts.release(keys=[self._log], args=[rid, slot_ms, tokens]))
 
     def pause(self, pause_ms: int) -> int:
         """Extend the pause to at least now + ``pause_ms``; returns its end (ms)."""
+        self._sent()
         return int(self._scripts.pause(keys=[self._pause], args=[pause_ms]))
 
     def pause_remaining_ms(self) -> int:
         """Milliseconds of pause left, by the marker's server-side expiry."""
+        self._sent()
         remaining = int(self._client.pttl(self._pause))
         return max(remaining, 0)
 
     def usage(self) -> LogUsage:
         """Entries logged in the window ending now."""
+        self._sent()
         raw = self._scripts.usage(keys=[self._log], args=[self.window_ms])
         requests, tokens, ext_requests, ext_tokens = (int(v) for v in raw)
         return LogUsage(requests, tokens, ext_requests, ext_tokens)
@@ -273,6 +296,7 @@ class ThrottleStore:
         interactive_reserve: int = 0,
     ) -> tuple[int, int]:
         """Add external phantoms up to the provider's reported usage; returns what was added."""
+        self._sent()
         raw = self._scripts.observe(
             keys=[self._log, self._init, self._interactive],
             args=[

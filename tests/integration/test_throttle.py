@@ -30,6 +30,7 @@ from worker.throttle import (
     Reservation,
     Throttle,
     ThrottleInterrupted,
+    ThrottleStats,
     ThrottleTimeout,
     WindowUsage,
     no_history,
@@ -515,3 +516,6 @@ def test_redis_commands_per_admitted_call(r: CountingRedis, redis_url: str) -> N
         f"displaced bulk={displaced_cost}"
     )
     assert (immediate_cost, waited_cost, displaced_cost) == (2, 3, 4)
+    # The throttle's own count (the worker's throttle_stats line) agrees with the client's.
+    assert bulk_throttle.stats() == ThrottleStats(admitted=1, redis_round_trips=displaced_cost)
+    assert throttle.stats().admitted == 3
