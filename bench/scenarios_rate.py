@@ -173,7 +173,7 @@ def _tpm_load(run: Run, charge: Charge, workers: int) -> Load:
         max_tokens=1000,
         charge=charge,
         latency=run.latency(*LATENCY),
-        windows=2 if run.quick else 4,
+        windows=2 if run.quick else 5,
     )
 
 
