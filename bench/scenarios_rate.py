@@ -299,6 +299,13 @@ def shared_key(run: Run, workers: int) -> Row:
         record_sim(row, st.simulator)
         calls = ledger.calls(st.database_url)
     ours_429 = sum(1 for c in calls if c.status == 429)
+    if calls:
+        # When our refused calls started, from our first call: at start-up, at a
+        # window roll or in between tells which mechanism let the other client in.
+        m["ours_429_at_s"] = (
+            ", ".join(f"{c.started - calls[0].started:.1f}" for c in calls if c.status == 429)
+            or "none"
+        )
     m["ours_calls"] = len(calls)
     m["ours_admitted"] = sum(1 for c in calls if c.status == 200)
     m["ours_rate_limited"] = ours_429
