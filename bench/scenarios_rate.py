@@ -7,6 +7,7 @@ each run lasts about two windows instead of five.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import dataclass, replace
@@ -101,6 +102,14 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
     record_pace(row, adm, calls, load.rpm, load.tpm)
     ideal = ideal_batch_s(count, adm.binding_calls, calls, load.latency)
     m["ideal_batch_s"] = round(ideal, 1)
+    if adm.times:
+        # The ideal admits a window's worth at once, and the last calls at the last
+        # roll; these say where a slower batch lost its time.
+        t0 = adm.times[0]
+        m["first_window_calls_in_1_s"] = bisect.bisect_right(adm.times, t0 + 1.0)
+        m["first_window_calls"] = bisect.bisect_left(adm.times, t0 + 60.0)
+        m["last_admission_after_first_s"] = round(adm.times[-1] - t0, 1)
+        m["ideal_last_admission_s"] = 60.0 * (math.ceil(count / adm.binding_calls) - 1)
     if calls:
         m["first_call_after_submit_s"] = round(calls[0].started - created, 2)
     m["jobs_succeeded"] = counts.get("succeeded", 0)
