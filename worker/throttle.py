@@ -16,12 +16,14 @@ it wakes (one cheap script call): the slot may have moved meanwhile, because
 
 in which case the caller sleeps again until its new slot and confirms once more.
 
-With a booking horizon, a bulk request books only once its slot is that close: it
-sleeps unbooked until its projected slot less the horizon, or until this process
-settles or releases a reservation below its cost, then places itself again with a
-fresh price. A slot booked a window ahead would fix its cost with the estimate of
-the moment and keep that window's room from what earlier calls settle below their
-reservations; when tokens bind, both cost throughput.
+With a booking horizon, a bulk request books only once its slot is that close.
+Until then it holds nothing and waits in its process's line of unbooked requests:
+the first in line sleeps until its projected slot less the horizon, or until this
+process settles or releases a reservation below its cost, then places itself again
+with a fresh price; each one that books or gives up lets the next one try. A slot
+booked a window ahead would fix its cost with the estimate of the moment and keep
+that window's room from what earlier calls settle below their reservations; when
+tokens bind, both cost throughput.
 
 When the request is done the caller settles the reservation with the tokens it wants
 charged (the real prompt plus ``max_tokens``, or prompt plus completion); a request
@@ -332,51 +334,82 @@ class Throttle:
 
         Booking a slot a window or more ahead fixes its cost with today's estimate
         and keeps that window's room from whatever the calls before it settle
-        below their reservations. An unbooked sleeper wakes at its projected slot
-        less the horizon, or earlier when this process frees tokens (see
-        :meth:`settle`), and tries again. Returns the cost booked and the decision;
-        one not admitted lies beyond the deadline.
+        below their reservations. Unbooked sleepers wait in line (see
+        :meth:`_sleep_unbooked`) and try again when their turn comes. Returns the cost
+        booked and the decision; one not admitted lies beyond the deadline.
         """
-        while True:
-            cost = self._check_cost(price())
-            remaining_ms = _ms_until(deadline)
-            limit_ms = remaining_ms if horizon_ms is None else min(remaining_ms, horizon_ms)
-            decision = self._place(rid, cost, limit_ms, confirm=False)
-            delay_ms = decision.slot_ms - decision.now_ms
-            if decision.admitted or horizon_ms is None or delay_ms > remaining_ms:
-                return cost, decision
-            self._sleep_unbooked((delay_ms - horizon_ms) / 1000, stop)
-
-    def _sleep_unbooked(self, seconds: float, stop: threading.Event | None) -> None:
-        """Sleep ``seconds``, less if woken by freed tokens; nothing is held meanwhile."""
         woken = threading.Event()
-        with self._unbooked_lock:
-            self._unbooked.append(woken)
+        queued = False
         try:
-            end = time.monotonic() + seconds
-            while not woken.is_set() and (left := end - time.monotonic()) > 0:
-                if stop is not None and stop.is_set():
-                    break
-                # One Event cannot also watch ``stop``: look at it every second.
-                woken.wait(left if stop is None else min(left, _STOP_CHECK_S))
+            while True:
+                cost = self._check_cost(price())
+                remaining_ms = _ms_until(deadline)
+                limit_ms = remaining_ms if horizon_ms is None else min(remaining_ms, horizon_ms)
+                decision = self._place(rid, cost, limit_ms, confirm=False)
+                delay_ms = decision.slot_ms - decision.now_ms
+                if decision.admitted or horizon_ms is None or delay_ms > remaining_ms:
+                    return cost, decision
+                if not queued:
+                    with self._unbooked_lock:
+                        self._unbooked.append(woken)
+                    queued = True
+                self._sleep_unbooked(woken, (delay_ms - horizon_ms) / 1000, deadline, stop)
         finally:
-            with self._unbooked_lock, contextlib.suppress(ValueError):
-                self._unbooked.remove(woken)
+            if queued:
+                self._leave_line(woken)
+
+    def _sleep_unbooked(
+        self,
+        woken: threading.Event,
+        seconds: float,
+        deadline: float,
+        stop: threading.Event | None,
+    ) -> None:
+        """Sleep unbooked, holding nothing, until it is this request's turn to try again.
+
+        Unbooked sleepers of this process queue in line. Only the first one sleeps
+        until its projected slot less the horizon; the others sleep until the one
+        before them leaves the line (booked, timed out or stopped) and wakes them. All
+        of them would project the same next free slot, so each would otherwise wake
+        for it and all but the first few would find it taken: a script call each per
+        slot. A refund wakes the first one early (see :meth:`_freed_tokens`).
+        """
+        end = time.monotonic() + seconds
+        while not woken.is_set():
+            if stop is not None and stop.is_set():
+                break
+            with self._unbooked_lock:
+                first = self._unbooked[0] is woken
+            left = (end if first else deadline) - time.monotonic()
+            if left <= 0:
+                break
+            # One Event cannot also watch ``stop`` or the line moving: look every second.
+            woken.wait(min(left, _STOP_CHECK_S))
+        woken.clear()
         if stop is not None and stop.is_set():
             raise ThrottleInterrupted(f"stop requested while waiting on bucket {self.bucket}")
 
-    def _freed_tokens(self, tokens: int) -> None:
-        """Wake the oldest unbooked sleeper: ``tokens`` below a reservation came free.
+    def _leave_line(self, woken: threading.Event) -> None:
+        """Leave the line of unbooked sleepers; if first, let the next one try at once."""
+        with self._unbooked_lock:
+            first = bool(self._unbooked) and self._unbooked[0] is woken
+            with contextlib.suppress(ValueError):
+                self._unbooked.remove(woken)
+            if first and self._unbooked:
+                self._unbooked[0].set()
 
-        One sleeper per refund, and only this process's: the room may be too small
-        for it (it sleeps again after one script call), and other processes wake
-        their own sleepers when they settle.
+    def _freed_tokens(self, tokens: int) -> None:
+        """Wake the first unbooked sleeper: ``tokens`` below a reservation came free.
+
+        Only this process's: the room may be too small for it (it sleeps again after
+        one script call), and other processes wake their own sleepers when they settle.
+        When it books, it wakes the next in line in turn.
         """
         if tokens <= 0:
             return
         with self._unbooked_lock:
             if self._unbooked:
-                self._unbooked.popleft().set()
+                self._unbooked[0].set()
 
     def _place(self, rid: str, tokens: int, max_wait_ms: int, *, confirm: bool) -> SlotDecision:
         """Reserve or confirm; seed the bucket first if the script finds it lost.

@@ -118,3 +118,28 @@ def test_max_wait_and_oversize_still_apply(r: CountingRedis) -> None:
     with pytest.raises(RequestTooLarge):
         throttle.acquire(lambda: next(prices))
     assert log_size(r) == 1
+
+
+def test_unbooked_sleepers_take_turns_instead_of_all_waking(r: CountingRedis) -> None:
+    # Every sleeper projects the same next free slot. When each woke for it, all but
+    # the first few found it taken, window after window: 8.1 commands per admission
+    # here. In line, the first books and wakes the next, and one sleeper looks in vain
+    # per window: one place on arrival, about one on its turn, a confirm and a settle.
+    rpm, count = 4, 24
+    throttle = make(r, rpm=rpm, tpm=10**6, window_s=1.0, booking_horizon_s=0.2)
+    throttle.release(throttle.acquire(1))  # initialises the bucket
+    sent = r.sent
+
+    def call(_: int) -> int:
+        reservation = throttle.acquire(1)
+        throttle.settle(reservation, 1)  # no refund: nothing wakes early
+        return reservation.start_ms
+
+    with ThreadPoolExecutor(count) as pool:
+        starts = list(pool.map(call, range(count)))
+    per_admission = (r.sent - sent) / count
+    print(f"\nRedis commands per admission with {count} sleepers: {per_admission:.2f}")
+    assert per_admission <= 5.0
+    # Still a full window at each roll, never more.
+    assert max(starts) - min(starts) < (count // rpm) * 1000 + 500
+    assert not overfull_future_windows(entries(r), now_ms=0, window_ms=1000, rpm=rpm, tpm=10**6)
