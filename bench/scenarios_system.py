@@ -134,7 +134,7 @@ def _priority(run: Run, name: str, workers: int, *, reserve_share: float) -> Row
         m[f"{label}_wait_max_s"] = _round_opt(max(waits) if waits else None)
     # When the slow interactive jobs were enqueued says which phase kept them waiting.
     m["interactive_slow_waits"] = (
-        "; ".join(f"{created:.0f} s: {wait:.1f} s" for created, wait in slow[:12]) or "none"
+        "; ".join(f"{created:.0f} s: {wait:.1f} s" for created, wait in slow) or "none"
     )
     m["bulk_called"] = len(waits_b)
     m["bulk_never_called"] = never_b

@@ -45,11 +45,14 @@ A takeover is a last resort: when a strict window is full, the next booked bulk 
 may lie at its next roll, up to a window away. So bulk requests hold part of every
 window back for interactive ones (:func:`worker.throttle_reference.interactive_hold`):
 sized to the interactive rate seen over the last five windows, and at least
-``interactive_reserve`` requests at all times. Interactive entries of a window use the
-hold up before bulk gives up anything more; with no interactive traffic seen and no
-reserve, bulk fills every window. Other clients of the key (see :meth:`Throttle.observe`)
-count as interactive traffic here: bulk leaves room for their rate too, so that their
-next calls find it instead of displacing ours (and theirs are not all refused).
+``interactive_reserve`` requests at all times. Interactive requests that found room
+use the hold up before bulk gives up anything more; those that had to wait took a bulk
+slot over (or joined the end of the queue) and leave the hold to the next arrivals, or
+a backlog released at a roll would use up the next window's hold. With no interactive
+traffic seen and no reserve, bulk fills every window. Other clients of the key (see
+:meth:`Throttle.observe`) count as interactive traffic here: bulk leaves room for their
+rate too, so that their next calls find it instead of displacing ours (and theirs are
+not all refused).
 
 Seeding. The provider remembers the last window even when Redis loses the log
 (restart, flush, expiry after an idle window). A bucket without its initialised

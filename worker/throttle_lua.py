@@ -9,7 +9,12 @@ time. The first two characters of the id say what the entry is:
 
 ``b.``  a bulk reservation; while its slot lies in the future an interactive request
         may take the slot over, and the entry moves to the end of the queue.
-``i.``  an interactive reservation; never moved by anybody else.
+``i.``  an interactive reservation that found room at once; never moved by anybody
+        else. It uses the room bulk holds back for interactive arrivals.
+``w.``  an interactive reservation that had to wait (it took a bulk slot over or
+        joined the end of the queue): the same reservation as ``i.``, stored under
+        this prefix because it took bulk's place rather than the held room, so it
+        leaves the hold to later arrivals. Callers know it by its ``i.`` id.
 ``s.``  a call from before the log was lost, seeded from the caller's ledger.
 ``x.``  an external phantom: usage of the key by somebody else, learnt from the
         provider's rate-limit headers. Phantoms also join the interactive history:
@@ -51,14 +56,26 @@ local function kind(member)
   return string.sub(member, 1, 2)
 end
 
+-- The id an interactive reservation is stored under once it had to wait.
+local function waited(id)
+  return 'w.' .. string.sub(id, 3)
+end
+
 local function find(log, id, slot)
   local prefix = id .. ':'
+  local alias = kind(id) == 'i.' and (waited(id) .. ':') or prefix
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', log, slot, slot)) do
-    if string.sub(member, 1, #prefix) == prefix then
+    local head = string.sub(member, 1, #prefix)
+    if head == prefix or head == alias then
       return member
     end
   end
   return nil
+end
+
+-- A member without its token count: the id it is stored under.
+local function stored_id(member)
+  return string.match(member, '^(.*):%d+$')
 end
 
 local function load(log, lo_excl, hi)
@@ -74,10 +91,17 @@ local function prune(log, now, window)
   redis.call('ZREMRANGEBYSCORE', log, '-inf', fmt(now - window))
 end
 
--- Interactive entries and external phantoms use the room bulk holds back.
+-- Interactive entries that found room and external phantoms use the room bulk holds
+-- back; interactive entries that waited took bulk's place instead.
 local function held(member)
   local k = kind(member)
   return k == 'i.' or k == 'x.'
+end
+
+-- Interactive entries of either kind, counted against the takeover cap.
+local function interactive(member)
+  local k = kind(member)
+  return k == 'i.' or k == 'w.'
 end
 
 -- Earliest t >= floor and >= arr[n]'s score at which arr[1..n] plus one more entry
@@ -201,12 +225,12 @@ local function interactive_place(log, cost, now, floor, window, rpm, tpm, cap)
       hi = hi + 1
       cnt = cnt + 1
       tok = tok + arr[hi][2]
-      if kind(arr[hi][3]) == 'i.' then inter = inter + 1 end
+      if interactive(arr[hi][3]) then inter = inter + 1 end
     end
     while arr[lo][1] <= s - window do
       cnt = cnt - 1
       tok = tok - arr[lo][2]
-      if kind(arr[lo][3]) == 'i.' then inter = inter - 1 end
+      if interactive(arr[lo][3]) then inter = inter - 1 end
       lo = lo + 1
     end
     C[j], F[j], G[j] = cnt, tok, inter
@@ -272,7 +296,8 @@ end
 #:
 #: Confirming keeps a logged entry whose slot no pause covers: it is admitted if the
 #: slot has come, or left to sleep again if an interactive takeover moved it later.
-#: A lost entry, or one a pause now covers, is placed again as if new.
+#: A lost entry, or one a pause now covers, is placed again as if new. An interactive
+#: reservation placed at a later slot than now is stored under its ``w.`` alias.
 #:
 #: Returns {slot ms, now ms, status}: 1 = slot held, 0 = slot beyond max wait and
 #: nothing held, 2 = unseeded (nothing changed).
@@ -326,25 +351,30 @@ if redis.call('EXISTS', init) == 0 then
 end
 
 local pause_until = tonumber(redis.call('GET', pause_key) or 0)
+local is_interactive = kind(id) == 'i.'
 if confirming then
-  local score = redis.call('ZSCORE', log, member)
+  local logged = member
+  local score = redis.call('ZSCORE', log, logged)
+  if not score and is_interactive then
+    logged = waited(id) .. ':' .. fmt(cost)
+    score = redis.call('ZSCORE', log, logged)
+  end
   if score then
     score = tonumber(score)
     if not (pause_until > now and score < pause_until) then
       if score - now > max_wait then
-        redis.call('ZREM', log, member)
+        redis.call('ZREM', log, logged)
         return {score, now, 0}
       end
       return {score, now, 1}
     end
-    redis.call('ZREM', log, member)
+    redis.call('ZREM', log, logged)
   end
 end
 
 local floor = math.max(now, pause_until)
-local interactive = string.sub(id, 1, 2) == 'i.'
 local slot, displaced
-if interactive then
+if is_interactive then
   slot, displaced = interactive_place(log, cost, now, floor, window, rpm, tpm, cap)
 else
   slot = next_slot(log, floor, window, rpm, tpm, cost, hold())
@@ -352,16 +382,20 @@ end
 if slot - now > max_wait then
   return {slot, now, 0}
 end
+local entry = member
+if is_interactive and slot > now then
+  entry = waited(id) .. ':' .. fmt(cost)
+end
 if displaced then
   redis.call('ZREM', log, displaced)
-  redis.call('ZADD', log, fmt(slot), member)
+  redis.call('ZADD', log, fmt(slot), entry)
   local hr, ht = hold()
   local moved = next_slot(log, floor, window, rpm, tpm, entry_tokens(displaced), hr, ht)
   redis.call('ZADD', log, fmt(moved), displaced)
 else
-  redis.call('ZADD', log, fmt(slot), member)
+  redis.call('ZADD', log, fmt(slot), entry)
 end
-if interactive then
+if is_interactive then
   redis.call('ZADD', hist, fmt(now), member)
   redis.call('PEXPIRE', hist, fmt(HISTORY_WINDOWS * window))
 end
@@ -381,7 +415,7 @@ if not member then
   return 0
 end
 redis.call('ZREM', KEYS[1], member)
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1] .. ':' .. ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2], stored_id(member) .. ':' .. ARGV[3])
 return 1
 """
 )

@@ -18,8 +18,17 @@ Entry = tuple[int, int] | tuple[int, int, str]
 
 
 def _uses_hold(entry: Entry) -> bool:
-    """Interactive entries and external phantoms use the room bulk holds back."""
+    """Interactive entries that found room and external phantoms use the held room.
+
+    Interactive entries that waited (``w.``) took a bulk slot or the end of the queue
+    instead: bulk keeps the whole hold free for later arrivals.
+    """
     return len(entry) > 2 and entry[2].startswith(("i.", "x."))
+
+
+def _is_interactive(member: str) -> bool:
+    """Interactive entries of either kind, counted against the takeover cap."""
+    return member.startswith(("i.", "w."))
 
 
 def earliest_slot(
@@ -97,6 +106,11 @@ def interactive_hold(
     return max(hold_requests, seen_requests), max(hold_tokens, seen_tokens)
 
 
+def stored_kind(slot_ms: int, now_ms: int) -> str:
+    """The prefix an interactive reservation placed at ``slot_ms`` is logged under."""
+    return "w." if slot_ms > now_ms else "i."
+
+
 def interactive_slot(
     entries: Sequence[tuple[int, int, str]],
     *,
@@ -118,9 +132,12 @@ def interactive_slot(
     2. else the slot of the first bulk member (``b.`` prefix, in score then member
        order) scored after now, at or after the floor and before ``floor + 2 W``,
        such that every window containing that slot holds fewer than ``cap``
-       interactive (``i.``) entries and, if the request costs more than the bulk
+       interactive (``i.`` or ``w.``) entries and, if the request costs more than the bulk
        entry, still fits ``tpm`` after the swap;
     3. else the end of the queue, as :func:`earliest_slot`.
+
+    The script stores the request as ``w.`` rather than ``i.`` when the slot is later
+    than now (:func:`stored_kind`).
     """
     live = sorted((e for e in entries if e[0] > now_ms - window_ms), key=lambda e: (e[0], e[2]))
     floor = max(now_ms, pause_until_ms)
@@ -146,7 +163,7 @@ def interactive_slot(
                 continue
             delta = cost - tokens
             if all(
-                sum(1 for e in inside(end) if e[2].startswith("i.")) + 1 <= cap
+                sum(1 for e in inside(end) if _is_interactive(e[2])) + 1 <= cap
                 and (delta <= 0 or sum(e[1] for e in inside(end)) + delta <= tpm)
                 for end in ends(score)
             ):

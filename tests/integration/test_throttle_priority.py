@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import threading
@@ -33,7 +34,12 @@ from tests.integration.throttle_helpers import (
     write_log,
 )
 from worker.throttle import Reservation, ThrottleInterrupted
-from worker.throttle_reference import earliest_slot, interactive_hold, interactive_slot
+from worker.throttle_reference import (
+    earliest_slot,
+    interactive_hold,
+    interactive_slot,
+    stored_kind,
+)
 from worker.throttle_store import InitMode, ThrottleStore
 
 pytestmark = pytest.mark.integration
@@ -67,7 +73,7 @@ def test_lua_matches_reference(r: CountingRedis) -> None:
             window_ms=window_ms,
             rpm=rpm,
             tpm=tpm,
-            kinds=["b.", "b.", "i.", "x.", "s."],
+            kinds=["b.", "b.", "i.", "w.", "x.", "s."],
         )
         write_log(r, log)
         history = [
@@ -105,7 +111,8 @@ def test_lua_matches_reference(r: CountingRedis) -> None:
             continue
         expected, displaced = interactive_slot(log, **common, rpm=rpm, tpm=tpm, cap=cap, cost=cost)
         assert decision.slot_ms == expected, f"case {case}"
-        assert after[f"i.new:{cost}"] == expected
+        # Logged as waited when its slot is not now: it then leaves the hold alone.
+        assert after[f"{stored_kind(expected, decision.now_ms)}new:{cost}"] == expected
         # Logged in the history, which decides the hold of later bulk requests.
         assert r.zscore(history_key, f"i.new:{cost}") == decision.now_ms
         if displaced is not None:
@@ -113,7 +120,7 @@ def test_lua_matches_reference(r: CountingRedis) -> None:
             # The displaced entry went to the end of the queue, as a new bulk request would.
             rest = [e for e in log if e[2] != displaced and e[0] > decision.now_ms - window_ms]
             moved = earliest_slot(
-                [*rest, (expected, cost, f"i.new:{cost}")],
+                [*rest, (expected, cost, f"{stored_kind(expected, decision.now_ms)}new:{cost}")],
                 **common,
                 rpm=rpm,
                 tpm=tpm,
@@ -145,8 +152,9 @@ def test_interactive_takes_the_earliest_booked_bulk_slot(r: CountingRedis) -> No
     displaced = waiting[0][1]
     assert after[displaced] > tail  # moved to the end of the queue
     assert len(after) == 16
+    assert after["w.first:1"] == slot  # logged as an interactive request that waited
     # Everybody else kept their slot.
-    assert {m: s for m, s in after.items() if m not in (displaced, "i.first:1")} == {
+    assert {m: s for m, s in after.items() if m not in (displaced, "w.first:1")} == {
         m: s for m, s in before.items() if m != displaced
     }
     assert not overfull_future_windows(
@@ -175,6 +183,43 @@ def test_bulk_leaves_room_for_interactive_traffic_it_has_seen(r: CountingRedis) 
     assert not overfull_future_windows(
         entries(r), now_ms=now, window_ms=window_ms, rpm=rpm, tpm=tpm
     )
+
+
+def test_interactive_backlog_at_a_roll_leaves_the_hold_to_new_arrivals(
+    r: CountingRedis,
+) -> None:
+    rpm, tpm, window_ms, cap = 10, 10**6, 2000, 5
+    store = ThrottleStore(r, BUCKET, window_ms=window_ms)
+    for i in range(10):  # the window is full from now on
+        book(store, f"b.{i:02d}", rpm=rpm, tpm=tpm, cap=cap)
+    # Two interactive requests arrive while it is full: they wait for the roll.
+    early = [book(store, f"i.early{n}", rpm=rpm, tpm=tpm, cap=cap) for n in range(2)]
+    assert min(early) > redis_now_ms(r)
+    for i in range(10, 30):  # the backlog books the windows after it
+        book(store, f"b.{i:02d}", rpm=rpm, tpm=tpm, cap=cap)
+    log = entries(r)
+    assert {m for _, _, m in log if not m.startswith("b.")} == {"w.early0:1", "w.early1:1"}
+    # Two seen in the last window: bulk holds ceil(1.25 * 2) + 1 = 4 back. The two
+    # that waited took bulk's place at the roll, so the hold is still whole there:
+    # no window holds more than 10 - 4 entries once the roll has come.
+    now = redis_now_ms(r)
+    hold, _ = interactive_hold(
+        [(now, 1), (now, 1)], now_ms=now, window_ms=window_ms, rpm=rpm, tpm=tpm, cap=cap
+    )
+    assert hold == 4
+    after_roll = [score for score, _, _ in log if score >= min(early)]
+    assert (
+        max(sum(1 for score in after_roll if end - window_ms < score <= end) for end in after_roll)
+        == rpm - hold
+    )
+    # So four new arrivals after the roll start at once.
+    while redis_now_ms(r) <= max(early) + 50:
+        time.sleep(0.02)
+    for n in range(4):
+        decision = store.reserve(
+            f"i.late{n}", 1, rpm=rpm, tpm=tpm, max_wait_ms=10**9, interactive_cap=cap
+        )
+        assert decision.slot_ms == decision.now_ms, f"arrival {n}"
 
 
 def test_a_reserve_holds_room_before_any_interactive_request(r: CountingRedis) -> None:
@@ -256,7 +301,23 @@ def test_stop_releases_a_displaced_reservation(r: CountingRedis) -> None:
         with pytest.raises(ThrottleInterrupted):
             waiting.result(timeout=10)
     # The moved entry was found and removed, not left to block the queue.
-    assert set(members(r)) == {f"{first.id}:1", "i.jump:1"}
+    assert set(members(r)) == {f"{first.id}:1", "w.jump:1"}
+
+
+def test_a_waited_interactive_reservation_is_confirmed_settled_and_released(
+    r: CountingRedis,
+) -> None:
+    throttle = make(r, rpm=1, tpm=1000, window_s=1.0)
+    throttle.acquire(1, max_wait=0)
+    # The window is full: the interactive request waits for the roll, logged as w.
+    waited = throttle.acquire(10, priority=INTERACTIVE)
+    name = waited.id.removeprefix("i.")
+    assert waited.id.startswith("i.")
+    assert members(r)[f"w.{name}:10"] == waited.start_ms
+    throttle.settle(waited, 4)  # its callers know it by its i. id
+    assert members(r)[f"w.{name}:4"] == waited.start_ms
+    throttle.release(dataclasses.replace(waited, tokens=4))
+    assert not any(name in m for m in members(r))
 
 
 def test_interactive_starts_ahead_of_a_hundred_booked_bulk_calls(r: CountingRedis) -> None:

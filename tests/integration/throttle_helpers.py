@@ -115,7 +115,11 @@ def most_interactive(log: Sequence[tuple[int, int, str]], window_ms: int) -> int
     """The most interactive entries any window ending at an entry holds."""
     return max(
         (
-            sum(1 for score, _, m in log if end - window_ms < score <= end and m.startswith("i."))
+            sum(
+                1
+                for score, _, m in log
+                if end - window_ms < score <= end and m.startswith(("i.", "w."))
+            )
             for end, _, _ in log
         ),
         default=0,

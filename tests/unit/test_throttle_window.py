@@ -67,7 +67,7 @@ def held_cases(draw: st.DrawFn) -> dict[str, Any]:
     """A bulk placement with interactive entries in the log and a hold to respect."""
     case = draw(cases())
     entries = [
-        (score, tokens, draw(st.sampled_from(["b.", "i.", "x."])) + f"{n}:{tokens}")
+        (score, tokens, draw(st.sampled_from(["b.", "i.", "w.", "x."])) + f"{n}:{tokens}")
         for n, (score, tokens) in enumerate(case["entries"])
     ]
     hold_requests = draw(st.integers(0, case["rpm"]))
@@ -81,7 +81,8 @@ def brute_force_held_slot(case: dict[str, Any]) -> int | None:
     floor = max([case["now_ms"], case["pause_until_ms"], *(e[0] for e in entries)])
     for t in range(floor, floor + case["window_ms"] + 1):
         inside = [e for e in entries if t - case["window_ms"] < e[0] <= t]
-        # Interactive entries and other clients' phantoms use the hold up.
+        # Interactive entries that found room and other clients' phantoms use the hold
+        # up; interactive entries that waited (w.) took bulk's place and do not.
         mine = [e for e in inside if e[2].startswith(("i.", "x."))]
         free_requests = case["rpm"] - max(0, case["hold_requests"] - len(mine))
         free_tokens = case["tpm"] - max(0, case["hold_tokens"] - sum(e[1] for e in mine))
@@ -109,6 +110,10 @@ def test_interactive_entries_use_the_hold_instead_of_adding_to_it() -> None:
     # Two interactive entries already use the hold: bulk may fill the window.
     mixed = [*bulk, (96, 1, "i.1:1"), (97, 1, "i.2:1")]
     assert earliest_slot(mixed, cost=1, hold_requests=2, **common) == 100
+    # Two that waited took bulk's place: the hold stays whole, so bulk waits until
+    # only two entries are left in the window.
+    waited = [*bulk, (96, 1, "w.1:1"), (97, 1, "w.2:1")]
+    assert earliest_slot(waited, cost=1, hold_requests=2, **common) == 145
 
 
 def test_hold_follows_the_interactive_rate() -> None:
@@ -170,6 +175,10 @@ def test_sequential_schedule_never_overfills_a_window() -> None:
 
 # --- interactive placement ------------------------------------------------------------
 
+#: Prefixes of interactive entries: found room (i.) or waited (w.); both count against
+#: the takeover cap.
+INTERACTIVE = ("i.", "w.")
+
 
 def inside(
     entries: list[tuple[int, int, str]], end: int, window_ms: int
@@ -195,7 +204,7 @@ def fits_swap(
     score, tokens, _ = entries[k]
     delta = cost - tokens
     return all(
-        sum(1 for e in inside(entries, end, w) if e[2].startswith("i.")) + 1 <= cap
+        sum(1 for e in inside(entries, end, w) if e[2].startswith(INTERACTIVE)) + 1 <= cap
         and (delta <= 0 or sum(e[1] for e in inside(entries, end, w)) + delta <= tpm)
         for end in range(score, score + w)
     )
@@ -217,7 +226,7 @@ def schedules(draw: st.DrawFn) -> dict[str, object]:
             [(s, c) for s, c, _ in entries],
             now_ms=t, pause_until_ms=0, window_ms=window_ms, rpm=rpm, tpm=tpm, cost=cost,
         )  # fmt: skip
-        kind = draw(st.sampled_from(["b.", "b.", "i.", "x."]))
+        kind = draw(st.sampled_from(["b.", "b.", "i.", "w.", "x."]))
         entries.append((slot, cost, f"{kind}{i:02d}"))
     return {
         "entries": entries,
@@ -280,7 +289,9 @@ def test_interactive_placement_keeps_every_booked_window_within_limits(
         after.append((moved, moved_tokens, displaced))
         # Where the request took a slot over, interactive entries stay within the cap.
         for end in range(slot, slot + w):
-            assert sum(1 for e in inside(after, end, w) if e[2].startswith("i.")) <= case["cap"]
+            assert (
+                sum(1 for e in inside(after, end, w) if e[2].startswith(INTERACTIVE)) <= case["cap"]
+            )
     # Every window holding a booked (future) entry is within both limits.
     for score, _, _ in after:
         if score > now:
