@@ -474,13 +474,18 @@ return 1
 """
 )
 
-#: Remove the entry of a request that was never sent, wherever a takeover moved it.
+#: Remove the entry of a request that was never sent, wherever a takeover moved it
+#: (under its ``w.`` alias if it is an interactive one that waited).
 #: KEYS[1] log. ARGV[1] reservation id, ARGV[2] last known slot ms, ARGV[3] tokens
 #: as reserved. Returns 1 if removed, 0 if it was not there.
 RELEASE_LUA = (
     _LUA_COMMON
     + """
 if redis.call('ZREM', KEYS[1], ARGV[1] .. ':' .. ARGV[3]) == 1 then
+  return 1
+end
+if kind(ARGV[1]) == 'i.'
+  and redis.call('ZREM', KEYS[1], waited(ARGV[1]) .. ':' .. ARGV[3]) == 1 then
   return 1
 end
 local member = find(KEYS[1], ARGV[1], ARGV[2])
