@@ -16,6 +16,10 @@ from worker.throttle_lua import HISTORY_WINDOWS
 #: ``(score, tokens, member)`` where the member's prefix says its kind.
 Entry = tuple[int, int] | tuple[int, int, str]
 
+#: Prefixes of interactive entries, both counted against the takeover cap: found room
+#: at once (``i.``) or had to wait (``w.``).
+INTERACTIVE_KINDS = ("i.", "w.")
+
 
 def _uses_hold(entry: Entry) -> bool:
     """Interactive entries that found room and external phantoms use the held room.
@@ -24,11 +28,6 @@ def _uses_hold(entry: Entry) -> bool:
     instead: bulk keeps the whole hold free for later arrivals.
     """
     return len(entry) > 2 and entry[2].startswith(("i.", "x."))
-
-
-def _is_interactive(member: str) -> bool:
-    """Interactive entries of either kind, counted against the takeover cap."""
-    return member.startswith(("i.", "w."))
 
 
 def earliest_slot(
@@ -163,7 +162,7 @@ def interactive_slot(
                 continue
             delta = cost - tokens
             if all(
-                sum(1 for e in inside(end) if _is_interactive(e[2])) + 1 <= cap
+                sum(1 for e in inside(end) if e[2].startswith(INTERACTIVE_KINDS)) + 1 <= cap
                 and (delta <= 0 or sum(e[1] for e in inside(end)) + delta <= tpm)
                 for end in ends(score)
             ):

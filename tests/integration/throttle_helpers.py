@@ -13,7 +13,7 @@ import redis
 
 from jobs.constants import throttle_log_key
 from worker.throttle import History, Throttle, no_history
-from worker.throttle_reference import earliest_slot
+from worker.throttle_reference import INTERACTIVE_KINDS, earliest_slot
 
 BUCKET = "test-model:0123456789ab"
 
@@ -118,7 +118,7 @@ def most_interactive(log: Sequence[tuple[int, int, str]], window_ms: int) -> int
             sum(
                 1
                 for score, _, m in log
-                if end - window_ms < score <= end and m.startswith(("i.", "w."))
+                if end - window_ms < score <= end and m.startswith(INTERACTIVE_KINDS)
             )
             for end, _, _ in log
         ),

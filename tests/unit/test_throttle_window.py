@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.throttle import Throttle, no_history
-from worker.throttle_reference import earliest_slot, interactive_hold, interactive_slot
+from worker.throttle_reference import (
+    INTERACTIVE_KINDS,
+    earliest_slot,
+    interactive_hold,
+    interactive_slot,
+)
 
 
 def brute_force_slot(
@@ -175,10 +180,6 @@ def test_sequential_schedule_never_overfills_a_window() -> None:
 
 # --- interactive placement ------------------------------------------------------------
 
-#: Prefixes of interactive entries: found room (i.) or waited (w.); both count against
-#: the takeover cap.
-INTERACTIVE = ("i.", "w.")
-
 
 def inside(
     entries: list[tuple[int, int, str]], end: int, window_ms: int
@@ -204,7 +205,7 @@ def fits_swap(
     score, tokens, _ = entries[k]
     delta = cost - tokens
     return all(
-        sum(1 for e in inside(entries, end, w) if e[2].startswith(INTERACTIVE)) + 1 <= cap
+        sum(1 for e in inside(entries, end, w) if e[2].startswith(INTERACTIVE_KINDS)) + 1 <= cap
         and (delta <= 0 or sum(e[1] for e in inside(entries, end, w)) + delta <= tpm)
         for end in range(score, score + w)
     )
@@ -290,7 +291,8 @@ def test_interactive_placement_keeps_every_booked_window_within_limits(
         # Where the request took a slot over, interactive entries stay within the cap.
         for end in range(slot, slot + w):
             assert (
-                sum(1 for e in inside(after, end, w) if e[2].startswith(INTERACTIVE)) <= case["cap"]
+                sum(1 for e in inside(after, end, w) if e[2].startswith(INTERACTIVE_KINDS))
+                <= case["cap"]
             )
     # Every window holding a booked (future) entry is within both limits.
     for score, _, _ in after:
