@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PKGS := jobs worker migrations tests bench
+PKGS := jobs worker devstack migrations tests bench
 
-.PHONY: install lint format test test-unit faults soak demo bench clean stop
+.PHONY: install lint format test test-unit faults soak demo up bench clean stop
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,16 +38,21 @@ soak: install
 	for i in 1 2 3 4 5; do $(BIN)/pytest -q -m faults tests/faults || exit 1; done
 
 demo: install
-	$(BIN)/python -m jobs demo
+	$(BIN)/python -m devstack demo
+
+# Like `heroku local`: migrate, then the Procfile's worker and beat under honcho,
+# on the embedded defaults (Ctrl-C stops them; `make stop` stops the servers).
+up: install
+	$(BIN)/python -m devstack up
 
 # Measures the whole stack against the strict simulator and writes BENCHMARKS.md
 # (38 minutes on a 2-core machine; QUICK=1: limits x10, latencies /10; ONLY="rpm priority").
 bench: install
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
 
-# Stops the embedded PostgreSQL and Redis under var/ if they are running.
+# Stops the embedded PostgreSQL, Redis and simulator under var/ if they are running.
 stop: install
-	$(BIN)/python -m jobs services stop
+	$(BIN)/python -m devstack stop
 
 clean: stop
 	rm -rf var

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.rows import Row
-from bench.stack import ROOT
+from devstack.procs import ROOT
 
 #: Seconds a lane gets to close its stack after SIGTERM (workers, simulator, databases).
 LANE_STOP_TIMEOUT = 120.0

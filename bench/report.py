@@ -153,7 +153,7 @@ def render(
         f"Measured with {command}, {mode}, from {started} to {finished} (UTC).",
         "",
         "Every row runs the real stack: a fresh PostgreSQL database, a flushed Redis database, "
-        "the simulator (`python -m jobs.simulator`, strict 60 s sliding window) in its own "
+        "the simulator (`python -m devstack.simulator`, strict 60 s sliding window) in its own "
         "process and real Celery worker processes. Numbers come from the simulator's "
         "`/stats` (`sim_*`) and the Postgres attempts ledger (`ledger_*`, timelines); "
         "rerun the command above to reproduce them.",

@@ -3,7 +3,7 @@
 Everything here talks to the system from the outside, the way an operator would: a fresh
 database migrated with :mod:`jobs.migrate`, environment variables read by
 :meth:`jobs.settings.Settings.from_env`, the simulator started with
-``python -m jobs.simulator`` and workers started with the CLI's own Celery command line.
+``python -m devstack.simulator`` and workers started with the CLI's own Celery command line.
 Every process and database a :class:`Stack` creates is gone when it closes.
 """
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,17 +28,16 @@ import redis
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
-from jobs import api, db, embedded, migrate
-from jobs.cli import worker_argv
+from devstack import embedded
+from devstack.procs import ROOT, WorkerProcess, free_port, stop_process
+from jobs import api, db, migrate
 from jobs.connections import redis_client
+from jobs.environment import worker_argv
 from jobs.settings import Settings, normalize_database_url
 
-ROOT = Path(__file__).resolve().parent.parent
 #: First Redis database the benchmark owns and flushes, one more per lane (1 to 4 with
 #: the default 4 lanes; the embedded services' default is 0, CI's tests use 13).
 DEFAULT_REDIS_DB = 1
-#: Seconds a worker gets to finish calls in flight after SIGTERM before it is killed.
-WORKER_STOP_TIMEOUT = 45.0
 Charge = Literal["reserve", "actual"]
 
 
@@ -100,25 +97,6 @@ class Servers:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 @dataclass(frozen=True)
 class SimSpec:
     """Command-line configuration of one simulator process."""
@@ -131,7 +109,7 @@ class SimSpec:
     window_s: float = 60.0
 
     def argv(self, port: int) -> list[str]:
-        argv = [sys.executable, "-m", "jobs.simulator", "--port", str(port)]
+        argv = [sys.executable, "-m", "devstack.simulator", "--port", str(port)]
         if self.rpm is not None:
             argv += ["--rpm", str(self.rpm)]
         if self.tpm is not None:
@@ -149,7 +127,7 @@ class SimSpec:
 
 
 class SimulatorProcess:
-    """``python -m jobs.simulator`` in its own OS process, so it never shares our GIL."""
+    """``python -m devstack.simulator`` in its own OS process, so it never shares our GIL."""
 
     def __init__(self, spec: SimSpec, key: str, log_path: Path) -> None:
         self.spec = spec
@@ -192,46 +170,8 @@ class SimulatorProcess:
 
     def stop(self) -> None:
         self._http.close()
-        _stop_process(self.proc, 15.0)
+        stop_process(self.proc, 15.0)
         self._log.close()
-
-
-class WorkerProcess:
-    """A Celery worker in its own OS process (by default the CLI's own command line)."""
-
-    def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait_stopped()
-        self.proc = subprocess.Popen(
-            argv, env=dict(env), cwd=ROOT, stdout=self._log, stderr=self._log,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"a worker exited at start; see {self.log_path}")
-            if "ready." in self.log():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"a worker was not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def signal_stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait_stopped(self, timeout: float = WORKER_STOP_TIMEOUT) -> int:
-        code = _stop_process(self.proc, timeout)
-        self._log.close()
-        return code
 
 
 @dataclass(frozen=True)
@@ -364,7 +304,7 @@ class Stack:
     ) -> None:
         """Start ``count`` worker processes and wait until each reports ready.
 
-        By default each is the CLI's worker (``jobs.cli.worker_argv``) on this stack's
+        By default each is the CLI's worker (``jobs.environment.worker_argv``) on this stack's
         settings; ``argv`` and ``env`` run another Celery app instead.
         """
         start = len(self.workers)
@@ -381,7 +321,7 @@ class Stack:
         for worker in self.workers:
             worker.signal_stop()
         for worker in self.workers:
-            worker.wait_stopped()
+            worker.stop()
         self.workers = []
 
     def cancel_batches(self) -> int:

@@ -1,7 +1,19 @@
-"""Command line: ``python -m jobs`` or ``batch-infer``.
+"""Command line: ``python -m jobs`` or ``batch-infer`` (what the Procfile runs, too).
 
-Every user error (unknown id, bad argument, invalid file, bad setting) prints
-one line on stderr and exits with status 2; no traceback.
+:func:`main` follows one job's path into a command:
+
+1. parse the arguments (argparse prints a bad one as one line, exit 2);
+2. read the settings once and resolve the services (:func:`jobs.environment.resolve`):
+   on a dyno every variable must be set, off a dyno the dev stack fills what is unset;
+3. check the services the command needs (:data:`PLANS`): PostgreSQL reachable with its
+   schema at head, Redis reachable. ``worker`` and ``beat`` keep trying for
+   ``SERVICE_WAIT_SECONDS``, one log line per try;
+4. run the command with those settings.
+
+Every fault of the user's or of the environment (bad argument, unknown id, invalid
+file, bad or missing setting, unreachable service, unmigrated database, unwritable
+output) prints one line on stderr, naming what to fix, and exits 2; no traceback.
+A reader that closes the pipe early (``| head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -11,17 +23,27 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs import api, migrate, reports, retention, services
+import redis
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from jobs import api, environment, migrate, reports, retention
 from jobs.batchfile import write_output
-from jobs.constants import QUEUE_BULK, QUEUE_CONTROL, QUEUE_INTERACTIVE
+from jobs.environment import Needs, ServiceError
+from jobs.logfmt import configure as configure_logging
+from jobs.logfmt import log_event
+from jobs.progress import ProgressPrinter, progress_line
 from jobs.settings import ConfigError, Settings
 from jobs.validation import ValidationError
 
 USAGE_ERROR = 2
+#: What ``submit -`` reads.
+STDIN = "/dev/stdin"
 
 
 class UsageError(Exception):
@@ -55,42 +77,6 @@ def _days(text: str) -> int:
     return value
 
 
-def progress_line(p: api.BatchProgress, width: int = 30) -> str:
-    fraction = p.done / p.total if p.total else 1.0
-    filled = round(fraction * width)
-    bar = "#" * filled + "-" * (width - filled)
-    return (
-        f"[{bar}] {p.done}/{p.total} {fraction:6.1%}  "
-        f"ok {p.succeeded}  failed {p.failed}  running {p.running}  queued {p.queued}"
-    )
-
-
-class ProgressPrinter:
-    """A progress bar on a terminal; a line every few seconds elsewhere (logs)."""
-
-    def __init__(self, stream: TextIO = sys.stderr, every_s: float = 5.0) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.every_s = every_s
-        self._last = 0.0
-        self._last_line = ""
-
-    def __call__(self, progress: api.BatchProgress) -> None:
-        line = progress_line(progress)
-        if self.tty:
-            self.stream.write("\r" + line)
-            if progress.finished and progress.running == 0:
-                self.stream.write("\n")
-            self.stream.flush()
-            return
-        now = dt.datetime.now().timestamp()
-        final = progress.finished and progress.running == 0
-        if (now - self._last >= self.every_s and line != self._last_line) or final:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self._last, self._last_line = now, line
-
-
 def _progress_dict(p: api.BatchProgress) -> dict[str, Any]:
     return {
         "id": p.id,
@@ -107,23 +93,33 @@ def _progress_dict(p: api.BatchProgress) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise UsageError(f"no such file: {args.file}")
-    batch = api.submit_file(path, name=args.name)
+    if args.file == "-":
+        # Standard input: how a local file reaches a one-off dyno (`heroku run ... < f`).
+        batch = api.submit_file(STDIN, name=args.name or "stdin")
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UsageError(f"no such file: {args.file}")
+        batch = api.submit_file(path, name=args.name)
     out.write(f"batch {batch.id} submitted: {batch.progress().total} jobs\n")
     out.flush()
-    if args.wait:
-        final = batch.wait(on_progress=ProgressPrinter())
-        out.write(progress_line(final) + "\n")
-        return 0 if final.failed == 0 else 1
-    return 0
+    if not args.wait:
+        return 0
+    printer = ProgressPrinter()
+    final = batch.wait(on_progress=printer, on_notice=printer.notice)
+    out.write(progress_line(final) + "\n")
+    return 0 if final.failed == 0 and final.cancelled == 0 else 1
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     batch = api.get_batch(args.batch)
     progress = batch.progress()
-    paused = None if progress.finished else batch.calls_paused()
+    paused = None
+    if not progress.finished:
+        try:
+            paused = batch.calls_paused()
+        except redis.RedisError:
+            paused = "(Redis is unreachable: whether calls are paused is unknown)"
     if args.json:
         json.dump(_progress_dict(progress) | {"paused": paused}, out)
         out.write("\n")
@@ -138,16 +134,32 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_results(args: argparse.Namespace, out: TextIO) -> int:
     batch = api.get_batch(args.batch)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            count = _write_lines(batch.results(), fh)
+        count = _write_file(Path(args.output), batch.results())
         out.write(f"wrote {count} result lines to {args.output}\n")
     else:
-        _write_lines(batch.results(), out)
+        write_output(batch.results(), out)
     return 0
 
 
-def _write_lines(lines: Iterable[dict[str, Any]], stream: TextIO) -> int:
-    return write_output(lines, stream)
+def _write_file(path: Path, lines: Iterable[dict[str, Any]]) -> int:
+    """Write ``lines`` to a temporary file beside ``path``, renamed over it once whole.
+
+    A path that cannot be written is a one-line error, and a failure half-way leaves no
+    half-written file behind.
+    """
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            count = write_output(lines, fh)
+        os.replace(temp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        Path(temp).unlink(missing_ok=True)
+    return count
 
 
 def cmd_usage(args: argparse.Namespace, out: TextIO) -> int:
@@ -208,78 +220,24 @@ def cmd_retry(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
-    ctx_settings = services.resolve(Settings.from_env())
-    assert ctx_settings.database_url is not None
-    migrate.upgrade(ctx_settings.database_url)
+    settings = api.context().settings
+    assert settings.database_url is not None
+    migrate.upgrade(settings.database_url)
     out.write("database schema is up to date\n")
     return 0
 
 
-def worker_argv(settings: Settings, *, concurrency: int | None = None) -> list[str]:
-    """The Celery command line of a worker (also what the Procfile runs)."""
-    queues = ",".join((QUEUE_INTERACTIVE, QUEUE_BULK, QUEUE_CONTROL))
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        # Threads: each job spends its life waiting on the network or the
-        # throttle; 100 threads cost a few MB, not 100 processes.
-        "--pool",
-        "threads",
-        "--concurrency",
-        str(concurrency or settings.worker_concurrency),
-        "--queues",
-        queues,
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        "INFO",
-    ]
-
-
-def _exec_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    # Child processes join the servers this process resolved.
-    if settings.database_url:
-        env["DATABASE_URL"] = settings.database_url
-    if settings.redis_url:
-        env["REDIS_URL"] = settings.redis_url
-    if settings.inference_url:
-        env["INFERENCE_URL"] = settings.inference_url
-        env["INFERENCE_KEY"] = settings.inference_key
-    return env
+def _exec(argv: list[str]) -> int:
+    settings = api.context().settings
+    os.execve(argv[0], argv, environment.child_env(settings))  # noqa: S606 - replaces this process
 
 
 def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
-    settings = services.resolve(Settings.from_env())
-    argv = worker_argv(settings, concurrency=args.concurrency)
-    os.execve(sys.executable, argv, _exec_env(settings))  # noqa: S606 - replaces this process
+    return _exec(environment.worker_argv(api.context().settings, concurrency=args.concurrency))
 
 
 def cmd_beat(args: argparse.Namespace, out: TextIO) -> int:
-    settings = services.resolve(Settings.from_env())
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "--loglevel", "INFO"]
-    os.execve(sys.executable, argv, _exec_env(settings))  # noqa: S606 - replaces this process
-
-
-def cmd_services(args: argparse.Namespace, out: TextIO) -> int:
-    var_dir = Settings.from_env().var_dir
-    if args.action == "stop":
-        stopped = services.stop(var_dir)
-        out.write(f"stopped: {', '.join(stopped) or 'nothing was running'}\n")
-    else:
-        for name, url in sorted(services.running(var_dir).items()):
-            out.write(f"{name}: {url}\n")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from jobs.demo import run_demo
-
-    return run_demo(requests=args.requests, out=out)
+    return _exec(environment.beat_argv())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="validate and queue an OpenAI Batch JSONL file")
-    p.add_argument("file")
-    p.add_argument("--name", help="batch name (default: the file name)")
+    p.add_argument("file", help="the JSONL file, or - for standard input")
+    p.add_argument("--name", help="batch name (default: the file name, or stdin)")
     p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     p.set_defaults(func=cmd_submit)
 
@@ -339,26 +297,87 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="bring the database schema up to date")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("demo", help="run a demo batch end to end on embedded defaults")
-    p.add_argument("--requests", type=int, default=240, help="demo batch size (default 240)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("services", help="embedded PostgreSQL/Redis/simulator under VAR_DIR")
-    p.add_argument("action", choices=("status", "stop"))
-    p.set_defaults(func=cmd_services)
     return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a command needs before it runs: services checked, a model, patience."""
+
+    needs: Needs = field(default_factory=Needs)
+    #: Calls the model (the worker): INFERENCE_URL is resolved (the simulator off a dyno).
+    inference: bool = False
+    #: Keeps trying unreachable services for SERVICE_WAIT_SECONDS (a process that starts).
+    patient: bool = False
+
+
+DATABASE_ONLY = Needs(redis=False)
+#: Per command; a command not listed needs the database (schema at head) and Redis.
+PLANS: dict[str, Plan] = {
+    "status": Plan(DATABASE_ONLY),
+    "results": Plan(DATABASE_ONLY),
+    "usage": Plan(DATABASE_ONLY),
+    "purge": Plan(DATABASE_ONLY),
+    "migrate": Plan(Needs(schema=False, redis=False)),
+    "worker": Plan(inference=True, patient=True),
+    "beat": Plan(patient=True),
+}
+
+
+def _log_retry(error: ServiceError, seconds_left: float) -> None:
+    log_event("service_wait", error=str(error), gives_up_in_s=round(seconds_left))
+
+
+def prepare(command: str) -> Settings:
+    """Steps 2 and 3: the resolved settings, with the services ``command`` needs checked."""
+    plan = PLANS.get(command, Plan())
+    settings = environment.resolve(Settings.from_env(), inference=plan.inference)
+    if plan.patient:
+        configure_logging(dyno=settings.dyno)
+        environment.wait_for_services(settings, plan.needs, on_retry=_log_retry)
+    else:
+        environment.check_services(settings, plan.needs)
+    return api.configure(settings)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _quiet_stdout() -> None:
+    """The reader went away: point stdout at /dev/null so that exit's flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+USER_FAULTS = (UsageError, api.NotFoundError, ConfigError, ValidationError, ServiceError)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     stream = out or sys.stdout
+    func: Callable[[argparse.Namespace, TextIO], int] = args.func
     try:
-        result: int = args.func(args, stream)
-    except (UsageError, api.NotFoundError, ConfigError, ValidationError) as exc:
-        sys.stderr.write(f"batch-infer: error: {exc}\n")
+        prepare(args.command)
+        return func(args, stream)
+    except USER_FAULTS as exc:
+        sys.stderr.write(f"batch-infer: error: {_one_line(exc)}\n")
         return USAGE_ERROR
+    except (OperationalError, InterfaceError) as exc:
+        # Lost after the start-up check: say which service, never the URL's password.
+        reason = _one_line(exc.orig) if exc.orig is not None else type(exc).__name__
+        sys.stderr.write(f"batch-infer: error: lost PostgreSQL (DATABASE_URL): {reason}\n")
+        return USAGE_ERROR
+    except redis.ConnectionError as exc:
+        sys.stderr.write(f"batch-infer: error: lost Redis (REDIS_URL): {_one_line(exc)}\n")
+        return USAGE_ERROR
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write("batch-infer: interrupted\n")
         return 130
-    return result

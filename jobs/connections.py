@@ -43,12 +43,16 @@ def is_tls(url: str) -> bool:
     return url.startswith("rediss://")
 
 
+def redis_tls_options(url: str) -> dict[str, Any]:
+    """redis-py options for ``url``: TLS without certificate checks for ``rediss://``."""
+    if is_tls(url):
+        return {"ssl_cert_reqs": ssl.CERT_NONE, "ssl_check_hostname": False}
+    return {}
+
+
 def redis_client(url: str) -> redis.Redis:
     """A redis-py client for ``url``; TLS without certificate checks for ``rediss://``."""
-    extra: dict[str, Any] = {}
-    if is_tls(url):
-        extra["ssl_cert_reqs"] = ssl.CERT_NONE
-        extra["ssl_check_hostname"] = False
+    extra = redis_tls_options(url)
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_POOL_SIZE,
@@ -79,7 +83,7 @@ def shared_redis(url: str) -> redis.Redis:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the producer (``jobs``) and the worker."""
     url = settings.redis_url
-    assert url is not None, "resolve the settings (jobs.services.resolve) first"
+    assert url is not None, "REDIS_URL is required (jobs.environment.require)"
     tls = {"ssl_cert_reqs": ssl.CERT_NONE} if is_tls(url) else None
     transport = {
         # Unacked tasks come back after this long; no task may wait longer.

@@ -69,35 +69,3 @@ def usage(
             )
             for row in session.execute(stmt)
         ]
-
-
-@dataclass(frozen=True)
-class Pace:
-    """How fast calls were started, by the database's clock."""
-
-    calls: int
-    span_s: float
-    max_in_window: int
-
-
-def pace(database_url: str, *, batch_id: int, window_s: float = 60.0) -> Pace:
-    """Calls of a batch, the span from first to last call start, and the most
-    calls started in any ``window_s`` sliding window (never above the limit)."""
-    with session_scope(database_url) as session:
-        starts = [
-            ts.timestamp()
-            for ts in session.execute(
-                select(Attempt.started_at)
-                .join(Job, Job.id == Attempt.job_id)
-                .where(Job.batch_id == batch_id)
-                .order_by(Attempt.started_at)
-            ).scalars()
-        ]
-    if not starts:
-        return Pace(0, 0.0, 0)
-    most, lo = 0, 0
-    for hi, t in enumerate(starts):
-        while t - starts[lo] >= window_s:
-            lo += 1
-        most = max(most, hi - lo + 1)
-    return Pace(len(starts), starts[-1] - starts[0], most)

@@ -69,20 +69,20 @@ def is_loopback_host(host: str | None) -> bool:
 class Settings:
     """Every knob of the system, read once by :meth:`from_env`."""
 
-    #: DATABASE_URL. ``None`` means: run the embedded PostgreSQL under ``var/``.
+    #: DATABASE_URL. ``None``: unset (off a dyno, the CLI fills it from the dev stack).
     database_url: str | None = None
-    #: REDIS_URL. ``None`` means: run the embedded Redis under ``var/``.
+    #: REDIS_URL. ``None``: unset (off a dyno, the CLI fills it from the dev stack).
     redis_url: str | None = None
-    #: INFERENCE_URL. ``None`` means: start the bundled simulator on loopback.
+    #: INFERENCE_URL. ``None``: unset (off a dyno, the CLI starts the dev stack's simulator).
     inference_url: str | None = None
     #: INFERENCE_KEY. Never logged; ``repr`` hides it.
     inference_key: str = field(default="", repr=False)
     #: INFERENCE_MODEL_ID. Default ``kimi-k2-5``.
     model_id: str = DEFAULT_MODEL
     #: INFERENCE_RPM. Default from MODEL_LIMITS (150 for kimi-k2-5).
-    rpm: int = 150
+    rpm: int = MODEL_LIMITS[DEFAULT_MODEL].rpm
     #: INFERENCE_TPM. Default from MODEL_LIMITS (800,000 for kimi-k2-5).
-    tpm: int = 800_000
+    tpm: int = MODEL_LIMITS[DEFAULT_MODEL].tpm
     #: INFERENCE_CONTEXT_TOKENS. Default from MODEL_LIMITS (262,144 for kimi-k2-5).
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     #: INFERENCE_TPM_CHARGE: ``reserve`` (prompt + max_tokens, default) or ``actual``.
@@ -167,10 +167,34 @@ class Settings:
     purge_cron: str = "0 4 * * *"
     #: LOG_BODIES: log request/response bodies (``1``). Default off.
     log_bodies: bool = False
-    #: VAR_DIR: where the embedded servers keep their data. Default ``./var``.
-    var_dir: Path = Path("var")
+    #: VAR_DIR: where the dev stack's embedded servers keep their data. ``None`` (unset):
+    #: the project root's ``var/`` in a source checkout, else a per-user data directory
+    #: (see :func:`devstack.services.default_var_dir`).
+    var_dir: Path | None = None
+    #: DYNO, set by Heroku on every dyno (``worker.1``). When set, every service must come
+    #: from its config var: nothing embedded and no simulator is ever started.
+    dyno: str | None = None
+    #: SERVICE_WAIT_SECONDS: how long a worker or beat process starting up keeps trying
+    #: to reach PostgreSQL and Redis before it exits with the error. Default 60, so a
+    #: short outage during a restart needs nobody to restart the dyno by hand.
+    service_wait_s: float = 60.0
+    #: Names of the variables that set the limits instead of MODEL_LIMITS (empty: the
+    #: table's). Reported by the worker's start-up line.
+    limits_from_env: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.database_url is not None and not self.database_url.startswith(
+            ("postgresql+psycopg://", "postgresql://", "postgres://")
+        ):
+            raise ConfigError(
+                f"DATABASE_URL must be a postgres:// URL, got {_scheme(self.database_url)}"
+            )
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"REDIS_URL must be a redis:// or rediss:// URL, got {_scheme(self.redis_url)}"
+            )
         if self.inference_url is not None:
             parts = urlsplit(self.inference_url)
             if parts.scheme != "https" and not (
@@ -200,6 +224,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
+        d = cls()  # every default is stated once, on its field
         model = e.get("INFERENCE_MODEL_ID") or DEFAULT_MODEL
         known = MODEL_LIMITS.get(model)
         if known is None and not (e.get("INFERENCE_RPM") and e.get("INFERENCE_TPM")):
@@ -215,16 +240,22 @@ class Settings:
             known.context_tokens if known else DEFAULT_CONTEXT_TOKENS,
             minimum=1,
         )
-        charge = e.get("INFERENCE_TPM_CHARGE", "reserve")
+        charge = e.get("INFERENCE_TPM_CHARGE", d.tpm_charge)
         if charge not in ("reserve", "actual"):
             raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
-        concurrency = _int(e, "WORKER_CONCURRENCY", 250, minimum=1)
-        read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", 300.0)
+        concurrency = _int(e, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1)
+        read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", d.read_timeout)
         window = _int(e, "DISPATCH_WINDOW", rpm + 50, minimum=1)
-        horizon = _float(e, "INFERENCE_BOOKING_HORIZON", 2.0, zero_ok=True)
+        horizon = _float(e, "INFERENCE_BOOKING_HORIZON", d.booking_horizon_s, zero_ok=True)
         if horizon >= 60.0:
             raise ConfigError(f"INFERENCE_BOOKING_HORIZON must be under 60 s, got {horizon}")
         database_url = e.get("DATABASE_URL") or None
+        from_env = tuple(
+            name
+            for name in ("INFERENCE_RPM", "INFERENCE_TPM", "INFERENCE_CONTEXT_TOKENS")
+            if e.get(name)
+        )
+        var_dir = e.get("VAR_DIR")
         return cls(
             database_url=normalize_database_url(database_url) if database_url else None,
             redis_url=e.get("REDIS_URL") or None,
@@ -235,33 +266,50 @@ class Settings:
             tpm=tpm,
             context_tokens=context,
             tpm_charge="actual" if charge == "actual" else "reserve",
-            window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", 1.0, zero_ok=True),
-            interactive_reserve=_int(e, "INFERENCE_INTERACTIVE_RESERVE", 0, minimum=0),
+            window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", d.window_margin_s, zero_ok=True),
+            interactive_reserve=_int(
+                e, "INFERENCE_INTERACTIVE_RESERVE", d.interactive_reserve, minimum=0
+            ),
             booking_horizon_s=horizon,
-            default_max_tokens=_int(e, "INFERENCE_DEFAULT_MAX_TOKENS", 4096, minimum=1),
-            connect_timeout=_float(e, "INFERENCE_CONNECT_TIMEOUT", 10.0),
+            default_max_tokens=_int(
+                e, "INFERENCE_DEFAULT_MAX_TOKENS", d.default_max_tokens, minimum=1
+            ),
+            connect_timeout=_float(e, "INFERENCE_CONNECT_TIMEOUT", d.connect_timeout),
             read_timeout=read_timeout,
-            max_attempts=_int(e, "INFERENCE_MAX_ATTEMPTS", 8, minimum=1),
-            backoff_base=_float(e, "INFERENCE_BACKOFF_BASE", 1.0),
-            backoff_max=_float(e, "INFERENCE_BACKOFF_MAX", 60.0),
-            auth_retry_s=_float(e, "INFERENCE_AUTH_RETRY", 60.0),
+            max_attempts=_int(e, "INFERENCE_MAX_ATTEMPTS", d.max_attempts, minimum=1),
+            backoff_base=_float(e, "INFERENCE_BACKOFF_BASE", d.backoff_base),
+            backoff_max=_float(e, "INFERENCE_BACKOFF_MAX", d.backoff_max),
+            auth_retry_s=_float(e, "INFERENCE_AUTH_RETRY", d.auth_retry_s),
             worker_concurrency=concurrency,
             dispatch_window=window,
-            dispatch_interval=_float(e, "DISPATCH_INTERVAL", 2.0),
+            dispatch_interval=_float(e, "DISPATCH_INTERVAL", d.dispatch_interval),
             dispatch_redeliver_after=_float(
                 e, "DISPATCH_REDELIVER_AFTER", max(60.0, 2 * 60.0 * window / rpm)
             ),
-            visibility_timeout=_int(e, "BROKER_VISIBILITY_TIMEOUT", 3600, minimum=60),
-            job_lease_seconds=_float(e, "JOB_LEASE_SECONDS", 60.0),
+            visibility_timeout=_int(
+                e, "BROKER_VISIBILITY_TIMEOUT", d.visibility_timeout, minimum=60
+            ),
+            job_lease_seconds=_float(e, "JOB_LEASE_SECONDS", d.job_lease_seconds),
             nightly_cron=e.get("NIGHTLY_CRON") or None,
             nightly_source=e.get("NIGHTLY_SOURCE") or None,
-            nightly_name=e.get("NIGHTLY_NAME", "nightly"),
-            maintenance_cron=e.get("MAINTENANCE_CRON", "30 3 * * *"),
-            result_retention_days=_int(e, "RESULT_RETENTION_DAYS", 30, minimum=0),
-            purge_cron=e.get("PURGE_CRON") or "0 4 * * *",
+            nightly_name=e.get("NIGHTLY_NAME", d.nightly_name),
+            maintenance_cron=e.get("MAINTENANCE_CRON", d.maintenance_cron),
+            result_retention_days=_int(
+                e, "RESULT_RETENTION_DAYS", d.result_retention_days, minimum=0
+            ),
+            purge_cron=e.get("PURGE_CRON") or d.purge_cron,
             log_bodies=e.get("LOG_BODIES", "") in ("1", "true", "yes"),
-            var_dir=Path(e.get("VAR_DIR", "var")),
+            var_dir=Path(var_dir) if var_dir else None,
+            dyno=e.get("DYNO") or None,
+            service_wait_s=_float(e, "SERVICE_WAIT_SECONDS", d.service_wait_s, zero_ok=True),
+            limits_from_env=from_env,
         )
+
+
+def _scheme(url: str) -> str:
+    """The scheme of ``url`` for an error message: never the rest, which may hold a password."""
+    scheme, sep, _ = url.partition("://")
+    return f"{scheme}://..." if sep else "a value without a scheme"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:

@@ -1,4 +1,9 @@
-"""Alembic environment: the URL comes from the same settings as everything else."""
+"""Alembic environment: the URL comes from the caller or from DATABASE_URL.
+
+``jobs.migrate`` passes the URL it was given; the ``alembic`` command line reads
+DATABASE_URL, the same variable (and the same rewriting) as every other process.
+Nothing here starts a server.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,19 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from jobs.models import Base
+from jobs.settings import ConfigError, Settings
 
 target_metadata = Base.metadata
 
 
 def _url() -> str:
-    # A caller (jobs.migrate, the tests) may pass the URL explicitly; the
-    # `alembic` command line falls back to DATABASE_URL or the embedded server.
     url = context.config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from jobs.embedded import resolve
-    from jobs.settings import Settings
-
-    resolved = resolve(Settings.from_env()).database_url
-    assert resolved is not None
-    return resolved
+    from_env = Settings.from_env().database_url
+    if from_env is None:
+        raise ConfigError("DATABASE_URL is not set: point it at the database to migrate")
+    return from_env
 
 
 def run_migrations_offline() -> None:

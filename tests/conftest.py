@@ -20,10 +20,11 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from jobs import embedded, migrate
+from devstack import embedded
+from devstack.simulator import Simulator, SimulatorConfig
+from jobs import migrate
 from jobs.connections import redis_client
 from jobs.settings import Settings, normalize_database_url
-from jobs.simulator import Simulator, SimulatorConfig
 from tests.support import TEST_KEY, WorkerProcess, create_database, drop_database, make_settings
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +20,10 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from devstack import procs
+from devstack.procs import free_port
 from jobs import db
+from jobs.environment import worker_argv
 from jobs.settings import Settings
 from jobs.validation import RequestLimits
 
@@ -94,8 +100,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """A real Celery worker in its own OS process, as on a dyno."""
+class WorkerProcess(procs.WorkerProcess):
+    """A real Celery worker in its own OS process, as on a dyno, on exactly ``settings``."""
 
     def __init__(
         self,
@@ -104,40 +110,14 @@ class WorkerProcess:
         concurrency: int = 20,
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.log_path = log_path
-        argv = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-            "--pool", "threads", "--concurrency", str(concurrency),
-            "--queues", "inference.interactive,inference.bulk,inference.control",
-            "--without-gossip", "--without-mingle", "--loglevel", "INFO",
-        ]  # fmt: skip
-        env = settings_env(settings) | (extra_env or {})
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._log, stderr=self._log)
+        argv = worker_argv(settings, concurrency=concurrency)
+        super().__init__(argv, settings_env(settings) | (extra_env or {}), log_path, append=True)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log()}")
-            if "ready." in self.log():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().wait_ready(timeout)
 
     def stop(self, timeout: float = 40.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 # The example request body from Heroku's Kimi K2.5 model page.
@@ -184,30 +164,12 @@ LIMITS = RequestLimits(
 )
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             pytest.fail(f"{what} not reached within {timeout:g} s")
         time.sleep(0.1)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 # Batch lines: a chat body, an OpenAI Batch input line, and JSONL bytes of lines.
@@ -250,3 +212,71 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m jobs *args``, as an operator runs it."""
     return run_python(settings, "-m", "jobs", *args, env=env)
+
+
+class TcpProxy:
+    """A TCP forwarder on loopback that a test can cut and restore: a service outage
+    (connections reset, new ones refused) without stopping the machine's server."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        """Accept connections again, on the same port."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and reset every open one."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            # shutdown wakes the thread blocked in accept(); close alone would not.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                # SO_LINGER 0: close with a reset, as a server that vanished does.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut()

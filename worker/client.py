@@ -25,10 +25,10 @@ from worker.errors import (
     ServerError,
     Timeout,
 )
+from worker.reported import RateLimitInfo
 from worker.responses import (
     NOT_JSON,
     Completion,
-    RateLimitInfo,
     clean_text,
     load_json,
     parse_completion,

@@ -32,11 +32,9 @@ neither is known to be exhausted; ``None`` when no header says anything.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-if TYPE_CHECKING:
-    from worker.responses import RateLimitInfo, Usage
-
+from worker.reported import RateLimitInfo, Usage
 
 ErrorKind = Literal[
     "error",

@@ -20,32 +20,12 @@ from typing import Any
 import httpx
 
 from worker.errors import MalformedResponse
+from worker.reported import RateLimitInfo, Usage
 
 #: Longest piece of provider text kept in an error message.
 MAX_PROVIDER_TEXT = 500
 _REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-amzn-requestid")
 _REDACTED = "[redacted]"
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token counts reported by the provider for one completion."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-@dataclass(frozen=True)
-class RateLimitInfo:
-    """The ``x-ratelimit-*`` headers of one response; ``None`` where absent or unreadable."""
-
-    limit_requests: int | None = None
-    remaining_requests: int | None = None
-    limit_tokens: int | None = None
-    remaining_tokens: int | None = None
-    reset_requests_s: float | None = None
-    reset_tokens_s: float | None = None
 
 
 @dataclass(frozen=True)

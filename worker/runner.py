@@ -38,7 +38,8 @@ from jobs.validation import RequestLimits, ValidationError, check_request
 from worker.calibrate import Calibrator
 from worker.client import ModelClient
 from worker.errors import AuthFailed, ModelError, RateLimited
-from worker.responses import Completion, RateLimitInfo
+from worker.reported import RateLimitInfo
+from worker.responses import Completion
 from worker.retry import RetryPolicy
 from worker.throttle import (
     RequestTooLarge,

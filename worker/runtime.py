@@ -7,19 +7,21 @@ process never inherits its parent's sockets.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import redis
 
-from jobs import store
+from jobs import presence, store
 from jobs.circuit import KeyCircuit
 from jobs.connections import celery_app, redis_client
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.logfmt import log_event
-from jobs.settings import MODEL_LIMITS, Settings
+from jobs.settings import MODEL_LIMITS, Settings, is_loopback_host
 from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
@@ -38,6 +40,8 @@ class Runtime:
         assert settings.redis_url is not None
         self.settings = settings
         self.pid = os.getpid()
+        #: How this process is named among the live workers (:mod:`jobs.presence`).
+        self.node = f"{socket.gethostname()}:{self.pid}"
         self.stop = threading.Event()
         self.redis: redis.Redis = redis_client(settings.redis_url)
         self.app = celery_app(settings)
@@ -119,6 +123,24 @@ class Runtime:
 
         return seed
 
+    def log_startup(self, *, node: str, concurrency: int) -> None:
+        """The worker's one start-up line: what it calls, at which limits, how wide."""
+        settings = self.settings
+        log_event(
+            "worker_started",
+            node=node,
+            dyno=settings.dyno,
+            model=settings.model_id,
+            rpm=settings.rpm,
+            tpm=settings.tpm,
+            limits_from=",".join(settings.limits_from_env) or "table",
+            tpm_charge=settings.tpm_charge,
+            bucket=settings.bucket_name,
+            concurrency=concurrency,
+            dispatch_window=settings.dispatch_window,
+            simulated=is_loopback_host(urlsplit(settings.inference_url or "").hostname),
+        )
+
     def start_dispatcher(self) -> None:
         """Start this process's dispatcher and lease-renewal loops (one each per process)."""
         if self._dispatcher is None:
@@ -179,10 +201,21 @@ class Runtime:
         """A job finished: there is room for the next one now, not in a few seconds."""
         self._wake.set()
 
+    def _mark_alive(self) -> None:
+        """Tell waiting users this worker consumes (:mod:`jobs.presence`); best effort."""
+        try:
+            presence.mark(self.redis, self.node)
+        except redis.RedisError as exc:
+            log_event("presence_error", error=type(exc).__name__)
+
     def _dispatch_loop(self) -> None:
         interval = self.settings.dispatch_interval
         last_requeue = -interval
+        next_mark = 0.0
         while not self.stop.is_set():
+            if time.monotonic() >= next_mark:
+                self._mark_alive()
+                next_mark = time.monotonic() + presence.MARK_EVERY_S
             # Expired leases are found on the DISPATCH_INTERVAL cadence, not on every
             # wake: a lease lasts many seconds, and jobs finish many times a second.
             requeue = time.monotonic() - last_requeue >= interval
@@ -202,20 +235,20 @@ class Runtime:
         self.stop.set()
         self._wake.set()
         self.log_throttle_stats()
+        try:
+            presence.unmark(self.redis, self.node)
+        except redis.RedisError as exc:
+            log_event("presence_error", error=type(exc).__name__)
 
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
-def get_runtime(settings: Settings | None = None) -> Runtime:
-    """This process's runtime; a forked child builds its own."""
+def get_runtime(settings: Settings) -> Runtime:
+    """This process's runtime on ``settings``; a forked child builds its own."""
     global _runtime  # noqa: PLW0603 - one runtime per process
     with _runtime_lock:
         if _runtime is None or _runtime.pid != os.getpid():
-            if settings is None:
-                from worker.app import settings as app_settings
-
-                settings = app_settings
             _runtime = Runtime(settings)
         return _runtime

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.simulator import Simulator, SimulatorConfig
 from jobs.settings import Settings
-from jobs.simulator import Simulator, SimulatorConfig
 from tests.faults.harness import PrivateRedis
 from tests.support import TEST_KEY, make_settings
 

@@ -33,15 +33,16 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from devstack.procs import free_port, stop_process
+from devstack.simulator import Simulator
 from jobs import api
 from jobs.api import BatchHandle, BatchProgress
 from jobs.connections import redis_client
 from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
-from jobs.simulator import Simulator
 from jobs.store import ABANDONED
-from tests.support import WorkerProcess, free_port, stop_process, wait_until
+from tests.support import WorkerProcess, wait_until
 
 #: Seconds a paid call may still take to be answered once its batch is finished: the
 #: suite's simulator latency is at most 1.5 s.

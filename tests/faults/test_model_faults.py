@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.simulator import Simulator
 from jobs.settings import Settings
-from jobs.simulator import Simulator
 from tests.faults.conftest import fault_settings
 from tests.faults.harness import check_invariants, fleet, submit, wait_finished
 from tests.support import TEST_KEY, wait_until

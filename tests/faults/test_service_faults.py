@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from jobs import embedded, migrate
-from jobs.simulator import Simulator, SimulatorConfig
+from devstack import embedded
+from devstack.simulator import Simulator, SimulatorConfig
+from jobs import migrate
 from tests.faults.conftest import RPM, TPM, fault_settings
 from tests.faults.harness import PrivateRedis, check_invariants, fleet, submit, wait_finished
 from tests.support import TEST_KEY, create_database, wait_until

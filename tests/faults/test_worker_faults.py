@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from devstack.simulator import Simulator
 from jobs.db import session_scope
 from jobs.models import Attempt
 from jobs.settings import Settings
-from jobs.simulator import Simulator
 from tests.faults.conftest import LEASE_S
 from tests.faults.harness import check_invariants, fleet, submit, wait_finished
 

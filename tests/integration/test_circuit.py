@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
+from devstack.simulator import Simulator
 from jobs import api, store
 from jobs.batchfile import BatchItem
 from jobs.circuit import KeyCircuit, paused_reason
@@ -16,7 +17,6 @@ from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.models import Job, JobStatus
 from jobs.settings import Settings
-from jobs.simulator import Simulator
 from jobs.validation import CheckedRequest
 from tests.integration.test_runner import Harness, body
 from tests.support import make_settings

@@ -15,7 +15,7 @@ import pytest
 import redis
 import sqlalchemy
 
-from jobs import embedded
+from devstack import embedded
 from jobs.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -140,7 +140,7 @@ def test_postgres_starts_once_and_is_shared_across_processes(var_dir: Path) -> N
 
     pid = postmaster_pid(var_dir)
     assert embedded.ensure_postgres(var_dir) == url
-    code = "import sys; from pathlib import Path; from jobs.embedded import ensure_postgres; "
+    code = "import sys; from pathlib import Path; from devstack.embedded import ensure_postgres; "
     code += "print(ensure_postgres(Path(sys.argv[1])))"
     assert finish(run_python(code, str(var_dir))) == url
     assert postmaster_pid(var_dir) == pid
@@ -151,7 +151,7 @@ def test_postgres_starts_once_and_is_shared_across_processes(var_dir: Path) -> N
 def test_concurrent_processes_resolve_to_the_same_servers(var_dir: Path) -> None:
     # A CLI and three workers starting at once with no DATABASE_URL / REDIS_URL.
     code = (
-        "import sys; from pathlib import Path; from jobs.embedded import resolve; "
+        "import sys; from pathlib import Path; from devstack.embedded import resolve; "
         "from jobs.settings import Settings; "
         "s = resolve(Settings(var_dir=Path(sys.argv[1]))); print(s.database_url, s.redis_url)"
     )

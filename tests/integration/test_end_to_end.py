@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy import text as text_sql
 
+from devstack.simulator import Simulator
 from jobs import api
 from jobs.connections import redis_client
 from jobs.db import session_scope
 from jobs.models import Attempt
 from jobs.settings import Settings
-from jobs.simulator import Simulator
 from tests.support import WorkerProcess, run_cli
 
 pytestmark = pytest.mark.integration

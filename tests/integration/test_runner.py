@@ -12,6 +12,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from devstack.simulator import Simulator, SimulatorConfig
 from jobs import store
 from jobs.batchfile import BatchItem
 from jobs.circuit import KeyCircuit
@@ -19,7 +20,6 @@ from jobs.connections import redis_client
 from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
-from jobs.simulator import Simulator, SimulatorConfig
 from jobs.validation import CheckedRequest
 from tests.integration.throttle_helpers import entries, redis_now_ms
 from tests.support import TEST_KEY, make_settings

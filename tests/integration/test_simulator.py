@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from jobs.sim_http import peer_gone
-from jobs.simulator import Faults, SimCall, Simulator, SimulatorConfig, SimulatorStats
+from devstack.simulator import Faults, SimCall, Simulator, SimulatorConfig, SimulatorStats
+from devstack.simulator.server import peer_gone
 from tests.support import HEROKU_EXAMPLE
 
 pytestmark = pytest.mark.integration
@@ -535,7 +535,7 @@ def test_stop_returns_promptly_with_a_hanging_request(start_sim: StartSim) -> No
 def test_standalone_cli() -> None:
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "jobs.simulator", "--port", "0", "--key", "cli-key-xyz"),
+            *(sys.executable, "-m", "devstack.simulator", "--port", "0", "--key", "cli-key-xyz"),
             *("--rpm", "150", "--tpm", "800000", "--latency", "0:0.01", "--charge", "reserve"),
             *("--call-log-limit", "10"),
         ],

@@ -22,18 +22,17 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from devstack.procs import free_port, stop_process
+from devstack.simulator import Simulator
 from jobs import api
 from jobs.connections import celery_config, redis_client
 from jobs.constants import QUEUE_BULK, REDBEAT_PREFIX, throttle_log_key
 from jobs.settings import Settings
-from jobs.simulator import Simulator
 from tests.support import (
     ROOT,
     WorkerProcess,
-    free_port,
     make_settings,
     settings_env,
-    stop_process,
     wait_until,
 )
 from worker.throttle import Throttle, WindowUsage, no_history

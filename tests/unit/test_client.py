@@ -27,7 +27,8 @@ from worker.errors import (
     ServerError,
     Timeout,
 )
-from worker.responses import Completion, RateLimitInfo, Usage
+from worker.reported import RateLimitInfo, Usage
+from worker.responses import Completion
 
 KEY = "sk-SENTINEL-7f3a9c2e5b1d4068"
 BASE_URL = "https://inference.example.test"

@@ -8,9 +8,8 @@ import httpx
 import pytest
 
 from worker.errors import MalformedResponse
+from worker.reported import RateLimitInfo, Usage
 from worker.responses import (
-    RateLimitInfo,
-    Usage,
     parse_completion,
     parse_duration,
     parse_rate_limit_headers,

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs.sim_limits import prompt_tokens_for
+from devstack.simulator.limits import prompt_tokens_for
 from jobs.tokens import (
     BYTES_PER_TOKEN,
     FIXED_OVERHEAD,

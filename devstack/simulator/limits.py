@@ -1,6 +1,6 @@
 """The simulated provider's rules: what it accepts, what a call costs, what it answers.
 
-These pieces live here, kept apart from the HTTP plumbing in :mod:`jobs.simulator`:
+These pieces live here, kept apart from the HTTP plumbing in :mod:`devstack.simulator`:
 
 * :func:`parse_request` validates a chat-completions body the way the real API would and
   returns a :class:`ChatRequest`, or raises :class:`InvalidRequestError` naming the offending field.

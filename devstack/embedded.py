@@ -10,7 +10,7 @@ Layout of the var directory::
 
     .lock            flock taken while starting or stopping, so a CLI and
                      several workers starting together share one server each
-                     (:func:`jobs.daemons.locked`)
+                     (:func:`devstack.daemons.locked`)
     postgres/        PGDATA (initdb once, trust auth, user ``postgres``)
     postgres.port    TCP port picked at first start and reused afterwards
     postgres.log     server log (pg_ctl -l)
@@ -48,7 +48,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from jobs.daemons import (
+from devstack.daemons import (
     EmbeddedError,
     choose_port,
     locked,
@@ -60,9 +60,11 @@ from jobs.daemons import (
     run_command,
     runs_in,
     tcp_open,
+    var_dir_of,
     wait_gone,
     wait_until,
 )
+from jobs import migrate
 from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -213,7 +215,7 @@ def resolve(settings: Settings) -> Settings:
     if settings.database_url is not None and settings.redis_url is not None:
         return settings
     services = ensure(
-        settings.var_dir,
+        var_dir_of(settings),
         postgres=settings.database_url is None,
         redis=settings.redis_url is None,
     )
@@ -236,7 +238,7 @@ def _run(
     user: pwd.struct_passwd | None = None,
     log_file: Path | None = None,
 ) -> str:
-    """Run one of the servers' tools with :func:`~jobs.daemons.run_command`."""
+    """Run one of the servers' tools with :func:`~devstack.daemons.run_command`."""
     # PG* variables from the caller's shell (PGPORT, PGOPTIONS...) must not
     # leak into the embedded server's tools.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -326,9 +328,10 @@ def _prepare_pg_dirs(paths: _Paths, user: pwd.struct_passwd | None) -> Path:
     return socket_dir
 
 
-def _initdb(paths: _Paths, user: pwd.struct_passwd | None) -> None:
+def _initdb(paths: _Paths, user: pwd.struct_passwd | None) -> bool:
+    """Create the cluster unless it exists; returns whether it was created."""
     if (paths.pgdata / "PG_VERSION").exists():
-        return
+        return False
     if any(paths.pgdata.iterdir()):
         # No PG_VERSION means no cluster: an initdb killed half-way left this.
         log.warning("removing the incomplete PostgreSQL data directory %s", paths.pgdata)
@@ -344,6 +347,7 @@ def _initdb(paths: _Paths, user: pwd.struct_passwd | None) -> None:
            "--encoding=UTF8", "--locale=C", "--no-instructions"]
     # fmt: on
     _run(cmd, what=f"initdb of {paths.pgdata}", cwd=paths.var_dir, timeout=120, user=user)
+    return True
 
 
 def _remove_stale_postmaster_pid(paths: _Paths) -> None:
@@ -360,10 +364,13 @@ def _remove_stale_postmaster_pid(paths: _Paths) -> None:
 
 
 def _start_postgres(paths: _Paths) -> int:
-    """Initialise (once) and start the server; return its port. Caller holds the lock."""
+    """Initialise (once) and start the server; return its port. Caller holds the lock.
+
+    A cluster created here is migrated to the newest schema before anyone else uses it.
+    """
     user = _pg_system_user()
     socket_dir = _prepare_pg_dirs(paths, user)
-    _initdb(paths, user)
+    created = _initdb(paths, user)
     _remove_stale_postmaster_pid(paths)
     for attempt in range(1, START_ATTEMPTS + 1):
         port = choose_port(paths.pg_port)
@@ -389,6 +396,9 @@ def _start_postgres(paths: _Paths) -> int:
                 f"PostgreSQL reported a start on port {port} but does not accept connections "
                 f"there\n{log_tail(paths.pg_log)}"
             )
+        if created:
+            log.info("migrating the new database to the newest schema")
+            migrate.upgrade(postgres_url(port))
         return port
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -6,7 +6,7 @@ reasoning text), a strict sliding-window rate limit on requests and tokens with 
 ``x-ratelimit-*`` headers, and injectable faults (5xx, hangs, malformed bodies, a forced run
 of one status). It counts what the provider would have charged so a benchmark can check the
 client never exceeded the limits and never paid twice for the same body, and it keeps a
-:class:`~jobs.sim_calls.SimCall` record of every call (:meth:`Simulator.calls`) so a
+:class:`~devstack.simulator.calls.SimCall` record of every call (:meth:`Simulator.calls`) so a
 fault-injection test can check those invariants call for call, including whether each
 answer reached a client still connected or the client was gone by then (a worker killed
 mid-call; such an answer is not written). Faults can be changed while it runs
@@ -16,38 +16,40 @@ Besides the chat endpoint it answers, for loopback clients only:
 
 * ``GET /stats``: :class:`SimulatorStats` as JSON;
 * ``GET /calls``: ``{"stats": {...}, "calls": [{...}, ...]}``, the stats and the kept call
-  records (oldest first, see :class:`~jobs.sim_calls.SimCall`) taken at the same instant;
+  records (oldest first, see :class:`~devstack.simulator.calls.SimCall`) taken at the same instant;
 * ``POST /reset``: clears the stats, the call records and the rate window;
 * ``POST /faults``: a JSON object with any of ``error_rate``, ``hang_rate``,
   ``malformed_rate`` and ``hang_seconds`` (:meth:`Simulator.set_faults`); answers the fault
   settings now in force;
 * ``POST /outage``: ``{"seconds": s, "status": 503}`` (:meth:`Simulator.outage`).
 
-Run standalone with ``python -m jobs.simulator --help``.
+Run standalone with ``python -m devstack.simulator --help`` (:mod:`devstack.simulator.__main__`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hmac
 import itertools
 import json
 import math
-import os
 import random
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Literal
 
-from jobs.sim_calls import MARKER_CHARS, CallIds, CallLog, Outcome, SimCall, SimulatorStats
-from jobs.sim_http import MAX_BODY_BYTES, Reply, SimulatorServer, error_reply, json_reply
-from jobs.sim_limits import (
+from devstack.simulator.calls import (
+    MARKER_CHARS,
+    CallIds,
+    CallLog,
+    Outcome,
+    SimCall,
+    SimulatorStats,
+)
+from devstack.simulator.limits import (
     ChatRequest,
     InvalidRequestError,
     SlidingWindow,
@@ -57,8 +59,15 @@ from jobs.sim_limits import (
     parse_request,
     plan_reply,
 )
+from devstack.simulator.server import (
+    MAX_BODY_BYTES,
+    Reply,
+    SimulatorServer,
+    error_reply,
+    json_reply,
+)
 
-__all__ = ["Faults", "SimCall", "Simulator", "SimulatorConfig", "SimulatorStats", "main"]
+__all__ = ["Faults", "SimCall", "Simulator", "SimulatorConfig", "SimulatorStats"]
 
 
 @dataclass(frozen=True)
@@ -541,89 +550,3 @@ class Simulator:
             self._stopping.wait(latency)
         payload = completion_body(req, plan, cfg.chars_per_token, number)
         return json_reply(200, payload, state.headers())
-
-
-def _parse_latency(text: str) -> tuple[float, float]:
-    low, _, high = text.partition(":")
-    return float(low), float(high or low)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the simulator in the foreground until SIGINT/SIGTERM, then print its stats."""
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.simulator", description=(__doc__ or "").partition("\n")[0]
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8089)
-    parser.add_argument(
-        "--key",
-        default=os.environ.get("SIMULATOR_KEY", SimulatorConfig.key),
-        help="bearer key to accept (default: $SIMULATOR_KEY, which keeps it out of `ps`)",
-    )
-    parser.add_argument("--model", action="append", help="accepted model id (repeatable)")
-    parser.add_argument("--rpm", type=int)
-    parser.add_argument("--tpm", type=int)
-    parser.add_argument("--window", type=float, default=60.0, help="sliding window, seconds")
-    parser.add_argument("--charge", choices=("reserve", "actual"), default="reserve")
-    parser.add_argument("--chars-per-token", type=float, default=4.0)
-    parser.add_argument("--default-max-tokens", type=int, default=4096)
-    parser.add_argument("--context-tokens", type=int, default=262_144)
-    parser.add_argument(
-        "--latency", type=_parse_latency, default=(0.0, 0.0), help="MIN:MAX seconds"
-    )
-    parser.add_argument("--error-rate", type=float, default=0.0)
-    parser.add_argument("--hang-rate", type=float, default=0.0)
-    parser.add_argument("--hang-seconds", type=float, default=3600.0)
-    parser.add_argument("--malformed-rate", type=float, default=0.0)
-    parser.add_argument("--retry-after", action="store_true", help="send Retry-After on 429")
-    parser.add_argument("--rate-limit-code", default="rate_limit_exceeded")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--call-log-limit",
-        type=int,
-        default=SimulatorConfig.call_log_limit,
-        help="call records kept for GET /calls (oldest dropped first; 0 keeps none)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        config = SimulatorConfig(
-            key=args.key,
-            models=frozenset(args.model or SimulatorConfig.models),
-            rpm=args.rpm,
-            tpm=args.tpm,
-            window_s=args.window,
-            charge=args.charge,
-            chars_per_token=args.chars_per_token,
-            default_max_tokens=args.default_max_tokens,
-            context_tokens=args.context_tokens,
-            latency_min=args.latency[0],
-            latency_max=args.latency[1],
-            error_rate=args.error_rate,
-            hang_rate=args.hang_rate,
-            hang_seconds=args.hang_seconds,
-            malformed_rate=args.malformed_rate,
-            retry_after=args.retry_after,
-            rate_limit_code=args.rate_limit_code,
-            seed=args.seed,
-            call_log_limit=args.call_log_limit,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    done = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    sim = Simulator(config, host=args.host, port=args.port).start()
-    print(sim.url, flush=True)
-    while not done.wait(0.5):
-        pass
-    sim.stop()
-    print(json.dumps(sim.stats().as_dict()), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

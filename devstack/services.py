@@ -1,14 +1,17 @@
 """Fill in whatever the environment leaves unset, so a fresh machine needs nothing.
 
+Reached only through :func:`jobs.environment.resolve`, and never on a dyno.
+
 * DATABASE_URL / REDIS_URL unset: the embedded PostgreSQL and Redis
-  (:mod:`jobs.embedded`).
+  (:mod:`devstack.embedded`); a new embedded database is migrated when it is created.
 * INFERENCE_URL unset: the bundled simulator, run as a daemon under VAR_DIR so
   that the CLI, every worker process and the tests share one simulator and so
   one rate-limit window, like a real provider. Its key is INFERENCE_KEY when
   set, or a random one kept in ``VAR_DIR/simulator.key`` (mode 0600); the key
   reaches the simulator through its environment, never its command line.
 
-Everything started here runs until :func:`stop_all` (``batch-infer services stop``).
+Everything started here runs until :func:`stop` (``python -m devstack stop``). It all
+lives under one directory, whatever the current directory: :func:`devstack.daemons.default_var_dir`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from jobs import daemons, embedded
+from devstack import daemons, embedded
 from jobs.settings import Settings
 
 #: Simulated latency of the bundled simulator, seconds (uniform), so that a
@@ -76,21 +79,22 @@ def ensure_simulator(settings: Settings) -> tuple[str, str]:
     A running simulator that accepts a different key is restarted with the
     wanted one.
     """
-    port_file, pid_file, key_file, root = _sim_files(settings.var_dir)
+    var_dir = daemons.var_dir_of(settings)
+    port_file, pid_file, key_file, root = _sim_files(var_dir)
     root.mkdir(parents=True, exist_ok=True)
-    with daemons.locked(settings.var_dir):
-        url = simulator_url(settings.var_dir)
+    with daemons.locked(var_dir):
+        url = simulator_url(var_dir)
         current = key_file.read_text().strip() if key_file.exists() else ""
         if url is not None and (not settings.inference_key or settings.inference_key == current):
             return url, current
         if url is not None:
-            _stop_simulator(settings.var_dir)
+            _stop_simulator(var_dir)
         key = _simulator_key(key_file, settings.inference_key)
         port = daemons.choose_port(port_file)
         env = dict(os.environ, SIMULATOR_KEY=key)
         log = open(root / "simulator.log", "ab")  # noqa: SIM115 - handed to the daemon
         argv = [
-            sys.executable, "-m", "jobs.simulator", "--port", str(port),
+            sys.executable, "-m", "devstack.simulator", "--port", str(port),
             "--rpm", str(settings.rpm), "--tpm", str(settings.tpm),
             "--latency", SIMULATOR_LATENCY, "--model", settings.model_id,
         ]  # fmt: skip
@@ -128,10 +132,13 @@ def _stop_simulator(var_dir: Path) -> bool:
     return stopped
 
 
-def resolve(settings: Settings) -> Settings:
-    """Settings with every service URL filled in, starting what is missing."""
-    settings = embedded.resolve(settings)
-    if settings.inference_url is None:
+def resolve(settings: Settings, *, inference: bool = True) -> Settings:
+    """Settings with every service URL filled in, starting what is missing.
+
+    ``inference=False`` leaves INFERENCE_URL alone (a command that calls no model).
+    """
+    settings = embedded.resolve(settings.replace(var_dir=daemons.var_dir_of(settings)))
+    if inference and settings.inference_url is None:
         url, key = ensure_simulator(settings)
         settings = settings.replace(inference_url=url, inference_key=key)
     return settings

@@ -1,7 +1,7 @@
 """Long-lived local daemons: pid files, ports, locks and logs under a var directory.
 
-The embedded PostgreSQL and Redis (:mod:`jobs.embedded`) and the bundled
-simulator (:mod:`jobs.services`) all run as daemons that outlive the process
+The embedded PostgreSQL and Redis (:mod:`devstack.embedded`) and the bundled
+simulator (:mod:`devstack.services`) all run as daemons that outlive the process
 that started them. Other processes find them again through small files in the
 var directory, so everything here is about reading those files safely, telling
 a live daemon from a recycled pid, picking ports, and serialising starts and
@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from jobs.settings import Settings
+
 log = logging.getLogger(__name__)
 
 #: Name of the lock file in the var directory.
@@ -32,6 +34,29 @@ LOCK_FILE = ".lock"
 LOCK_TIMEOUT = 180.0
 #: Lines of a server log quoted in error messages.
 LOG_TAIL_LINES = 25
+
+
+#: Per-user data directory when the dev stack is not run from a source checkout.
+USER_DATA_DIR = "batch-infer"
+
+
+def default_var_dir() -> Path:
+    """Where the dev stack keeps its servers' data when VAR_DIR is unset.
+
+    The project root's ``var/`` when this package sits in a source checkout (next to
+    ``pyproject.toml``), so every command of the checkout shares it from any current
+    directory; otherwise ``$XDG_DATA_HOME/batch-infer`` (``~/.local/share/batch-infer``).
+    """
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return root / "var"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / USER_DATA_DIR
+
+
+def var_dir_of(settings: Settings) -> Path:
+    """VAR_DIR if set, else :func:`default_var_dir`, as an absolute path."""
+    return (settings.var_dir or default_var_dir()).expanduser().resolve()
 
 
 class EmbeddedError(RuntimeError):

@@ -1,4 +1,5 @@
-"""``make demo``: a whole batch, end to end, on whatever the settings point at.
+"""``make demo`` (``python -m devstack demo``): a whole batch, end to end, on whatever the
+settings point at.
 
 With nothing set this starts the embedded PostgreSQL and Redis, the bundled
 simulator and one worker process, runs a demo batch through them, prints a
@@ -7,14 +8,21 @@ summary and stops everything it started.
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from jobs import api, migrate, reports, services
-from jobs.cli import ProgressPrinter, _exec_env, worker_argv
+from sqlalchemy import select
+
+from devstack import daemons, services
+from devstack.procs import WorkerProcess
+from devstack.simulator.limits import max_in_window
+from jobs import api, environment, migrate, reports
+from jobs.db import session_scope
+from jobs.environment import child_env, worker_argv
+from jobs.models import Attempt, Job
+from jobs.progress import ProgressPrinter
 from jobs.settings import Settings
 
 TOPICS = (
@@ -81,25 +89,44 @@ def demo_requests(count: int, model: str) -> list[dict[str, Any]]:
     return requests
 
 
-def _stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+@dataclass(frozen=True)
+class Pace:
+    """How fast a batch's calls were started, by the database's clock."""
+
+    calls: int
+    span_s: float
+    max_in_window: int
+
+
+def pace(database_url: str, *, batch_id: int, window_s: float = 60.0) -> Pace:
+    """Calls of a batch, the span from first to last call start, and the most
+    calls started in any ``window_s`` sliding window (never above the limit)."""
+    with session_scope(database_url) as session:
+        starts = [
+            ts.timestamp()
+            for ts in session.execute(
+                select(Attempt.started_at)
+                .join(Job, Job.id == Attempt.job_id)
+                .where(Job.batch_id == batch_id)
+                .order_by(Attempt.started_at)
+            ).scalars()
+        ]
+    if not starts:
+        return Pace(0, 0.0, 0)
+    most, _ = max_in_window([(t, 0) for t in starts], window_s)
+    return Pace(len(starts), starts[-1] - starts[0], most)
 
 
 def run_demo(*, requests: int, out: TextIO) -> int:
+    """The demo batch through a worker of its own; stops whatever it started."""
     env_settings = Settings.from_env()
     simulated = env_settings.simulated
-    before = set(services.running(env_settings.var_dir))
-    settings = services.resolve(env_settings)
-    started = set(services.running(settings.var_dir)) - before
+    var_dir = daemons.var_dir_of(env_settings)
+    before = set(services.running(var_dir))
+    settings = environment.resolve(env_settings)
+    started = set(services.running(var_dir)) - before
     assert settings.database_url is not None
-    worker: subprocess.Popen[bytes] | None = None
+    worker: WorkerProcess | None = None
     try:
         if simulated:
             out.write(
@@ -108,42 +135,39 @@ def run_demo(*, requests: int, out: TextIO) -> int:
             )
         out.write("migrating the database...\n")
         migrate.upgrade(settings.database_url)
-        log_path = settings.var_dir / "demo-worker.log"
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        log_path = var_dir / "demo-worker.log"
         out.write(f"starting a worker (log: {log_path})...\n")
-        with open(log_path, "ab") as log:
-            worker = subprocess.Popen(
-                worker_argv(settings), env=_exec_env(settings), stdout=log, stderr=log
-            )
+        worker = WorkerProcess(worker_argv(settings), child_env(settings), log_path, append=True)
         out.write(f"submitting {requests} requests (limit {settings.rpm} requests/min)...\n")
         out.flush()
         t0 = time.monotonic()
         batch = api.submit_batch(
             demo_requests(requests, settings.model_id), name="demo", settings=settings
         )
-        final = batch.wait(on_progress=ProgressPrinter(sys.stderr, every_s=5.0))
+        printer = ProgressPrinter(sys.stderr, every_s=5.0)
+        final = batch.wait(on_progress=printer, on_notice=printer.notice)
         elapsed = time.monotonic() - t0
         ledger = reports.usage(settings.database_url, batch_id=batch.id)
-        pace = reports.pace(settings.database_url, batch_id=batch.id)
+        paced = pace(settings.database_url, batch_id=batch.id)
         out.write(
             f"\nbatch {batch.id}: {final.succeeded} succeeded, {final.failed} failed, "
             f"{final.cancelled} cancelled of {final.total}\n"
             f"tokens: {sum(r.prompt_tokens for r in ledger)} prompt + "
             f"{sum(r.completion_tokens for r in ledger)} completion = "
-            f"{sum(r.total_tokens for r in ledger)} total, in {pace.calls} calls\n"
+            f"{sum(r.total_tokens for r in ledger)} total, in {paced.calls} calls\n"
             f"elapsed: {elapsed:.1f} s from submission to the last result\n"
-            f"achieved: {pace.max_in_window} calls started in the busiest 60 s window = "
-            f"{100.0 * pace.max_in_window / settings.rpm:.1f}% of the {settings.rpm} requests/min "
-            f"limit ({pace.calls} calls over {pace.span_s:.1f} s; a sliding window admits a "
-            "full minute's quota at once, then the next as the window rolls)\n"
+            f"achieved: {paced.max_in_window} calls started in the busiest 60 s window = "
+            f"{100.0 * paced.max_in_window / settings.rpm:.1f}% of the {settings.rpm} "
+            f"requests/min limit ({paced.calls} calls over {paced.span_s:.1f} s; a sliding "
+            "window admits a full minute's quota at once, then the next as the window rolls)\n"
         )
         if simulated:
             out.write("(simulated results: the simulator answered, not Kimi K2.5)\n")
         return 0 if final.failed == 0 and final.succeeded == final.total else 1
     finally:
         if worker is not None:
-            _stop_worker(worker)
+            worker.stop(30.0)
         if started:
-            services.stop(settings.var_dir, tuple(started))
+            services.stop(var_dir, tuple(started))
             out.write(f"stopped the embedded services this demo started: {sorted(started)}\n")
         out.flush()

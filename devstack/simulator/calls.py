@@ -7,7 +7,7 @@ so every counter is a function of the records: ``ok`` counts the records with ou
 ``"ok"``, ``prompt_tokens`` sums their ``prompt_tokens``, ``duplicate_bodies`` counts the
 ``body_hash`` values seen on two or more of them, ``delivered`` and ``cut`` count the records
 whose ``delivered`` is ``True`` and ``False``, and so on. It is not thread-safe by itself;
-:class:`~jobs.simulator.Simulator` calls it under the same lock that covers admission into
+:class:`~devstack.simulator.Simulator` calls it under the same lock that covers admission into
 its rate window.
 
 Only the newest ``limit`` records are kept (``SimulatorConfig.call_log_limit``); the
@@ -106,7 +106,7 @@ class SimCall:
     admitted_at: float | None
     #: ``None`` until the answer is ready; then ``True`` once it was written to a client
     #: still connected, ``False`` when the client had closed or reset its connection (a
-    #: killed process, a client-side timeout, :meth:`~jobs.simulator.Simulator.stop`) or
+    #: killed process, a client-side timeout, :meth:`~devstack.simulator.Simulator.stop`) or
     #: the write failed. A client that already sent its next request is still connected.
     delivered: bool | None = None
 

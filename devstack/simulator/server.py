@@ -1,10 +1,10 @@
 """The simulator's HTTP plumbing: replies, a threaded server and the request handler.
 
-:class:`SimulatorServer` serves a :class:`~jobs.simulator.Simulator` on a socket and can
+:class:`SimulatorServer` serves a :class:`~devstack.simulator.Simulator` on a socket and can
 close every open connection when the simulator stops; its handler routes
-``POST /v1/chat/completions`` to :meth:`~jobs.simulator.Simulator.handle_chat` and
+``POST /v1/chat/completions`` to :meth:`~devstack.simulator.Simulator.handle_chat` and
 answers ``GET /stats``, ``GET /calls``, ``POST /reset``, ``POST /faults`` and
-``POST /outage`` for loopback clients only (see :mod:`jobs.simulator` for what they do).
+``POST /outage`` for loopback clients only (see :mod:`devstack.simulator` for what they do).
 
 Every answer leaves in a single write on a ``TCP_NODELAY`` socket: a header write and a
 body write on a Nagle socket would wait for the client's delayed ACK (about 40 ms) on
@@ -13,7 +13,7 @@ every keep-alive call.
 A chat answer is written only if its client is still connected when it is ready (after
 the simulated latency): a client killed mid-call has closed its end by then, and the
 call log must tell that call apart from one whose answer was read (see
-:attr:`~jobs.sim_calls.SimCall.delivered`).
+:attr:`~devstack.simulator.calls.SimCall.delivered`).
 """
 
 from __future__ import annotations
@@ -30,15 +30,46 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from jobs.simulator import Simulator
+from devstack.simulator.calls import SimCall, SimulatorStats
 
 logger = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class _AsDict(Protocol):
+    def as_dict(self) -> dict[str, float]: ...
+
+
+class Simulated(Protocol):
+    """What the server needs of a simulator (:class:`~devstack.simulator.core.Simulator`)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def handle_chat(
+        self, authorization: str | None, raw: bytes | None, client_request_id: str | None = None
+    ) -> Reply: ...
+
+    def stats(self) -> SimulatorStats: ...
+
+    def snapshot(self, *, with_calls: bool = True) -> tuple[SimulatorStats, list[SimCall]]: ...
+
+    def reset(self) -> None: ...
+
+    def set_faults(
+        self,
+        *,
+        error_rate: float | None = None,
+        hang_rate: float | None = None,
+        malformed_rate: float | None = None,
+        hang_seconds: float | None = None,
+    ) -> _AsDict: ...
+
+    def outage(self, seconds: float, status: int = 503) -> None: ...
 
 
 @dataclass
@@ -78,7 +109,7 @@ class SimulatorServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
+    def __init__(self, address: tuple[str, int], sim: Simulated) -> None:
         self.sim = sim
         self._conns: set[socket.socket] = set()
         self._conns_changed = threading.Condition()
@@ -255,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
 _FAULT_FIELDS = ("error_rate", "hang_rate", "malformed_rate", "hang_seconds")
 
 
-def _control(sim: Simulator, path: str, raw: bytes | None) -> Reply:
+def _control(sim: Simulated, path: str, raw: bytes | None) -> Reply:
     """Apply ``POST /faults`` or ``POST /outage``; a bad body gets a 400 naming the field."""
     try:
         try:
