@@ -33,10 +33,14 @@ REDIS_SOCKET_TIMEOUT = 15.0
 REDIS_CONNECT_TIMEOUT = 5.0
 #: Connections one client opens at most; a thread that finds them all busy waits
 #: for one (up to REDIS_SOCKET_TIMEOUT) instead of opening another. Every command
-#: we send is short, so a few serve a worker's hundreds of threads, and Heroku's
-#: Key-Value Store allows 20 clients in all on its mini plan (Celery takes ~10).
+#: we send is short, so a few serve a worker's hundreds of threads. Heroku's
+#: Key-Value Store allows 20 clients in all on its mini plan, and a worker's Celery
+#: connections, beat and the CLI need the rest (README, "Connection budget").
 #: redis-py's own pool would open up to 100 and then raise "Too many connections".
-REDIS_POOL_SIZE = 10
+REDIS_POOL_SIZE = 6
+#: What our own Redis connections call themselves (``CLIENT LIST`` shows it), and Celery's.
+REDIS_CLIENT_NAME = "batch-infer"
+CELERY_CLIENT_NAME = "batch-infer-celery"
 
 
 def is_tls(url: str) -> bool:
@@ -61,6 +65,7 @@ def redis_client(url: str) -> redis.Redis:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         health_check_interval=30,
         retry_on_timeout=True,
+        client_name=REDIS_CLIENT_NAME,
         **extra,
     )
     return redis.Redis(connection_pool=pool)
@@ -91,6 +96,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_timeout": REDIS_SOCKET_TIMEOUT,
         "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
         "health_check_interval": 30,
+        "client_name": CELERY_CLIENT_NAME,
     }
     return {
         "broker_url": url,
@@ -113,6 +119,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Jobs are owned through Postgres leases, not broker connections; the
         # threads pool cannot cancel a task anyway (it would only log errors).
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # No remote control (`celery inspect`): its mailbox holds two more Redis
+        # connections per worker, and nothing here uses it.
+        "worker_enable_remote_control": False,
         # Heroku: SIGTERM, then SIGKILL 30 s later. SIGTERM is Celery's warm
         # shutdown: no new tasks, jobs waiting on the throttle or a backoff hand
         # themselves back, calls in flight may finish. (Remapping SIGTERM to a
@@ -123,6 +132,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "redbeat_redis_url": url,
         "redbeat_redis_use_ssl": tls,
+        "redbeat_redis_options": {
+            "socket_timeout": REDIS_SOCKET_TIMEOUT,
+            "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
+            "health_check_interval": 30,
+            "client_name": CELERY_CLIENT_NAME,
+        },
         "redbeat_key_prefix": REDBEAT_PREFIX,
         "redbeat_lock_key": REDBEAT_LOCK_KEY,
         # A standby (or restarted) beat takes over at most this long after the

@@ -17,7 +17,7 @@ import redis
 
 from jobs import presence, store
 from jobs.circuit import KeyCircuit
-from jobs.connections import celery_app, redis_client
+from jobs.connections import celery_app, shared_redis
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.logfmt import log_event
@@ -43,7 +43,8 @@ class Runtime:
         #: How this process is named among the live workers (:mod:`jobs.presence`).
         self.node = f"{socket.gethostname()}:{self.pid}"
         self.stop = threading.Event()
-        self.redis: redis.Redis = redis_client(settings.redis_url)
+        # The one pool of this process, shared with the dispatcher and the circuit.
+        self.redis: redis.Redis = shared_redis(settings.redis_url)
         self.app = celery_app(settings)
         base_url = settings.inference_url
         assert base_url is not None, "resolve the settings first (simulator URL)"
