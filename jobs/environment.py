@@ -118,11 +118,14 @@ def resolve(settings: Settings, *, inference: bool = True) -> Settings:
         return settings
     try:
         services = importlib.import_module("devstack.services")
+        absent = services.missing_dependencies()
     except ImportError:
+        absent = ["devstack"]
+    if absent:
         raise ConfigError(
-            f"{missing[0]} is not set and the dev stack is not installed: set it, "
-            f"or install the dev stack with `{DEV_INSTALL}`"
-        ) from None
+            f"{missing[0]} is not set and the dev stack is not installed (no "
+            f"{', '.join(absent)}): set it, or install the dev stack with `{DEV_INSTALL}`"
+        )
     try:
         resolved: Settings = services.resolve(settings, inference=inference)
     except RuntimeError as exc:  # devstack.daemons.EmbeddedError: a server did not start

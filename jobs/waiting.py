@@ -5,9 +5,11 @@ Postgres every poll through a :class:`Watch`, which:
 
 1. returns the read, or ``None`` while Postgres is away: it says so once per outage, in
    one line, and keeps polling for up to :data:`OUTAGE_LIMIT_S`, as the workers do;
-2. every :data:`WORKER_CHECK_EVERY_S`, asks Redis whether any worker process is alive
-   (:mod:`jobs.presence`) and, when none is, says so once, with how to start one; a Redis
-   that is away is said once too, and only delays that check;
+2. every :data:`WORKER_CHECK_EVERY_S` (the first time one interval after the wait
+   starts, so that a worker started with it has time to mark itself), asks Redis
+   whether any worker process is alive (:mod:`jobs.presence`) and, when none is, says
+   so once, with how to start one; a Redis that is away is said once too, and only
+   delays that check;
 3. never raises for an outage shorter than the limit; after it, raises
    :class:`~jobs.environment.ServiceError` with the same one line.
 
@@ -53,7 +55,8 @@ class Watch:
         self._db_away_since: float | None = None
         self._redis_away = False
         self._said_no_worker = False
-        self._next_worker_check = 0.0
+        # A worker started together with the wait gets one interval to mark itself.
+        self._next_worker_check = time.monotonic() + WORKER_CHECK_EVERY_S
 
     def read(self, fetch: Callable[[], T]) -> T | None:
         """``fetch()``, or ``None`` while Postgres is away (said once per outage)."""
