@@ -130,7 +130,6 @@ class Runtime:
         log_event(
             "worker_started",
             node=node,
-            dyno=settings.dyno,
             model=settings.model_id,
             rpm=settings.rpm,
             tpm=settings.tpm,

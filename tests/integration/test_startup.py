@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -83,3 +84,38 @@ def test_a_worker_started_during_an_outage_runs_once_the_database_is_back(
     finally:
         stop_process(worker)
         proxy.close()
+
+
+#: One logfmt pair: key=value, the value bare or double-quoted with escapes.
+LOGFMT_LINE = re.compile(
+    r'^[a-z_]+=(?:"(?:[^"\\]|\\.)*"|[^\s"]*)(?: [a-z_]+=(?:"(?:[^"\\]|\\.)*"|[^\s"]*))*$'
+)
+
+
+def test_on_a_dyno_every_line_is_logfmt_with_the_dyno_and_one_start_up_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = settings_env(settings) | {"DYNO": "worker.7", "INFERENCE_RPM": "120"}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "jobs", "worker", "--concurrency", "5"],
+            env=env, cwd=ROOT, stdout=log, stderr=log,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "celery@" in log_path.read_text(), 60, "the worker ready")
+    finally:
+        stop_process(worker)
+    lines = log_path.read_text().splitlines()
+    assert [t for t in lines if not LOGFMT_LINE.match(t)] == []
+    assert [t for t in lines if not t.endswith(" dyno=worker.7")] == []
+    assert any("Warm shutdown" in t for t in lines), "Celery's own notices too"
+    started = [t for t in lines if t.startswith("event=worker_started ")]
+    assert len(started) == 1
+    assert (
+        'model=kimi-k2-5 rpm=120 tpm=800000 limits_from="INFERENCE_RPM,INFERENCE_TPM" '
+        "tpm_charge=reserve "
+        f"bucket={settings.bucket_name} concurrency=5 dispatch_window=200 simulated=true "
+        "dyno=worker.7"
+    ) in started[0]
+    assert settings.inference_key not in log_path.read_text()
