@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from jobs import store
+from jobs import intake
 from jobs.batchfile import (
     BatchItem,
     check_batch_stream,
@@ -27,13 +27,11 @@ from jobs.batchfile import (
 from jobs.context import Context, configure, context, publish
 from jobs.db import session_scope
 from jobs.handles import (
-    PURGED_CODE,
     BatchHandle,
     BatchProgress,
     JobHandle,
     JobResult,
     NotFoundError,
-    job_output_line,
 )
 from jobs.jsoncheck import json_kind, json_problem, show_value
 from jobs.logfmt import log_event
@@ -43,7 +41,6 @@ from jobs.settings import MODEL_LIMITS, Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
 
 __all__ = [
-    "PURGED_CODE",
     "BatchHandle",
     "BatchProgress",
     "Context",
@@ -55,7 +52,6 @@ __all__ = [
     "enqueue",
     "get_batch",
     "get_job",
-    "job_output_line",
     "request_limits",
     "submit_batch",
     "submit_file",
@@ -133,7 +129,7 @@ def enqueue(
     checked = check_request(body, request_limits(ctx.settings))
     item = BatchItem(line=1, custom_id=custom_id or "", request=checked)
     with session_scope(ctx.database_url) as session:
-        job_id = store.create_job(session, item, priority=Priority.INTERACTIVE, metadata=metadata)
+        job_id = intake.create_job(session, item, priority=Priority.INTERACTIVE, metadata=metadata)
         if not custom_id:
             session.execute(update(Job).where(Job.id == job_id).values(custom_id=f"job-{job_id}"))
     publish(ctx)
@@ -151,7 +147,7 @@ def _store_batch(
     idempotency_key: str | None,
 ) -> BatchHandle:
     with session_scope(ctx.database_url) as session:
-        batch_id, created = store.create_batch(
+        batch_id, created = intake.create_batch(
             session,
             name=name,
             source=source,

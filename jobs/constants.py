@@ -21,6 +21,9 @@ TASK_DISPATCH = "worker.tasks.dispatch"
 TASK_REQUEUE_STUCK = "worker.tasks.requeue_stuck"
 TASK_NIGHTLY_BATCH = "worker.tasks.nightly_batch"
 TASK_PURGE = "worker.tasks.purge"
+TASK_VALIDATE_BATCH = "worker.tasks.validate_batch"
+TASK_FINALIZE_BATCH = "worker.tasks.finalize_batch"
+TASK_DELIVER_WEBHOOK = "worker.tasks.deliver_webhook"
 
 #: Set by the first dispatcher to see this Redis; its absence means Redis lost its
 #: data (a restart without persistence, a flush), so every published message is gone.
@@ -67,3 +70,9 @@ def calibration_key(model: str, script: str) -> str:
 #: Sorted set of live worker processes: member ``<host>:<pid>``, score = the Redis time
 #: (s) it last said it was alive (:mod:`jobs.presence`).
 WORKERS_KEY = KEY_PREFIX + "workers"
+
+
+def once_key(task: str, ident: object) -> str:
+    """Present while a housekeeping task for ``ident`` was published and may still run:
+    sweeps in every worker see the same batch, and only one of them publishes its task."""
+    return f"{KEY_PREFIX}once:{task}:{ident}"

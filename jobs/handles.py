@@ -10,17 +10,17 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import select
-
-from jobs import store
-from jobs.batchfile import output_line
+from jobs import finalizing, outputs, store
 from jobs.circuit import paused_reason
 from jobs.context import Context, publish
 from jobs.db import session_scope
-from jobs.models import TERMINAL, Batch, Job, JobStatus
+from jobs.models import BATCH_ENDED, TERMINAL, Batch, FileRole, Job
 from jobs.waiting import Watch
+
+#: Which output lines :meth:`BatchHandle.results` gives.
+Which = Literal["output", "errors", "all"]
 
 
 class NotFoundError(LookupError):
@@ -87,7 +87,8 @@ class BatchProgress:
 
     @property
     def finished(self) -> bool:
-        return self.status != "in_progress"
+        """The batch has ended (completed, failed, expired or cancelled)."""
+        return self.status in BATCH_ENDED
 
 
 class JobHandle:
@@ -222,33 +223,29 @@ class BatchHandle:
                 raise TimeoutError(f"batch {self.id} not finished after {timeout} s")
             time.sleep(poll)
 
-    def results(self) -> Iterator[dict[str, Any]]:
-        """OpenAI Batch output lines for the finished jobs, in submission order."""
+    def results(self, which: Which = "all") -> Iterator[dict[str, Any]]:
+        """OpenAI Batch output lines of the finished jobs, in submission order.
+
+        ``which``: ``"output"`` (the output file: succeeded requests), ``"errors"`` (the
+        error file: the rest) or ``"all"`` (both, merged); see :mod:`jobs.outputs`.
+        """
         self.progress()  # raises NotFoundError for an unknown id
-        last_id = 0
-        while True:
-            with session_scope(self._ctx.database_url) as session:
-                jobs = (
-                    session.execute(
-                        select(Job)
-                        .where(Job.batch_id == self.id, Job.id > last_id, Job.status.in_(TERMINAL))
-                        .order_by(Job.id)
-                        .limit(1000)
-                    )
-                    .scalars()
-                    .all()
-                )
-            if not jobs:
-                return
-            for job in jobs:
-                yield job_output_line(job)
-            last_id = jobs[-1].id
+        role = {"output": FileRole.OUTPUT, "errors": FileRole.ERROR, "all": None}[which]
+        yield from outputs.lines(self._ctx.database_url, self.id, role)
 
     def cancel(self) -> int:
-        """Cancel queued jobs; returns how many. Running ones finish and are recorded."""
+        """Cancel the batch; returns how many jobs were stopped before sending their request.
+
+        Every job that has not sent its request ends ``cancelled``: queued, published, or
+        held by a worker waiting for its throttle slot (the worker releases the slot and
+        calls nothing). Calls already on the wire finish and are recorded; the batch is
+        ``cancelling`` until they do, then ``cancelled``. With none in flight it ends here.
+        """
         self.progress()
         with session_scope(self._ctx.database_url) as session:
-            return store.cancel_batch(session, self.id)
+            stopped = store.cancel_batch(session, self.id)
+        finalizing.finalize(self._ctx.settings, self.id)
+        return stopped
 
     def retry(self) -> int:
         """Re-queue the failed jobs; returns how many."""
@@ -258,38 +255,3 @@ class BatchHandle:
         if count:
             publish(self._ctx)
         return count
-
-
-#: Error code of the output line of a succeeded job whose response body retention deleted.
-PURGED_CODE = "purged"
-
-
-def job_output_line(job: Job) -> dict[str, Any]:
-    """The OpenAI Batch output line of a finished job.
-
-    A succeeded job purged by retention keeps its ``status_code`` 200, has a null
-    body and an error ``purged`` saying when; a purged failed or cancelled job
-    reads as before, since its line never carried a body.
-    """
-    succeeded = job.status == JobStatus.SUCCEEDED
-    if succeeded and job.purged_at is not None:
-        return output_line(
-            job_id=f"job-{job.id}",
-            custom_id=job.custom_id,
-            status_code=200,
-            response_body=None,
-            request_id=None,
-            error_code=PURGED_CODE,
-            error_message=(
-                f"response body deleted by data retention at {job.purged_at.isoformat()}"
-            ),
-        )
-    return output_line(
-        job_id=f"job-{job.id}",
-        custom_id=job.custom_id,
-        status_code=200 if succeeded else None,
-        response_body=job.response if succeeded else None,
-        request_id=str((job.response or {}).get("id")) if succeeded else None,
-        error_code=None if succeeded else (job.error_code or job.status),
-        error_message=None if succeeded else (job.last_error or f"job {job.status}"),
-    )

@@ -1,7 +1,10 @@
-"""Database models: batches, jobs and the attempts ledger.
+"""Database models: batches, jobs, the attempts ledger, files and webhook events.
 
 Postgres is the source of truth for every job. ``attempts`` has one row per
 HTTP call and is the usage ledger: its token sum is what the provider reported.
+``files`` holds what the Files API serves: uploaded batch inputs (their bytes in
+``file_chunks``) and each batch's output and error files, rendered from its jobs.
+``webhook_events`` is the outbox of the events sent when a batch ends.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Text,
@@ -53,9 +59,43 @@ TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class BatchStatus(enum.StrEnum):
+    """OpenAI's batch statuses; :mod:`jobs.store` draws how a batch moves between them."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
     IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
     COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+
+
+#: A batch in one of these has ended: nothing of it runs or will run.
+BATCH_ENDED = (
+    BatchStatus.FAILED,
+    BatchStatus.COMPLETED,
+    BatchStatus.EXPIRED,
+    BatchStatus.CANCELLED,
+)
+#: The only endpoint a batch may name.
+CHAT_ENDPOINT = "/v1/chat/completions"
+
+
+class FilePurpose(enum.StrEnum):
+    BATCH = "batch"
+    BATCH_OUTPUT = "batch_output"
+
+
+class FileRole(enum.StrEnum):
+    """Where a file's content comes from."""
+
+    #: Uploaded: its bytes are in ``file_chunks``.
+    INPUT = "input"
+    #: A batch's succeeded requests, rendered from its jobs when downloaded.
+    OUTPUT = "output"
+    #: A batch's failed, cancelled and expired requests, rendered likewise.
+    ERROR = "error"
 
 
 class Source(enum.StrEnum):
@@ -102,6 +142,27 @@ class Batch(Base):
     )
     created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    endpoint: Mapped[str] = mapped_column(
+        String(64), default=CHAT_ENDPOINT, server_default=CHAT_ENDPOINT
+    )
+    #: The uploaded file a Batches API batch was created from (``file-…``).
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    #: ``24h`` and the like; NULL: no window (the CLI's and nightly batches by default).
+    completion_window: Mapped[str | None] = mapped_column(String(16))
+    #: When the window closes: the batch expires if it has not ended by then.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    #: Why validation failed: ``[{"code", "line", "message", "param"}, ...]``.
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    #: When each status was reached (OpenAI's ``*_at``).
+    in_progress_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    finalizing_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    failed_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    expired_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    cancelling_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", lazy="raise")
 
@@ -157,6 +218,12 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     #: When :mod:`jobs.retention` deleted the request and response bodies; NULL = kept.
     purged_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    #: A call of this job is on the wire: a cancel lets it finish instead of stopping it.
+    calling: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    #: The provider's HTTP answer that failed the job for good (a 4xx), if there was one.
+    error_status: Mapped[int | None] = mapped_column(SmallInteger)
+    request_id: Mapped[str | None] = mapped_column(String(200))
+    error_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     batch: Mapped[Batch | None] = relationship(back_populates="jobs", lazy="raise")
 
@@ -183,3 +250,64 @@ class Attempt(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     total_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class File(Base):
+    """A file of the Files API: an uploaded batch input, or a batch's output or errors."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        CheckConstraint(f"purpose IN ({_in(FilePurpose)})", name="purpose"),
+        CheckConstraint(f"role IN ({_in(FileRole)})", name="role"),
+        Index("ix_files_created_at", "created_at"),
+    )
+
+    #: ``file-`` and 24 hex digits.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    role: Mapped[str] = mapped_column(String(8))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    #: The batch an output or error file belongs to.
+    batch_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("batches.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class FileChunk(Base):
+    """One piece of an uploaded file's bytes, in order."""
+
+    __tablename__ = "file_chunks"
+    __table_args__ = (PrimaryKeyConstraint("file_id", "seq"),)
+
+    file_id: Mapped[str] = mapped_column(String(64), ForeignKey("files.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class WebhookEvent(Base):
+    """An event to deliver to WEBHOOK_URL, kept until delivered (and after, as a record)."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        Index(
+            "ix_webhook_events_due",
+            "next_attempt_at",
+            postgresql_where=text("delivered_at IS NULL"),
+        ),
+    )
+
+    #: ``evt_`` and 24 hex digits: the event's id and its ``webhook-id`` header.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32))
+    batch_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("batches.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(Timestamp, server_default=func.now())
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    #: The receiver's last answer (HTTP status) or why there was none.
+    last_status: Mapped[int | None] = mapped_column(SmallInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -1,4 +1,5 @@
-"""Usage reports from the attempts ledger: calls and tokens by day, batch and model."""
+"""Reports from the attempts ledger: calls and tokens by day, batch and model, and the
+calls of the last window (to re-seed a lost throttle bucket)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Date, case, cast, func, select
+from sqlalchemy import Date, case, cast, func, or_, select
+from sqlalchemy.orm import Session
 
 from jobs.db import session_scope
 from jobs.models import Attempt, Job
@@ -69,3 +71,47 @@ def usage(
             )
             for row in session.execute(stmt)
         ]
+
+
+@dataclass(frozen=True)
+class RecentCall:
+    """A call the ledger saw start within the last window (to re-seed a lost bucket)."""
+
+    age_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    max_tokens: int | None
+    answered: bool
+
+
+def recent_calls(session: Session, *, window_s: float, model: str) -> list[RecentCall]:
+    """Calls started in the last ``window_s`` seconds, by the database's clock.
+
+    A call still in flight has no usage yet: its job's prompt estimate stands in.
+    """
+    age = func.extract("epoch", func.now() - Attempt.started_at)
+    rows = session.execute(
+        select(
+            age,
+            Attempt.http_status,
+            Attempt.prompt_tokens,
+            Attempt.completion_tokens,
+            Job.est_prompt_tokens,
+            Job.request["max_tokens"].as_integer(),
+        )
+        .join(Job, Job.id == Attempt.job_id)
+        .where(Attempt.model == model)
+        .where(Attempt.started_at > func.now() - dt.timedelta(seconds=window_s))
+        # A 429 was not admitted by the provider and holds no place in its window.
+        .where(or_(Attempt.http_status.is_(None), Attempt.http_status != 429))
+    )
+    return [
+        RecentCall(
+            age_s=float(age_s),
+            prompt_tokens=prompt if status is not None and prompt else est,
+            completion_tokens=completion,
+            max_tokens=max_tokens,
+            answered=status is not None,
+        )
+        for age_s, status, prompt, completion, est, max_tokens in rows
+    ]

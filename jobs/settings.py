@@ -181,6 +181,13 @@ class Settings:
     #: Names of the variables that set the limits instead of MODEL_LIMITS (empty: the
     #: table's). Reported by the worker's start-up line.
     limits_from_env: tuple[str, ...] = ()
+    #: API_KEYS: the bearer tokens the web process accepts, comma-separated so that a key
+    #: can be rotated. Required on a dyno by the web process; never logged.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: WEBHOOK_URL: where an event is POSTed when a batch ends. Unset: no events.
+    webhook_url: str | None = None
+    #: WEBHOOK_SECRET: the Standard Webhooks signing secret (``whsec_…``); never logged.
+    webhook_secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.database_url is not None and not self.database_url.startswith(
@@ -195,6 +202,20 @@ class Settings:
             raise ConfigError(
                 f"REDIS_URL must be a redis:// or rediss:// URL, got {_scheme(self.redis_url)}"
             )
+        if self.webhook_url is not None:
+            hook = urlsplit(self.webhook_url)
+            if hook.scheme != "https" and not (
+                hook.scheme == "http" and is_loopback_host(hook.hostname)
+            ):
+                raise ConfigError(
+                    "WEBHOOK_URL must be https:// (plain http:// is accepted only for a "
+                    "loopback receiver)"
+                )
+            if not self.webhook_secret.startswith("whsec_"):
+                raise ConfigError(
+                    "WEBHOOK_SECRET must be set with WEBHOOK_URL, as whsec_ and base64 "
+                    "(Standard Webhooks' form, what the openai SDK's webhooks.unwrap takes)"
+                )
         if self.inference_url is not None:
             parts = urlsplit(self.inference_url)
             if parts.scheme != "https" and not (
@@ -303,6 +324,9 @@ class Settings:
             dyno=e.get("DYNO") or None,
             service_wait_s=_float(e, "SERVICE_WAIT_SECONDS", d.service_wait_s, zero_ok=True),
             limits_from_env=from_env,
+            api_keys=tuple(k.strip() for k in e.get("API_KEYS", "").split(",") if k.strip()),
+            webhook_url=e.get("WEBHOOK_URL") or None,
+            webhook_secret=e.get("WEBHOOK_SECRET", ""),
         )
 
 

@@ -33,6 +33,7 @@ from worker.responses import (
     load_json,
     parse_completion,
     parse_rate_limit_headers,
+    provider_body,
     provider_text,
     request_id_of,
     retry_after_seconds,
@@ -241,7 +242,11 @@ class ModelClient:
         if 300 <= status < 400:
             prefix += " (redirects are not followed)"
         return cls(
-            f"{prefix}: {text}{where}", status=status, request_id=request_id, rate_limits=limits
+            f"{prefix}: {text}{where}",
+            status=status,
+            request_id=request_id,
+            rate_limits=limits,
+            body=provider_body(response.content, self._secret),
         )
 
 

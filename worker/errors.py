@@ -3,7 +3,8 @@
 :class:`~worker.client.ModelClient` turns every outcome into either a
 :class:`~worker.responses.Completion` or one exception from this tree::
 
-    ModelError                 base: .kind, .status, .retryable, .request_id, .rate_limits
+    ModelError                 base: .kind, .status, .retryable, .request_id, .rate_limits,
+                               .body (the provider's JSON error body, if any)
     ├── RateLimited            429; .retry_after seconds (or None); retryable
     ├── ServerError            5xx, 408, 409; retryable
     ├── RequestRejected        any other 4xx (and 1xx/3xx); not retryable
@@ -66,12 +67,15 @@ class ModelError(Exception):
         status: int | None = None,
         request_id: str | None = None,
         rate_limits: RateLimitInfo | None = None,
+        body: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.request_id = request_id
         self.rate_limits = rate_limits
+        #: The provider's JSON error body (the key redacted), when it sent one.
+        self.body = body
 
     def __str__(self) -> str:
         return self.message

@@ -24,6 +24,8 @@ from worker.reported import RateLimitInfo, Usage
 
 #: Longest piece of provider text kept in an error message.
 MAX_PROVIDER_TEXT = 500
+#: Largest provider error body kept whole, bytes.
+MAX_PROVIDER_BODY = 64 * 1024
 _REQUEST_ID_HEADERS = ("x-request-id", "request-id", "x-amzn-requestid")
 _REDACTED = "[redacted]"
 
@@ -198,6 +200,23 @@ def provider_text(content: bytes, secret: str | None) -> str:
         return message
     snippet = content[: MAX_PROVIDER_TEXT * 4].decode("utf-8", errors="replace")
     return clean_text(snippet, secret) or "(empty body)"
+
+
+def provider_body(content: bytes, secret: str | None) -> dict[str, Any] | None:
+    """The provider's error body as a JSON object, the key redacted; ``None`` if it is not one.
+
+    Kept whole (an output line's ``response.body``) when it is small enough to store.
+    """
+    if len(content) > MAX_PROVIDER_BODY:
+        return None
+    data = load_json(content)
+    if not isinstance(data, dict):
+        return None
+    text = json.dumps(data, ensure_ascii=False)
+    if secret and secret in text:
+        redacted = json.loads(text.replace(secret, _REDACTED))
+        return redacted if isinstance(redacted, dict) else None
+    return data
 
 
 #: What :func:`load_json` returns for a body that is not JSON (``None`` is valid JSON).

@@ -12,6 +12,8 @@ Outcomes, each logged as one logfmt line:
   the worker is shutting down, the remaining wait would outlive the broker's
   visibility timeout, or the provider rejects the key (the key circuit of
   :mod:`jobs.circuit` is open: nothing is called until a probe gets through).
+* ``cancelled``: its batch was cancelled or expired before the job sent its
+  request; the throttle slot it held or awaited is released (:mod:`worker.stops`).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from jobs.settings import Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
 from worker.calibrate import Calibrator
 from worker.client import ModelClient
-from worker.errors import AuthFailed, ModelError, RateLimited
+from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.reported import RateLimitInfo
 from worker.responses import Completion
 from worker.retry import RetryPolicy
+from worker.stops import Stops
 from worker.throttle import (
     RequestTooLarge,
     Reservation,
@@ -49,7 +52,7 @@ from worker.throttle import (
     ThrottleTimeout,
 )
 
-Outcome = Literal["skipped", "succeeded", "failed", "handed_back"]
+Outcome = Literal["skipped", "succeeded", "failed", "handed_back", "cancelled"]
 
 #: A task gives its job back this long before the visibility timeout would
 #: make Redis deliver the message a second time.
@@ -116,6 +119,7 @@ class Runner:
         self.throttle_for = throttle_for
         self.circuit = circuit
         self.stop = stop or threading.Event()
+        self.stops = Stops(self.stop)
         self.policy = policy or RetryPolicy(
             max_attempts=settings.max_attempts,
             base=settings.backoff_base,
@@ -177,8 +181,9 @@ class Runner:
         # Only a job this runner claimed is renewed by the heartbeat or handed back.
         with self._held_lock:
             self._held.add(job_id)
+        waiter = self.stops.watch(job.batch_id)
         try:
-            return self._work(job, deadline)
+            return self._work(job, deadline, waiter)
         except Exception as exc:
             # An outage outlasted OUTAGE_PATIENCE_S or a bug: give the job back now
             # rather than leave it to its lease, if Postgres lets us.
@@ -190,10 +195,27 @@ class Runner:
                 pass
             raise
         finally:
+            self.stops.forget(waiter)
             with self._held_lock:
                 self._held.discard(job_id)
 
-    def _work(self, job: store.ClaimedJob, deadline: float) -> Outcome:
+    def _interrupted(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome | None:
+        """A wait of the job was cut short: the worker shuts down, or its batch stopped.
+
+        Returns the job's outcome, or ``None`` when it should wait again (its batch is
+        not stopping after all: a call of it was on the wire when the stop went out).
+        """
+        if self.stop.is_set():
+            return self._hand_back(job_id, fields, reason)
+        if self._in_tx(lambda tx: store.stop_job(tx, job_id)):
+            log_event("cancelled", **fields, status="cancelled", reason="batch stopped")
+            return "cancelled"
+        if self._in_tx(lambda tx: store.is_finished(tx, job_id)):
+            log_event("cancelled", **fields, status="cancelled", reason="batch stopped")
+            return "cancelled"
+        return None
+
+    def _work(self, job: store.ClaimedJob, deadline: float, waiter: threading.Event) -> Outcome:
         fields = {"job": job.id, "batch": job.batch_id}
         log_event("started", **fields, status="running")
         try:
@@ -210,21 +232,13 @@ class Runner:
         throttle = self.throttle_for(job.model)
         failures = 0
         while True:
-            wait_budget = deadline - time.monotonic() - self.settings.read_timeout
-            try:
-                reservation = self._through_outage(
-                    partial(
-                        throttle.acquire,
-                        price,
-                        max_wait=wait_budget,
-                        stop=self.stop,
-                        priority=job.priority,
-                    )
-                )
-            except RequestTooLarge as exc:
-                return self._fail(job.id, fields, "request_too_large", str(exc))
-            except (ThrottleTimeout, ThrottleInterrupted) as exc:
-                return self._hand_back(job.id, fields, f"throttle: {exc}")
+            got = self._acquire(job, fields, throttle, price, deadline, waiter)
+            if got is None:
+                waiter = self._rewatch(waiter, job.batch_id)
+                continue
+            if isinstance(got, str):
+                return got
+            reservation = got
             gate = self._through_outage(lambda: self.circuit.gate(job.id))
             if gate == "open":
                 self._quietly("release", partial(throttle.release, reservation))
@@ -233,6 +247,7 @@ class Runner:
                 lambda tx: store.begin_attempt(tx, job.id, lease_s=self._lease_s())
             )
             if number is None:
+                # Cancelled (or expired) while it waited: the slot goes back unused.
                 self._quietly("release", partial(throttle.release, reservation))
                 log_event("skipped", **fields, reason="no longer running")
                 return "skipped"
@@ -258,26 +273,16 @@ class Runner:
                 reservation = sending.reservation
                 latency_ms = int((time.monotonic() - started) * 1000)
                 self._record_error(job.id, number, exc, latency_ms, throttle, reservation)
-                if isinstance(exc, AuthFailed):
-                    return self._key_rejected(job.id, fields, number, exc)
-                failures += not isinstance(exc, RateLimited)
                 # A 429 is not the job's fault: it waits for the reset, never gives up.
-                delay = self.policy.delay(exc, max(failures, 1), rng=self._rng)
-                if delay is None:
-                    return self._fail(job.id, fields, exc.kind, str(exc), attempt=number)
-                if time.monotonic() + delay > deadline - self.settings.read_timeout:
-                    return self._hand_back(job.id, fields, f"retry would outlive the task: {exc}")
-                log_event(
-                    "retry",
-                    **fields,
-                    attempt=number,
-                    http_status=exc.status,
-                    error=exc.kind,
-                    delay_s=round(delay, 3),
-                    latency_ms=latency_ms,
-                )
-                if self.stop.wait(delay):
-                    return self._hand_back(job.id, fields, "worker shutting down")
+                failures += not isinstance(exc, RateLimited)
+                delay = self._next_try(job.id, fields, number, exc, failures, deadline, latency_ms)
+                if isinstance(delay, str):
+                    return delay
+                if waiter.wait(delay):
+                    outcome = self._interrupted(job.id, fields, "worker shutting down")
+                    if outcome is not None:
+                        return outcome
+                    waiter = self._rewatch(waiter, job.batch_id)
                 continue
             reservation = sending.reservation
             # The answer is paid for: record it before anything else, so that a worker
@@ -298,6 +303,70 @@ class Runner:
                 self._through_outage(lambda: self.circuit.close(job.id))
                 log_event("circuit_closed", **fields, attempt=number)
             return outcome
+
+    def _next_try(
+        self,
+        job_id: int,
+        fields: dict[str, Any],
+        number: int,
+        exc: ModelError,
+        failures: int,
+        deadline: float,
+        latency_ms: int,
+    ) -> Outcome | float:
+        """After a failed call: the job's outcome, or how long to wait before calling again."""
+        if isinstance(exc, AuthFailed):
+            return self._key_rejected(job_id, fields, number, exc)
+        delay = self.policy.delay(exc, max(failures, 1), rng=self._rng)
+        if delay is None:
+            # A rejection keeps the provider's answer (an output line's response).
+            answer = exc if isinstance(exc, RequestRejected) else None
+            return self._fail(job_id, fields, exc.kind, str(exc), attempt=number, answer=answer)
+        if time.monotonic() + delay > deadline - self.settings.read_timeout:
+            return self._hand_back(job_id, fields, f"retry would outlive the task: {exc}")
+        log_event(
+            "retry",
+            **fields,
+            attempt=number,
+            http_status=exc.status,
+            error=exc.kind,
+            delay_s=round(delay, 3),
+            latency_ms=latency_ms,
+        )
+        return delay
+
+    def _acquire(
+        self,
+        job: store.ClaimedJob,
+        fields: dict[str, Any],
+        throttle: Throttle,
+        price: Callable[[], int],
+        deadline: float,
+        waiter: threading.Event,
+    ) -> Reservation | Outcome | None:
+        """The job's throttle slot; or the job's outcome if it ends instead; ``None``: the
+        wait was cut short for nothing, wait again."""
+        wait_budget = deadline - time.monotonic() - self.settings.read_timeout
+        try:
+            return self._through_outage(
+                partial(
+                    throttle.acquire,
+                    price,
+                    max_wait=wait_budget,
+                    stop=waiter,
+                    priority=job.priority,
+                )
+            )
+        except RequestTooLarge as exc:
+            return self._fail(job.id, fields, "request_too_large", str(exc))
+        except ThrottleTimeout as exc:
+            return self._hand_back(job.id, fields, f"throttle: {exc}")
+        except ThrottleInterrupted as exc:
+            return self._interrupted(job.id, fields, f"throttle: {exc}")
+
+    def _rewatch(self, waiter: threading.Event, batch_id: int | None) -> threading.Event:
+        self.stops.forget(waiter)
+        return self.stops.watch(batch_id)
 
     @staticmethod
     def _quietly(what: str, step: Callable[[], T]) -> T | None:
@@ -410,6 +479,7 @@ class Runner:
             store.record_success(
                 tx,
                 job_id,
+                request_id=completion.request_id,
                 response=completion.body,
                 output_text=completion.output_text,
                 reasoning_text=completion.reasoning_text,
@@ -444,9 +514,18 @@ class Runner:
         message: str,
         *,
         attempt: int | None = None,
+        answer: ModelError | None = None,
     ) -> Outcome:
         def _step(tx: Connection) -> None:
-            store.record_failure(tx, job_id, code=code, message=message[:2000])
+            store.record_failure(
+                tx,
+                job_id,
+                code=code,
+                message=message[:2000],
+                http_status=answer.status if answer is not None else None,
+                request_id=answer.request_id if answer is not None else None,
+                body=answer.body if answer is not None else None,
+            )
 
         self._in_tx(_step)
         log_event("failed", **fields, status="failed", attempt=attempt, error=code, message=message)

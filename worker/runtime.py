@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from jobs import presence, store
+from jobs import housekeeping, presence, reports, store
 from jobs.circuit import KeyCircuit
 from jobs.connections import celery_app, shared_redis
 from jobs.db import session_scope
@@ -108,7 +108,7 @@ class Runtime:
 
         def seed() -> list[tuple[float, int]]:
             with session_scope(url) as session:
-                calls = store.recent_calls(session, window_s=window_s, model=model)
+                calls = reports.recent_calls(session, window_s=window_s, model=model)
             return [
                 (
                     call.age_s,
@@ -223,6 +223,8 @@ class Runtime:
                 dispatch(self.settings, self.app, requeue=requeue)
                 if requeue:
                     last_requeue = time.monotonic()
+                    # The rest of the housekeeping keeps the same cadence.
+                    self.runner.stops.stop_batches(housekeeping.sweep(self.settings, self.app))
             except Exception as exc:  # noqa: BLE001 - Redis or Postgres blip: try again later
                 log_event("dispatch_error", error=type(exc).__name__, message=str(exc)[:200])
             self._wake.wait(interval)
@@ -232,7 +234,7 @@ class Runtime:
 
     def shutdown(self) -> None:
         """Stop waiting and dispatching; calls in flight keep their connections and finish."""
-        self.stop.set()
+        self.runner.stops.stop_all()
         self._wake.set()
         self.log_throttle_stats()
         try:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from jobs import retention, store
+from jobs import finalizing, retention, store, validating
 from jobs.api import submit_scheduled
 from jobs.constants import (
     TASK_DISPATCH,
+    TASK_FINALIZE_BATCH,
     TASK_NIGHTLY_BATCH,
     TASK_PURGE,
     TASK_REQUEUE_STUCK,
     TASK_RUN_JOB,
+    TASK_VALIDATE_BATCH,
 )
 from jobs.db import session_scope
 from jobs.dispatch import dispatch as dispatch_sweep
@@ -59,3 +61,17 @@ def nightly_batch(source: str, name: str) -> int:
     batch = submit_scheduled(source, name=name, cron=settings.nightly_cron, settings=settings)
     log_event("nightly_batch", batch=batch.id, created=batch.created)
     return batch.id
+
+
+@app.task(name=TASK_VALIDATE_BATCH, ignore_result=True)
+def validate_batch(batch_id: int) -> str:
+    outcome = validating.validate(settings, batch_id)
+    if outcome == "accepted":
+        get_runtime(settings).wake_dispatcher()
+    return outcome
+
+
+@app.task(name=TASK_FINALIZE_BATCH, ignore_result=True)
+def finalize_batch(batch_id: int) -> str | None:
+    final = finalizing.finalize(settings, batch_id)
+    return final.value if final is not None else None

@@ -109,7 +109,7 @@ def test_submit_file_then_results_and_cancel(settings: Settings, tmp_path: Path)
     assert (progress.status, progress.cancelled) == ("cancelled", 5)
     results = list(batch.results())
     assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(1, 6)]
-    assert all(r["response"] is None and r["error"]["code"] == "cancelled" for r in results)
+    assert all(r["response"] is None and r["error"]["code"] == "batch_cancelled" for r in results)
 
 
 def test_unknown_ids_raise_not_found(settings: Settings) -> None:

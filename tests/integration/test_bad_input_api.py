@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from jobs import api, store
+from jobs import api, intake
 from jobs.batchfile import MAX_LINE_BYTES, iter_batch_stream
 from jobs.db import session_scope
 from jobs.models import Batch, Job, Priority
@@ -354,7 +354,7 @@ def test_a_failure_midway_through_streamed_storage_stores_nothing(settings: Sett
         pytest.raises(BatchValidationError, match=r"^line 9: method: must be 'POST', got 'GET'$"),
         session_scope(settings.database_url) as session,
     ):
-        store.create_batch(session, name="half", source="file", items=stream)
+        intake.create_batch(session, name="half", source="file", items=stream)
     assert rows_stored(settings) == (0, 0)
 
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from devstack.simulator import Simulator
-from jobs import api, store
+from jobs import api, intake
 from jobs.batchfile import BatchItem
 from jobs.circuit import KeyCircuit, paused_reason
 from jobs.connections import celery_app, redis_client
@@ -36,7 +36,7 @@ def make_batch(db: str, n: int) -> list[int]:
         for i in range(n)
     ]
     with session_scope(db) as s:
-        batch_id, _ = store.create_batch(s, name="t", source="api", items=items)
+        batch_id, _ = intake.create_batch(s, name="t", source="api", items=items)
         return list(
             s.execute(select(Job.id).where(Job.batch_id == batch_id).order_by(Job.id)).scalars()
         )

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text, update
 
-from jobs import api, reports, retention, store
+from jobs import api, intake, reports, retention, store
 from jobs.batchfile import BatchItem
 from jobs.connections import celery_app
 from jobs.constants import QUEUE_CONTROL, TASK_PURGE
@@ -45,7 +45,7 @@ def item(n: int) -> BatchItem:
 
 def make_batch(db: str, n: int) -> tuple[int, list[int]]:
     with session_scope(db) as s:
-        batch_id, created = store.create_batch(
+        batch_id, created = intake.create_batch(
             s, name="r", source="api", items=[item(i) for i in range(1, n + 1)]
         )
         assert created
@@ -305,7 +305,12 @@ def test_purged_jobs_read_as_purged_and_cannot_be_retried(settings: Settings) ->
     assert (result.prompt_tokens, result.completion_tokens, result.total_tokens) == USAGE
 
     lines = list(api.get_batch(batch_id, settings=settings).results())
-    assert lines[0]["response"] == {"status_code": 200, "request_id": None, "body": None}
+    # Still a chat completion, with no choices and the ledger's usage.
+    purged = lines[0]["response"]
+    assert (purged["status_code"], purged["request_id"]) == (200, None)
+    assert purged["body"]["choices"] == []
+    assert purged["body"]["object"] == "chat.completion"
+    assert tuple(purged["body"]["usage"].values()) == USAGE
     assert lines[0]["error"]["code"] == "purged"
     assert "retention" in lines[0]["error"]["message"]
     assert lines[1]["error"] == {"code": "rejected", "message": "400 bad request"}

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import func, select
 
 from devstack.simulator import Simulator, SimulatorConfig
-from jobs import store
+from jobs import intake
 from jobs.batchfile import BatchItem
 from jobs.circuit import KeyCircuit
 from jobs.connections import redis_client
@@ -37,7 +37,7 @@ def store_job(db: str, body: dict[str, Any], est: int = 20) -> int:
         max_tokens=body.get("max_tokens"), est_prompt_tokens=est,
     )  # fmt: skip
     with session_scope(db) as s:
-        batch_id, _ = store.create_batch(
+        batch_id, _ = intake.create_batch(
             s, name="t", source="api", items=[BatchItem(line=1, custom_id="c1", request=checked)]
         )
         return s.execute(select(Job.id).where(Job.batch_id == batch_id)).scalar_one()

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from jobs import store
+from jobs import intake, reports, store
 from jobs.batchfile import BatchItem
 from jobs.connections import celery_app, redis_client
 from jobs.constants import QUEUE_BULK, QUEUE_INTERACTIVE
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
-from jobs.models import Attempt, Batch, Job, JobStatus, Priority
+from jobs.finalizing import finalize
+from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
 from jobs.settings import Settings
 from jobs.validation import CheckedRequest
 
@@ -38,7 +39,7 @@ def item(n: int) -> BatchItem:
 
 def make_batch(db: str, n: int, **kwargs: Any) -> int:
     with session_scope(db) as session:
-        batch_id, created = store.create_batch(
+        batch_id, created = intake.create_batch(
             session, name="t", source="api", items=[item(i) for i in range(1, n + 1)], **kwargs
         )
     assert created
@@ -88,8 +89,13 @@ def test_batch_counters_follow_every_transition(clean_db: str) -> None:
         )  # fmt: skip
         assert store.record_failure(s, b, code="rejected", message="400 bad")
         assert store.cancel_batch(s, batch_id) == 1
-    final = counters(clean_db, batch_id)
-    assert final == {
+    assert counters(clean_db, batch_id) == {
+        "status": "cancelling", "total": 3, "queued": 0, "running": 0,
+        "succeeded": 1, "failed": 1, "cancelled": 1, "finished": False,
+    }  # fmt: skip
+    # Nothing left in flight: the batch ends cancelled, with its output and error files.
+    assert finalize(Settings(database_url=clean_db), batch_id) == BatchStatus.CANCELLED
+    assert counters(clean_db, batch_id) == {
         "status": "cancelled", "total": 3, "queued": 0, "running": 0,
         "succeeded": 1, "failed": 1, "cancelled": 1, "finished": True,
     }  # fmt: skip
@@ -104,6 +110,8 @@ def test_batch_completes_when_last_job_finishes(clean_db: str) -> None:
         assert counters(clean_db, batch_id)["status"] == "in_progress"
         with session_scope(clean_db) as s:
             store.record_failure(s, job_id, code="x", message="y")
+    assert counters(clean_db, batch_id)["status"] == "finalizing"
+    assert finalize(Settings(database_url=clean_db), batch_id) == BatchStatus.COMPLETED
     final = counters(clean_db, batch_id)
     assert final["status"] == "completed" and final["finished"] and final["failed"] == 2
 
@@ -183,11 +191,11 @@ def test_a_sweep_without_requeue_leaves_expired_leases_to_the_next_one(
 
 def test_idempotency_key_creates_a_batch_once(clean_db: str) -> None:
     with session_scope(clean_db) as s:
-        first, created = store.create_batch(
+        first, created = intake.create_batch(
             s, name="n", source="schedule", items=[item(1)], idempotency_key="k1"
         )
     with session_scope(clean_db) as s:
-        again, created_again = store.create_batch(
+        again, created_again = intake.create_batch(
             s, name="n", source="schedule", items=[item(1), item(2)], idempotency_key="k1"
         )
     assert created and not created_again and first == again
@@ -209,7 +217,7 @@ def test_dispatch_fills_the_window_and_publishes_each_job_once(
     app = celery_app(settings)
     batch_id = make_batch(clean_db, 12)
     with session_scope(clean_db) as s:
-        interactive = store.create_job(s, item(99), priority=Priority.INTERACTIVE)
+        interactive = intake.create_job(s, item(99), priority=Priority.INTERACTIVE)
     assert dispatch(settings, app) == 6  # the interactive job skips the window
     queued = [line for line in events() if "event=queued" in line]
     assert len(queued) == 6
@@ -285,7 +293,7 @@ def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
         store.finish_attempt(s, b, 1, latency_ms=5, http_status=429, error_kind="rate_limited")
     with session_scope(clean_db) as s:
         calls = sorted(
-            store.recent_calls(s, window_s=60, model="kimi-k2-5"), key=lambda r: r.answered
+            reports.recent_calls(s, window_s=60, model="kimi-k2-5"), key=lambda r: r.answered
         )
     assert [(r.answered, r.prompt_tokens, r.completion_tokens, r.max_tokens) for r in calls] == [
         (False, 10, 0, 50),  # in flight: the estimate stands in
@@ -293,7 +301,7 @@ def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
     ]
     assert all(0 <= r.age_s < 60 for r in calls)
     with session_scope(clean_db) as s:
-        assert store.recent_calls(s, window_s=0.000001, model="kimi-k2-5") == []
+        assert reports.recent_calls(s, window_s=0.000001, model="kimi-k2-5") == []
 
 
 def test_a_redis_that_lost_its_data_gets_every_queued_job_again_at_once(

@@ -1,0 +1,267 @@
+"""The batch state machine (see :mod:`jobs.store`): OpenAI's statuses and their times."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, insert, or_, select, update
+
+from jobs.models import BatchStatus, File, FileRole, WebhookEvent
+from jobs.store.jobs import CANCELLED_CODE, EXPIRED_CODE, stop_batch_jobs
+from jobs.store.tables import Tx
+from jobs.store.tables import batches_table as _batches
+
+#: The webhook event of each status a batch can end in.
+EVENTS = {
+    BatchStatus.COMPLETED: "batch.completed",
+    BatchStatus.FAILED: "batch.failed",
+    BatchStatus.EXPIRED: "batch.expired",
+    BatchStatus.CANCELLED: "batch.cancelled",
+}
+
+
+def cancel_batch(session: Tx, batch_id: int) -> int:
+    """Cancel a batch: ``cancelling`` until its calls on the wire end, then ``cancelled``.
+
+    Every job that has not sent its request ends at once (:func:`stop_batch_jobs`);
+    workers still holding such a job find it cancelled and release its throttle slot
+    without calling. Returns how many jobs were stopped; an ended batch is left as it is.
+    """
+    b = _batches.c
+    started = session.execute(
+        update(_batches)
+        .where(
+            b.id == batch_id,
+            b.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)),
+            b.expired_at.is_(None),
+        )
+        .values(status=BatchStatus.CANCELLING, cancelling_at=func.now())
+        .returning(b.id)
+    ).one_or_none()
+    if started is None:
+        return 0
+    return stop_batch_jobs(
+        session, batch_id, CANCELLED_CODE, "cancelled before its request was sent"
+    )
+
+
+def expire_batch(session: Tx, batch_id: int) -> int:
+    """The batch's completion window closed: stop its unsent jobs, as a cancel does.
+
+    It is ``finalizing`` until its calls on the wire end, then ``expired``; returns how
+    many jobs were stopped.
+    """
+    b = _batches.c
+    started = session.execute(
+        update(_batches)
+        .where(b.id == batch_id, b.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)))
+        .values(
+            status=BatchStatus.FINALIZING,
+            expired_at=func.now(),
+            finalizing_at=func.coalesce(b.finalizing_at, func.now()),
+        )
+        .returning(b.id)
+    ).one_or_none()
+    if started is None:
+        return 0
+    return stop_batch_jobs(
+        session, batch_id, EXPIRED_CODE, "not started within the completion window"
+    )
+
+
+def expired_batches(session: Tx, *, limit: int = 100) -> list[int]:
+    """Running batches whose completion window has closed."""
+    b = _batches.c
+    return list(
+        session.execute(
+            select(b.id)
+            .where(b.status == BatchStatus.IN_PROGRESS, b.expires_at < func.now())
+            .order_by(b.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def stopping_batches(session: Tx) -> list[int]:
+    """Batches being cancelled or expired that still have running jobs (their waiters stop)."""
+    b = _batches.c
+    return list(
+        session.execute(
+            select(b.id).where(
+                b.running > 0,
+                or_(b.status == BatchStatus.CANCELLING, b.expired_at.is_not(None)),
+                b.finished_at.is_(None),
+            )
+        ).scalars()
+    )
+
+
+def validating_batches(session: Tx, *, older_than_s: float, limit: int = 100) -> list[int]:
+    """Batches still ``validating`` this long after they were created (their task was lost)."""
+    b = _batches.c
+    return list(
+        session.execute(
+            select(b.id)
+            .where(
+                b.status == BatchStatus.VALIDATING,
+                b.created_at < func.now() - dt.timedelta(seconds=older_than_s),
+            )
+            .order_by(b.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def lock_validating(session: Tx, batch_id: int) -> bool:
+    """Lock a ``validating`` batch for its validation; ``False`` if it is not (or is taken)."""
+    b = _batches.c
+    row = session.execute(
+        select(b.id)
+        .where(b.id == batch_id, b.status == BatchStatus.VALIDATING)
+        .with_for_update(skip_locked=True)
+    ).one_or_none()
+    return row is not None
+
+
+def accept_batch(session: Tx, batch_id: int, count: int) -> None:
+    """The file was valid and its ``count`` jobs are stored: the batch runs."""
+    b = _batches.c
+    session.execute(
+        update(_batches)
+        .where(b.id == batch_id, b.status == BatchStatus.VALIDATING)
+        .values(
+            status=BatchStatus.IN_PROGRESS,
+            in_progress_at=func.now(),
+            total=count,
+            queued=count,
+        )
+    )
+
+
+def reject_batch(session: Tx, batch_id: int, errors: list[dict[str, Any]], *, notify: bool) -> bool:
+    """The file was not valid: the batch ``failed`` with the file's errors, and no jobs."""
+    b = _batches.c
+    row = session.execute(
+        update(_batches)
+        .where(b.id == batch_id, b.status == BatchStatus.VALIDATING)
+        .values(
+            status=BatchStatus.FAILED, failed_at=func.now(), finished_at=func.now(), errors=errors
+        )
+        .returning(b.id)
+    ).one_or_none()
+    if row is not None and notify:
+        _event(session, batch_id, BatchStatus.FAILED)
+    return row is not None
+
+
+def end_empty(session: Tx, batch_id: int) -> None:
+    """A batch stored with no jobs at all has nothing to run: it is completed at once."""
+    b = _batches.c
+    session.execute(
+        update(_batches)
+        .where(b.id == batch_id, b.status == BatchStatus.IN_PROGRESS)
+        .values(status=BatchStatus.COMPLETED, completed_at=func.now(), finished_at=func.now())
+    )
+
+
+def finalizable(session: Tx, *, limit: int = 100) -> list[int]:
+    """Batches whose jobs have all ended and that wait for :func:`end_batch`."""
+    b = _batches.c
+    return list(
+        session.execute(
+            select(b.id)
+            .where(
+                b.status.in_((BatchStatus.FINALIZING, BatchStatus.CANCELLING)),
+                b.queued == 0,
+                b.running == 0,
+            )
+            .order_by(b.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def lock_finalizable(session: Tx, batch_id: int) -> bool:
+    """Lock a batch that waits for :func:`end_batch`; ``False`` if it does not (or is taken)."""
+    b = _batches.c
+    row = session.execute(
+        select(b.id)
+        .where(
+            b.id == batch_id,
+            b.status.in_((BatchStatus.FINALIZING, BatchStatus.CANCELLING)),
+            b.queued == 0,
+            b.running == 0,
+        )
+        .with_for_update(skip_locked=True)
+    ).one_or_none()
+    return row is not None
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    """An output or error file to name on an ending batch."""
+
+    id: str
+    role: FileRole
+    filename: str
+    bytes: int
+
+
+def end_batch(
+    session: Tx, batch_id: int, files: Sequence[BatchFile], *, notify: bool
+) -> BatchStatus:
+    """The batch has ended: its files, its final status, and the event of that status.
+
+    The caller holds the batch's lock (:func:`lock_finalizable`). ``cancelling`` ends
+    ``cancelled``, an expired batch ``expired``, any other ``completed``.
+    """
+    b = _batches.c
+    row = session.execute(select(b.status, b.expired_at).where(b.id == batch_id)).one()
+    if row.status == BatchStatus.CANCELLING:
+        final, stamp = BatchStatus.CANCELLED, "cancelled_at"
+    elif row.expired_at is not None:
+        final, stamp = BatchStatus.EXPIRED, "expired_at"
+    else:
+        final, stamp = BatchStatus.COMPLETED, "completed_at"
+    # A batch run again by retry_batch drops the files of its previous end.
+    session.execute(delete(File).where(File.batch_id == batch_id))
+    for file in files:
+        session.execute(
+            insert(File).values(
+                id=file.id,
+                purpose="batch_output",
+                role=file.role,
+                filename=file.filename,
+                bytes=file.bytes,
+                batch_id=batch_id,
+            )
+        )
+    ids = {file.role: file.id for file in files}
+    values: dict[str, Any] = {
+        "status": final,
+        "finished_at": func.now(),
+        "output_file_id": ids.get(FileRole.OUTPUT),
+        "error_file_id": ids.get(FileRole.ERROR),
+    }
+    if final != BatchStatus.EXPIRED:  # expired_at was set when the window closed
+        values[stamp] = func.now()
+    session.execute(update(_batches).where(b.id == batch_id).values(values))
+    if notify:
+        _event(session, batch_id, final)
+    return final
+
+
+def new_id(prefix: str) -> str:
+    """A public id: ``prefix`` and 24 random hex digits (``file-…``, ``evt_…``)."""
+    return prefix + secrets.token_hex(12)
+
+
+def _event(session: Tx, batch_id: int, status: BatchStatus) -> None:
+    """Queue the webhook event of a batch that ended (:mod:`jobs.webhooks` delivers it)."""
+    session.execute(
+        insert(WebhookEvent).values(id=new_id("evt_"), type=EVENTS[status], batch_id=batch_id)
+    )
