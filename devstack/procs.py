@@ -4,7 +4,8 @@
 * :func:`stop_process`: SIGTERM, a grace period, then SIGKILL;
 * :class:`WorkerProcess`: a real Celery worker in its own OS process, as on a dyno, started
   with the CLI's own command line (:func:`jobs.environment.worker_argv`) unless told
-  otherwise, its output in a log file.
+  otherwise, its output in a log file;
+* :class:`WebProcess`: ``python -m web`` on a port of its own, as the Procfile runs it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -84,3 +88,30 @@ class WorkerProcess:
         code = stop_process(self.proc, timeout)
         self._log.close()
         return code
+
+
+class WebProcess(WorkerProcess):
+    """``python -m web`` serving on ``port`` (its output in ``log_path``)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "web"], dict(env) | {"PORT": str(self.port)}, log_path
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until ``/health`` answers; raise with the log if it exits or stalls."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the web process exited at start:\n{self.log()[-4000:]}")
+            try:
+                health = f"{self.url}/health"  # http on loopback, built here
+                with urllib.request.urlopen(health, timeout=2) as reply:  # noqa: S310
+                    if reply.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the web process was not ready after {timeout:.0f} s")

@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from devstack import daemons, embedded
+from jobs.logfmt import log_event
 from jobs.settings import Settings
 
 #: Simulated latency of the bundled simulator, seconds (uniform), so that a
@@ -142,16 +143,40 @@ def missing_dependencies() -> list[str]:
     return [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
 
 
-def resolve(settings: Settings, *, inference: bool = True) -> Settings:
+def resolve(settings: Settings, *, inference: bool = True, web: bool = False) -> Settings:
     """Settings with every service URL filled in, starting what is missing.
 
-    ``inference=False`` leaves INFERENCE_URL alone (a command that calls no model).
+    ``inference=False`` leaves INFERENCE_URL alone (a command that calls no model);
+    ``web=True`` fills API_KEYS, if unset, with the key kept in ``VAR_DIR/api.key``.
     """
     settings = embedded.resolve(settings.replace(var_dir=daemons.var_dir_of(settings)))
     if inference and settings.inference_url is None:
         url, key = ensure_simulator(settings)
         settings = settings.replace(inference_url=url, inference_key=key)
+    if web and not settings.api_keys:
+        settings = settings.replace(api_keys=(api_key(daemons.var_dir_of(settings)),))
     return settings
+
+
+def api_key_file(var_dir: Path) -> Path:
+    """Where the web process's local key is kept (mode 0600), when API_KEYS is unset."""
+    return var_dir / "api.key"
+
+
+def api_key(var_dir: Path) -> str:
+    """The local web key: read from :func:`api_key_file`, made there on first use."""
+    path = api_key_file(var_dir)
+    var_dir.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        key = path.read_text().strip()
+    else:
+        key = "sk-local-" + secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+    # Where the key is, never the key: API_KEYS unset, the web process uses this one.
+    log_event("web_key", source="local", kept_in=str(path))
+    return key
 
 
 def running(var_dir: Path) -> dict[str, str]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
 
-from jobs import intake
+from jobs import files, housekeeping, intake
 from jobs.batchfile import (
     BatchItem,
     check_batch_stream,
@@ -24,6 +25,7 @@ from jobs.batchfile import (
     normalize_requests,
     read_batch_stream,
 )
+from jobs.constants import TASK_VALIDATE_BATCH
 from jobs.context import Context, configure, context, publish
 from jobs.db import session_scope
 from jobs.handles import (
@@ -35,7 +37,7 @@ from jobs.handles import (
 )
 from jobs.jsoncheck import json_kind, json_problem, show_value
 from jobs.logfmt import log_event
-from jobs.models import Job, Priority, Source
+from jobs.models import FilePurpose, Job, Priority, Source
 from jobs.scheduled import is_file_source, load_callable_requests, run_key
 from jobs.settings import MODEL_LIMITS, Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
@@ -49,6 +51,7 @@ __all__ = [
     "NotFoundError",
     "configure",
     "context",
+    "create_file_batch",
     "enqueue",
     "get_batch",
     "get_job",
@@ -273,3 +276,91 @@ def submit_scheduled(
         source=Source.SCHEDULE,
         settings=settings,
     )
+
+
+#: ``completion_window``: a number and a unit, as OpenAI's ``24h``.
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: OpenAI's limits on batch metadata.
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def window_seconds(window: object) -> float:
+    """Seconds of a ``completion_window`` (``24h``, ``30m``, ``45s``), or ValidationError."""
+    match = _WINDOW.match(window) if isinstance(window, str) else None
+    if match is None:
+        raise ValidationError(
+            "must be a duration such as '24h' (a number and s, m, h or d), "
+            f"got {show_value(window)}",
+            field="completion_window",
+        )
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def check_batch_metadata(metadata: object) -> dict[str, str]:
+    """OpenAI's batch metadata: at most 16 string pairs (keys 64, values 512 characters)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ValidationError(f"must be a JSON object, got {json_kind(metadata)}", field="metadata")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise ValidationError(
+            f"has {len(metadata)} pairs (at most {MAX_METADATA_PAIRS})", field="metadata"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str) or len(key) > MAX_METADATA_KEY:
+            raise ValidationError(
+                f"keys are strings of at most {MAX_METADATA_KEY} characters and values strings",
+                field=f"metadata.{key}",
+            )
+        if len(value) > MAX_METADATA_VALUE:
+            raise ValidationError(
+                f"is {len(value)} characters long (at most {MAX_METADATA_VALUE})",
+                field=f"metadata.{key}",
+            )
+    _check_metadata(metadata)
+    return metadata
+
+
+def create_file_batch(
+    input_file_id: str,
+    *,
+    endpoint: str,
+    completion_window: str = "24h",
+    metadata: dict[str, str] | None = None,
+    settings: Settings | None = None,
+) -> BatchHandle:
+    """Create a batch from an uploaded file, as ``POST /v1/batches`` does.
+
+    It returns at once, ``validating``: a worker validates the file in the background
+    (:mod:`jobs.validating`) and starts the batch, or fails it with the file's errors.
+    A wrong ``endpoint`` fails it the same way. Raises :class:`NotFoundError` for an
+    unknown file and :class:`~jobs.validation.ValidationError` for a bad argument.
+    """
+    ctx = context(settings)
+    window_s = window_seconds(completion_window)
+    checked = check_batch_metadata(metadata)
+    file = files.get(ctx.database_url, input_file_id) if isinstance(input_file_id, str) else None
+    if file is None:
+        raise NotFoundError(f"file {input_file_id} does not exist")
+    if file.purpose != FilePurpose.BATCH:
+        raise ValidationError(
+            f"file {input_file_id} has purpose {file.purpose!r}, not 'batch'",
+            field="input_file_id",
+        )
+    with session_scope(ctx.database_url) as session:
+        batch_id = intake.create_pending_batch(
+            session,
+            name=file.filename[:MAX_NAME_CHARS],
+            input_file_id=file.id,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            window_s=window_s,
+            metadata=checked,
+        )
+    try:
+        housekeeping.publish_once(ctx.settings, ctx.app, TASK_VALIDATE_BATCH, batch_id)
+    except Exception as exc:  # noqa: BLE001 - the sweep publishes it again after a minute
+        log_event("publish_deferred", batch=batch_id, error=type(exc).__name__)
+    log_event("batch_created", batch=batch_id, file=file.id, status="validating")
+    return BatchHandle(batch_id, ctx)

@@ -42,12 +42,13 @@ from jobs.constants import QUEUE_BULK, QUEUE_CONTROL, QUEUE_INTERACTIVE
 from jobs.migrate import schema_problem
 from jobs.settings import ConfigError, Settings
 
-#: What provides each required variable on Heroku, for the one-line error.
+#: How each required variable is provided on Heroku, for the one-line error.
 PROVIDERS = {
-    "DATABASE_URL": "heroku addons:create heroku-postgresql:essential-0 -a APP",
-    "REDIS_URL": "heroku addons:create heroku-redis:mini -a APP",
-    "INFERENCE_URL": "heroku ai:models:create -a APP kimi-k2-5 --as INFERENCE",
-    "INFERENCE_KEY": "heroku ai:models:create -a APP kimi-k2-5 --as INFERENCE",
+    "DATABASE_URL": "attach it with `heroku addons:create heroku-postgresql:essential-0 -a APP`",
+    "REDIS_URL": "attach it with `heroku addons:create heroku-redis:mini -a APP`",
+    "INFERENCE_URL": "attach it with `heroku ai:models:create -a APP kimi-k2-5 --as INFERENCE`",
+    "INFERENCE_KEY": "attach it with `heroku ai:models:create -a APP kimi-k2-5 --as INFERENCE`",
+    "API_KEYS": 'set it with `heroku config:set -a APP API_KEYS="$(openssl rand -hex 24)"`',
 }
 #: How the dev stack is installed, for the error off a dyno.
 DEV_INSTALL = "pip install -e '.[dev]'"
@@ -69,7 +70,7 @@ class ServiceError(Exception):
         self.retryable = retryable
 
 
-def _missing(settings: Settings, *, inference: bool) -> list[str]:
+def _missing(settings: Settings, *, inference: bool, web: bool = False) -> list[str]:
     names = []
     if settings.database_url is None:
         names.append("DATABASE_URL")
@@ -79,31 +80,35 @@ def _missing(settings: Settings, *, inference: bool) -> list[str]:
         names.append("INFERENCE_URL")
     if inference and settings.inference_url is not None and not settings.inference_key:
         names.append("INFERENCE_KEY")
+    if web and not settings.api_keys:
+        names.append("API_KEYS")
     return names
 
 
-def require(settings: Settings, *, inference: bool = False) -> Settings:
+def require(settings: Settings, *, inference: bool = False, web: bool = False) -> Settings:
     """``settings`` unchanged if every variable this process needs is set, else ConfigError.
 
     On a dyno every process needs all four; off a dyno the library needs the database
     and Redis, and the worker (``inference=True``) the model's URL and key too.
     """
-    missing = _missing(settings, inference=inference or settings.dyno is not None)
+    missing = _missing(settings, inference=inference or settings.dyno is not None, web=web)
     if not missing:
         return settings
     name = missing[0]
     if settings.dyno is not None:
-        raise ConfigError(
-            f"{name} is not set on dyno {settings.dyno}: attach it with `{PROVIDERS[name]}` "
-            "(or set it with `heroku config:set` if the add-on is attached under another name)"
+        also = (
+            " (or set it with `heroku config:set` if the add-on is attached under another name)"
+            if name != "API_KEYS"
+            else ""
         )
+        raise ConfigError(f"{name} is not set on dyno {settings.dyno}: {PROVIDERS[name]}{also}")
     raise ConfigError(
         f"{name} is not set: set it, or run through `python -m jobs`, which starts the dev "
         "stack for what is unset"
     )
 
 
-def resolve(settings: Settings, *, inference: bool = True) -> Settings:
+def resolve(settings: Settings, *, inference: bool = True, web: bool = False) -> Settings:
     """The one way into the dev stack: fill what is unset off a dyno, refuse on one.
 
     On a dyno this is :func:`require` with every variable. Off a dyno, unset service URLs
@@ -112,8 +117,8 @@ def resolve(settings: Settings, *, inference: bool = True) -> Settings:
     error names the variable and how to install it.
     """
     if settings.dyno is not None:
-        return require(settings, inference=True)
-    missing = _missing(settings, inference=inference)
+        return require(settings, inference=True, web=web)
+    missing = _missing(settings, inference=inference, web=web)
     if not missing:
         return settings
     try:
@@ -127,7 +132,7 @@ def resolve(settings: Settings, *, inference: bool = True) -> Settings:
             f"{', '.join(absent)}): set it, or install the dev stack with `{DEV_INSTALL}`"
         )
     try:
-        resolved: Settings = services.resolve(settings, inference=inference)
+        resolved: Settings = services.resolve(settings, inference=inference, web=web)
     except RuntimeError as exc:  # devstack.daemons.EmbeddedError: a server did not start
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ServiceError(f"the dev stack did not start: {lines[0]}", retryable=False) from None

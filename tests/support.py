@@ -120,6 +120,22 @@ class WorkerProcess(procs.WorkerProcess):
         return super().stop(timeout)
 
 
+#: The API key the tests' web processes accept.
+WEB_KEY = "sk-test-" + secrets.token_hex(12)
+
+
+def start_web(settings: Settings, log_path: Path, **extra_env: str) -> procs.WebProcess:
+    """``python -m web`` on exactly ``settings``, accepting :data:`WEB_KEY`; ready."""
+    env = settings_env(settings) | {"API_KEYS": WEB_KEY} | extra_env
+    web = procs.WebProcess(env, log_path)
+    try:
+        web.wait_ready()
+    except BaseException:
+        web.stop(10)
+        raise
+    return web
+
+
 # The example request body from Heroku's Kimi K2.5 model page.
 HEROKU_EXAMPLE: dict[str, Any] = {
     "model": "kimi-k2-5",

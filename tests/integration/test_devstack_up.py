@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_the_procfile_s_long_running_processes_are_all_but_release() -> None:
-    assert long_running(ROOT / "Procfile") == ["worker", "beat"]
+    assert long_running(ROOT / "Procfile") == ["worker", "beat", "web"]
 
 
 def test_up_runs_worker_and_beat_until_interrupted(settings: Settings, tmp_path: Path) -> None:

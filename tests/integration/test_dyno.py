@@ -71,9 +71,8 @@ def test_a_missing_variable_stops_the_process_with_one_line(
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     assert done.stderr == (
-        f"batch-infer: error: {missing} is not set on dyno {process}.1: attach it with "
-        f"`{PROVIDERS[missing]}` (or set it with `heroku config:set` if the add-on is "
-        "attached under another name)\n"
+        f"batch-infer: error: {missing} is not set on dyno {process}.1: {PROVIDERS[missing]} "
+        "(or set it with `heroku config:set` if the add-on is attached under another name)\n"
     )
     assert not var_dir.exists()
     assert _dev_stack_pids(var_dir) - before == set()

@@ -1,0 +1,133 @@
+"""Our batches and files as OpenAI's objects, field for field.
+
+What :mod:`web` returns must validate as the ``openai`` SDK's own types
+(``openai.types.Batch``, ``FileObject``, ``BatchRequestCounts``, ``BatchUsage``):
+times are Unix seconds, ids are ``batch_…`` and ``file-…``, and a batch's usage
+comes from the attempts ledger (every call the provider answered, retries included).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import func, select
+
+from jobs.db import session_scope
+from jobs.models import Attempt, Batch, File, Job
+
+#: A batch's public id is this prefix and its number.
+BATCH_PREFIX = "batch_"
+#: What ``completion_window`` says of a batch with none (the CLI's, nightly runs).
+NO_WINDOW = "none"
+
+
+def batch_public_id(batch_id: int) -> str:
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def parse_batch_id(text: str) -> int | None:
+    """The number of ``batch_12`` (or of a bare ``12``); ``None`` if it is not one."""
+    digits = text.removeprefix(BATCH_PREFIX).removeprefix("batch-")
+    if not digits.isdigit() or len(digits) > 18 or int(digits) < 1:
+        return None
+    return int(digits)
+
+
+def _unix(moment: dt.datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None
+
+
+def file_object(file: File) -> dict[str, Any]:
+    return {
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": _unix(file.created_at),
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
+
+
+def batch_object(batch: Batch, *, model: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+    errors = {"object": "list", "data": [_error(e) for e in batch.errors]} if batch.errors else None
+    return {
+        "id": batch_public_id(batch.id),
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": errors,
+        "input_file_id": batch.input_file_id or "",
+        "completion_window": batch.completion_window or NO_WINDOW,
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": _unix(batch.created_at),
+        "in_progress_at": _unix(batch.in_progress_at),
+        "expires_at": _unix(batch.expires_at),
+        "finalizing_at": _unix(batch.finalizing_at),
+        "completed_at": _unix(batch.completed_at),
+        "failed_at": _unix(batch.failed_at),
+        "expired_at": _unix(batch.expired_at),
+        "cancelling_at": _unix(batch.cancelling_at),
+        "cancelled_at": _unix(batch.cancelled_at),
+        "request_counts": {
+            "total": batch.total,
+            "completed": batch.succeeded,
+            # OpenAI counts a cancelled or expired request as failed.
+            "failed": batch.failed + batch.cancelled,
+        },
+        "metadata": {str(k): str(v) for k, v in batch.meta.items()} or None,
+        "model": model,
+        "usage": usage,
+    }
+
+
+def _error(error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "code": error.get("code"),
+        "line": error.get("line"),
+        "message": error.get("message"),
+        "param": error.get("param"),
+    }
+
+
+def batch_usage(database_url: str, batch_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Ledger usage and model of each batch: ``{id: {"usage": {...}, "model": ...}}``."""
+    found: dict[int, dict[str, Any]] = {
+        i: {"usage": usage_object(0, 0), "model": None} for i in batch_ids
+    }
+    if not batch_ids:
+        return found
+    with session_scope(database_url) as session:
+        rows = session.execute(
+            select(
+                Job.batch_id,
+                func.coalesce(func.sum(Attempt.prompt_tokens), 0),
+                func.coalesce(func.sum(Attempt.completion_tokens), 0),
+                func.min(Job.model),
+            )
+            .outerjoin(Attempt, Attempt.job_id == Job.id)
+            .where(Job.batch_id.in_(batch_ids))
+            .group_by(Job.batch_id)
+        )
+        for batch_id, prompt, completion, model in rows:
+            if batch_id is None:
+                continue
+            found[batch_id] = {
+                "usage": usage_object(int(prompt), int(completion)),
+                "model": model,
+            }
+    return found
+
+
+def usage_object(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }

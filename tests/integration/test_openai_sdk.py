@@ -1,0 +1,178 @@
+"""The real ``openai`` SDK against ``python -m web``, real workers and the simulator.
+
+Every object the API returns is validated by the SDK's own pydantic types, and every
+line of the output and error files by a JSON Schema of OpenAI's batch output line,
+each 200 body as an ``openai.types.chat.ChatCompletion``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+from openai.types import Batch, FileObject
+from openai.types.chat import ChatCompletion
+
+from devstack.procs import WebProcess
+from devstack.simulator import Simulator
+from jobs.settings import Settings
+from tests.support import WEB_KEY, WorkerProcess, jsonl, line, start_web
+
+pytestmark = pytest.mark.integration
+
+#: OpenAI's batch output line, as its documentation describes it.
+OUTPUT_LINE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "custom_id", "response", "error"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string"},
+        "custom_id": {"type": "string"},
+        "response": {
+            "type": ["object", "null"],
+            "required": ["status_code", "request_id", "body"],
+            "additionalProperties": False,
+            "properties": {
+                "status_code": {"type": "integer"},
+                "request_id": {"type": ["string", "null"]},
+                "body": {"type": ["object", "null"]},
+            },
+        },
+        "error": {
+            "type": ["object", "null"],
+            "required": ["code", "message"],
+            "additionalProperties": False,
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
+def check_line(row: dict[str, Any]) -> None:
+    """One output line against the schema; a 200 body must be a chat completion."""
+    jsonschema.validate(row, OUTPUT_LINE_SCHEMA)
+    response = row["response"]
+    assert response is not None or row["error"] is not None, row
+    if response is not None:
+        assert response["request_id"] != "None", row
+        if response["status_code"] == 200:
+            ChatCompletion.model_validate(response["body"])
+
+
+@pytest.fixture
+def web(settings: Settings, tmp_path: Path) -> Iterator[WebProcess]:
+    process = start_web(settings, tmp_path / "web.log")
+    yield process
+    process.stop(10)
+    assert WEB_KEY not in process.log()
+
+
+@pytest.fixture
+def client(web: WebProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{web.url}/v1", api_key=WEB_KEY, _strict_response_validation=True
+    ) as sdk:
+        yield sdk
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float) -> Batch:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        Batch.model_validate(batch.model_dump())
+        if batch.status in statuses:
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status} after {timeout} s"
+        time.sleep(0.3)
+
+
+def download(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    FileObject.model_validate(client.files.retrieve(file_id).model_dump())
+    rows = [json.loads(t) for t in client.files.content(file_id).text.splitlines()]
+    for row in rows:
+        check_line(row)
+    return rows
+
+
+def upload(client: openai.OpenAI, tmp_path: Path, content: bytes) -> FileObject:
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(content)
+    with path.open("rb") as fh:
+        created = client.files.create(file=fh, purpose="batch")
+    FileObject.model_validate(created.model_dump())
+    return created
+
+
+def test_upload_create_poll_and_download_with_the_sdk(
+    settings: Settings, simulator: Simulator, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    rows = [line(f"q{i}") for i in range(12)]
+    # One request the provider refuses: a content part of a type it does not know,
+    # which our validation passes through untouched; the simulator answers 400.
+    rows[5]["body"]["messages"] = [{"role": "user", "content": [{"type": "video", "x": 1}]}]
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        created = upload(client, tmp_path, jsonl(*rows))
+        assert created.id.startswith("file-") and created.purpose == "batch"
+        assert client.files.content(created.id).content == jsonl(*rows)
+        batch = client.batches.create(
+            input_file_id=created.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"team": "search"},
+        )
+        assert batch.status == "validating" and batch.id.startswith("batch_")
+        done = wait_for(client, batch.id, {"completed", "failed"}, 90)
+    finally:
+        worker.stop()
+    assert done.status == "completed", done.errors
+    assert done.metadata == {"team": "search"}
+    assert done.request_counts is not None and done.request_counts.total == 12
+    for stamp in ("in_progress_at", "finalizing_at", "completed_at"):
+        assert getattr(done, stamp) is not None, stamp
+    output = download(client, done.output_file_id)
+    errors = download(client, done.error_file_id)
+    answered = [r["custom_id"] for r in output + errors]
+    assert sorted(answered) == sorted(r["custom_id"] for r in rows)  # each exactly once
+    assert [r["custom_id"] for r in output] == [f"q{i}" for i in range(12) if i != 5]
+    assert done.request_counts.completed == len(output) and done.request_counts.failed == 1
+    assert done.usage is not None and done.usage.input_tokens > 0
+    # The provider's refusal keeps its answer: a response with its status, no error.
+    (refused,) = errors
+    assert refused["custom_id"] == "q5" and refused["error"] is None
+    assert refused["response"]["status_code"] == 400
+    listed = client.batches.list(limit=5)
+    assert [b.id for b in listed.data] == [batch.id]
+
+
+def test_a_bad_file_fails_the_batch_with_its_line_numbers(
+    settings: Settings, simulator: Simulator, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    good = line("ok")
+    bad_role = line("x", body={"model": "kimi-k2-5", "messages": [{"role": "wizard"}]})
+    created = upload(client, tmp_path, jsonl(good, bad_role, good))
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        batch = client.batches.create(
+            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = wait_for(client, batch.id, {"failed", "in_progress", "completed"}, 60)
+    finally:
+        worker.stop()
+    assert done.status == "failed"
+    assert done.errors is not None
+    found = {(e.line, e.code, e.param) for e in done.errors.data or []}
+    # The wrong role on line 2, the custom_id used twice on line 3.
+    assert (2, "invalid_request", "body.messages[0].role") in found, found
+    assert (3, "invalid_request", "custom_id") in found, found
+    assert done.failed_at is not None and done.request_counts is not None
+    assert done.request_counts.total == 0
+    assert done.output_file_id is None and done.error_file_id is None
