@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from jobs import files, housekeeping, intake
 from jobs.batchfile import (
@@ -37,7 +37,7 @@ from jobs.handles import (
 )
 from jobs.jsoncheck import json_kind, json_problem, show_value
 from jobs.logfmt import log_event
-from jobs.models import FilePurpose, Job, Priority, Source
+from jobs.models import Batch, FilePurpose, Job, Priority, Source
 from jobs.scheduled import is_file_source, load_callable_requests, run_key
 from jobs.settings import MODEL_LIMITS, Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
@@ -55,6 +55,7 @@ __all__ = [
     "enqueue",
     "get_batch",
     "get_job",
+    "recent_batches",
     "request_limits",
     "submit_batch",
     "submit_file",
@@ -241,6 +242,16 @@ def get_batch(batch_id: int, *, settings: Settings | None = None) -> BatchHandle
     handle = BatchHandle(batch_id, context(settings))
     handle.progress()
     return handle
+
+
+def recent_batches(*, limit: int = 20, settings: Settings | None = None) -> list[BatchProgress]:
+    """The ``limit`` newest batches' progress, newest first."""
+    ctx = context(settings)
+    with session_scope(ctx.database_url) as session:
+        ids = list(
+            session.execute(select(Batch.id).order_by(Batch.id.desc()).limit(limit)).scalars()
+        )
+    return [BatchHandle(batch_id, ctx).progress() for batch_id in ids]
 
 
 def get_job(job_id: int, *, settings: Settings | None = None) -> JobHandle:

@@ -32,9 +32,10 @@ from typing import Any, TextIO
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from jobs import api, environment, migrate, reports, retention
+from jobs import api, environment, migrate, reports, retention, shapes
 from jobs.batchfile import write_output
 from jobs.environment import Needs, ServiceError
+from jobs.handles import Which
 from jobs.logfmt import configure as configure_logging
 from jobs.logfmt import log_event
 from jobs.progress import ProgressPrinter, progress_line
@@ -42,6 +43,10 @@ from jobs.settings import ConfigError, Settings
 from jobs.validation import ValidationError
 
 USAGE_ERROR = 2
+#: Exit status after Ctrl-C.
+INTERRUPTED = 130
+#: Most batches ``list`` shows.
+MAX_LIST = 1000
 #: What ``submit -`` reads.
 STDIN = "/dev/stdin"
 
@@ -51,13 +56,17 @@ class UsageError(Exception):
 
 
 def _batch_id(text: str) -> int:
-    try:
-        value = int(text.removeprefix("batch-"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a batch id: {text!r}") from None
-    if value < 1:
+    """``batch_12`` (the API's ids), or ``12``."""
+    value = shapes.parse_batch_id(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"not a batch id: {text!r}")
     return value
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST:
+        raise argparse.ArgumentTypeError(f"not a number from 1 to {MAX_LIST}: {text!r}")
+    return int(text)
 
 
 def _date(text: str) -> dt.date:
@@ -106,7 +115,14 @@ def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
     if not args.wait:
         return 0
     printer = ProgressPrinter()
-    final = batch.wait(on_progress=printer, on_notice=printer.notice)
+    try:
+        final = batch.wait(on_progress=printer, on_notice=printer.notice)
+    except KeyboardInterrupt:
+        printer.notice(
+            f"stopped waiting; batch {batch.id} goes on: follow it with "
+            f"`python -m jobs status {batch.id}`, stop it with `python -m jobs cancel {batch.id}`"
+        )
+        return INTERRUPTED
     out.write(progress_line(final) + "\n")
     return 0 if final.failed == 0 and final.cancelled == 0 else 1
 
@@ -133,11 +149,28 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_results(args: argparse.Namespace, out: TextIO) -> int:
     batch = api.get_batch(args.batch)
+    which: Which = "all" if args.all else "errors" if args.errors else "output"
     if args.output:
-        count = _write_file(Path(args.output), batch.results())
+        count = _write_file(Path(args.output), batch.results(which))
         out.write(f"wrote {count} result lines to {args.output}\n")
     else:
-        write_output(batch.results(), out)
+        write_output(batch.results(which), out)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    rows = api.recent_batches(limit=args.limit)
+    if args.json:
+        json.dump([_progress_dict(p) for p in rows], out)
+        out.write("\n")
+        return 0
+    out.write(f"{'batch':<14} {'status':<11} {'total':>7} {'ok':>7} {'failed':>7}  name\n")
+    for p in rows:
+        failed = p.failed + p.cancelled
+        out.write(
+            f"{shapes.batch_public_id(p.id):<14} {p.status:<11} {p.total:>7} {p.succeeded:>7} "
+            f"{failed:>7}  {p.name}\n"
+        )
     return 0
 
 
@@ -208,8 +241,14 @@ def cmd_purge(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
-    count = api.get_batch(args.batch).cancel()
-    out.write(f"batch {args.batch}: cancelled {count} queued jobs\n")
+    batch = api.get_batch(args.batch)
+    count = batch.cancel()
+    after = batch.progress()
+    if after.status == "cancelling":
+        tail = f"cancelling until its {after.running} calls in flight end"
+    else:
+        tail = after.status
+    out.write(f"batch {args.batch}: stopped {count} jobs not yet sent; {tail}\n")
     return 0
 
 
@@ -261,7 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="write OpenAI Batch output lines")
     p.add_argument("batch", type=_batch_id)
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--errors", action="store_true", help="the error file's lines instead")
+    which.add_argument("--all", action="store_true", help="both files' lines, in input order")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("list", help="recent batches, newest first")
+    p.add_argument("--limit", type=_limit, default=20, help="how many (default 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("usage", help="calls and tokens by day, batch and model")
     p.add_argument("--since", type=_date, help="first UTC day, YYYY-MM-DD")
@@ -316,6 +363,7 @@ DATABASE_ONLY = Needs(redis=False)
 PLANS: dict[str, Plan] = {
     "status": Plan(DATABASE_ONLY),
     "results": Plan(DATABASE_ONLY),
+    "list": Plan(DATABASE_ONLY),
     "usage": Plan(DATABASE_ONLY),
     "purge": Plan(DATABASE_ONLY),
     "migrate": Plan(Needs(schema=False, redis=False)),
@@ -380,4 +428,4 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         sys.stderr.write("batch-infer: interrupted\n")
-        return 130
+        return INTERRUPTED

@@ -23,8 +23,6 @@ from jobs.db import get_engine, session_scope
 from jobs.models import File, FileChunk, FilePurpose, FileRole
 from jobs.store import new_id
 
-#: Largest file an upload may hold: OpenAI's limit for a batch input file.
-MAX_FILE_BYTES = 200 * 1024 * 1024
 #: Bytes of one stored chunk.
 CHUNK_BYTES = 1024 * 1024
 #: Longest line an upload may hold (the batch validator's own limit).
@@ -49,7 +47,7 @@ class Upload:
     is visible, and :meth:`abort` (or any error) leaves nothing behind.
     """
 
-    def __init__(self, database_url: str, *, filename: str, purpose: str) -> None:
+    def __init__(self, database_url: str, *, filename: str, purpose: str, max_bytes: int) -> None:
         if purpose != FilePurpose.BATCH:
             raise UploadError(
                 f"purpose must be 'batch' (files for the Batches API), got {purpose!r}",
@@ -58,6 +56,7 @@ class Upload:
         self.id = new_id("file-")
         self.filename = filename[:255] or "upload.jsonl"
         self.bytes = 0
+        self.max_bytes = max_bytes
         self._seq = 0
         self._buffer = bytearray()
         self._line = bytearray()
@@ -77,9 +76,9 @@ class Upload:
     def write(self, data: bytes) -> None:
         """Store the next bytes of the file; raises :class:`UploadError` when it is refused."""
         self.bytes += len(data)
-        if self.bytes > MAX_FILE_BYTES:
+        if self.bytes > self.max_bytes:
             raise UploadError(
-                f"the file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB",
+                f"the file is larger than {self.max_bytes} bytes (MAX_UPLOAD_BYTES)",
                 code="file_too_large",
                 status=413,
             )

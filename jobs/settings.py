@@ -184,6 +184,9 @@ class Settings:
     #: API_KEYS: the bearer tokens the web process accepts, comma-separated so that a key
     #: can be rotated. Required on a dyno by the web process; never logged.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: MAX_UPLOAD_BYTES: the largest file ``POST /v1/files`` stores. Default 200 MB,
+    #: OpenAI's limit for a batch input file.
+    max_upload_bytes: int = 200 * 1024 * 1024
     #: WEBHOOK_URL: where an event is POSTed when a batch ends. Unset: no events.
     webhook_url: str | None = None
     #: WEBHOOK_SECRET: the Standard Webhooks signing secret (``whsec_…``); never logged.
@@ -325,6 +328,7 @@ class Settings:
             service_wait_s=_float(e, "SERVICE_WAIT_SECONDS", d.service_wait_s, zero_ok=True),
             limits_from_env=from_env,
             api_keys=tuple(k.strip() for k in e.get("API_KEYS", "").split(",") if k.strip()),
+            max_upload_bytes=_int(e, "MAX_UPLOAD_BYTES", d.max_upload_bytes, minimum=1),
             webhook_url=e.get("WEBHOOK_URL") or None,
             webhook_secret=e.get("WEBHOOK_SECRET", ""),
         )

@@ -105,7 +105,7 @@ class Api:
 
     async def upload_file(self, request: Request) -> Response:
         try:
-            stored = await receive_upload(request, self.url)
+            stored = await receive_upload(request, self.url, self.settings.max_upload_bytes)
         except UploadError as exc:
             return api_error(exc.status, str(exc), code=exc.code, param="file")
         except MultipartParseError as exc:

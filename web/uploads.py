@@ -88,7 +88,7 @@ class _Form:
         return part.data.decode(errors="replace") if part is not None else None
 
 
-async def receive_upload(request: Request, database_url: str) -> File:
+async def receive_upload(request: Request, database_url: str, max_bytes: int) -> File:
     """Store the request's ``file`` part; raises :class:`UploadError` when it is refused."""
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
@@ -105,13 +105,13 @@ async def receive_upload(request: Request, database_url: str) -> File:
             parser.write(chunk)
             if form.pending:
                 if upload is None:
-                    upload = await run_in_threadpool(_begin, database_url, form)
+                    upload = await run_in_threadpool(_begin, database_url, form, max_bytes)
                 await run_in_threadpool(upload.write, form.take())
         parser.finalize()
         if form.file_part() is None:
             raise UploadError("the 'file' field is missing", code="invalid_request")
         if upload is None:
-            upload = await run_in_threadpool(_begin, database_url, form)
+            upload = await run_in_threadpool(_begin, database_url, form, max_bytes)
         purpose = form.field("purpose")
         if purpose != "batch":
             raise UploadError(
@@ -126,8 +126,8 @@ async def receive_upload(request: Request, database_url: str) -> File:
             await run_in_threadpool(upload.abort)
 
 
-def _begin(database_url: str, form: _Form) -> Upload:
+def _begin(database_url: str, form: _Form, max_bytes: int) -> Upload:
     part = form.file_part()
     filename = part.filename if part is not None and part.filename else "upload.jsonl"
     # The purpose field may come after the file: it is checked once the body is in.
-    return Upload(database_url, filename=filename, purpose="batch")
+    return Upload(database_url, filename=filename, purpose="batch", max_bytes=max_bytes)

@@ -86,16 +86,22 @@ def expired_batches(session: Tx, *, limit: int = 100) -> list[int]:
     )
 
 
+#: How long after a cancel or an expiry workers keep looking for its waiting jobs: longer
+#: than any wait (a window for a slot, a backoff, a read timeout's retry).
+STOPPING_FOR_S = 600.0
+
+
 def stopping_batches(session: Tx) -> list[int]:
-    """Batches being cancelled or expired that still have running jobs (their waiters stop)."""
+    """Batches cancelled or expired lately: a worker may still hold their jobs, waiting.
+
+    The jobs themselves ended ``cancelled`` when the batch stopped; the worker threads
+    that wait for their slot (or a retry) learn it from this list and let them go.
+    """
     b = _batches.c
+    recent = func.now() - dt.timedelta(seconds=STOPPING_FOR_S)
     return list(
         session.execute(
-            select(b.id).where(
-                b.running > 0,
-                or_(b.status == BatchStatus.CANCELLING, b.expired_at.is_not(None)),
-                b.finished_at.is_(None),
-            )
+            select(b.id).where(or_(b.cancelling_at > recent, b.expired_at > recent))
         ).scalars()
     )
 

@@ -29,6 +29,7 @@ PROCESSES = {
     "release": ["-m", "jobs", "migrate"],
     "run": ["-m", "jobs", "status", "1"],
     "celery": ["-m", "celery", "-A", "worker.app", "worker"],
+    "web": ["-m", "web"],
 }
 REQUIRED = ("DATABASE_URL", "REDIS_URL", "INFERENCE_URL", "INFERENCE_KEY")
 
@@ -62,6 +63,7 @@ def test_a_missing_variable_stops_the_process_with_one_line(
     assert settings.database_url is not None
     var_dir = tmp_path / "var"
     env = settings_env(settings) | {"DYNO": f"{process}.1", "VAR_DIR": str(var_dir)}
+    env["API_KEYS"] = "a-web-key"
     del env[missing]
     before = _dev_stack_pids(var_dir)
     done = subprocess.run(
@@ -78,3 +80,19 @@ def test_a_missing_variable_stops_the_process_with_one_line(
     assert _dev_stack_pids(var_dir) - before == set()
     assert _rows(settings.database_url) == (0, 0, 0)
     assert redis_conn.dbsize() == 0
+
+
+def test_the_web_process_on_a_dyno_needs_api_keys(settings: Settings, tmp_path: Path) -> None:
+    var_dir = tmp_path / "var"
+    env = settings_env(settings) | {"DYNO": "web.1", "VAR_DIR": str(var_dir), "PORT": "0"}
+    env.pop("API_KEYS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "web"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        done.stderr
+        == f"batch-infer: error: API_KEYS is not set on dyno web.1: {PROVIDERS['API_KEYS']}\n"
+    )
+    assert not var_dir.exists(), "no local key is made on a dyno"
