@@ -3,7 +3,8 @@
 | command | what it does |
 |---|---|
 | ``demo [--requests N]`` | the demo batch end to end on embedded defaults (``make demo``) |
-| ``up`` | migrate, then the Procfile's long-running processes under honcho (``make up``) |
+| ``up`` | migrate, then the Procfile's long-running processes under honcho (``make up``),|
+|  | printing the dashboard's URL and key |
 | ``status`` | the embedded servers and simulator running under VAR_DIR |
 | ``stop`` | stop them (``make stop``) |
 
@@ -40,18 +41,34 @@ def long_running(procfile: Path) -> list[str]:
     return names
 
 
+#: Where ``up`` serves the web process unless PORT says otherwise.
+WEB_PORT = 8000
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = environment.resolve(Settings.from_env())
+    settings = environment.resolve(Settings.from_env(), web=True)
     assert settings.database_url is not None
     migrate.upgrade(settings.database_url)
     procfile = ROOT / "Procfile"
-    argv = [sys.executable, "-m", "honcho", "-f", str(procfile), "-d", str(ROOT), "start"]
-    argv += long_running(procfile)
-    sys.stdout.write(f"running {', '.join(argv[8:])} from {procfile} (Ctrl-C stops them)\n")
-    sys.stdout.flush()
-    env = environment.child_env(settings)
+    names = long_running(procfile)
+    argv = [sys.executable, "-m", "honcho", "-f", str(procfile), "-d", str(ROOT), "start", *names]
+    env = environment.child_env(settings) | {"API_KEYS": ",".join(settings.api_keys)}
     # The Procfile says `python`: the one of this environment, as on a dyno.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    lines = [f"running {', '.join(names)} from {procfile} (Ctrl-C stops them)"]
+    if "web" in names:
+        # honcho gives each process type PORT + 100 x its place: the web one gets web_port.
+        web_port = int(os.environ.get("PORT") or WEB_PORT)
+        env["PORT"] = str(web_port - 100 * names.index("web"))
+        lines.append(
+            f"dashboard: http://127.0.0.1:{web_port}/ (any user name; password: "
+            f"{settings.api_keys[0]})"
+        )
+        lines.append(
+            f"API: OpenAI(base_url='http://127.0.0.1:{web_port}/v1', api_key=<the same key>)"
+        )
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
     os.execve(argv[0], argv, env)  # noqa: S606 - replaces this process
 
 

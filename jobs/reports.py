@@ -97,7 +97,10 @@ def recent_calls(session: Session, *, window_s: float, model: str) -> list[Recen
             Attempt.prompt_tokens,
             Attempt.completion_tokens,
             Job.est_prompt_tokens,
-            Job.request["max_tokens"].as_integer(),
+            func.coalesce(
+                Job.request["max_completion_tokens"].as_integer(),
+                Job.request["max_tokens"].as_integer(),
+            ),
         )
         .join(Job, Job.id == Attempt.job_id)
         .where(Attempt.model == model)

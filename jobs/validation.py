@@ -459,6 +459,35 @@ def _check_extended_thinking(body: dict[str, Any], prefix: str) -> None:
         )
 
 
+#: The fields that bound a completion: OpenAI's newer name first, then the older one.
+BUDGET_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def completion_budget(body: dict[str, Any], prefix: str = "body") -> int | None:
+    """The completion tokens a request allows: ``max_completion_tokens`` or ``max_tokens``.
+
+    Either name is accepted (OpenAI deprecated the second for the first); both at once
+    must agree. ``None`` when neither is given.
+    """
+    found: dict[str, int] = {}
+    for name in BUDGET_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not (is_int(value) and value >= 1):
+            raise ValidationError(
+                f"must be an integer >= 1, got {show_value(value)}", field=_join(prefix, name)
+            )
+        found[name] = value
+    if len(set(found.values())) > 1:
+        raise ValidationError(
+            f"is {found['max_completion_tokens']} but max_tokens is {found['max_tokens']}: "
+            "give one, or the same value in both",
+            field=_join(prefix, "max_completion_tokens"),
+        )
+    return next(iter(found.values()), None)
+
+
 def _check_budget(est: int, max_tokens: int | None, limits: RequestLimits, prefix: str) -> None:
     field = _join(prefix, "max_tokens" if max_tokens is not None else "messages")
     if max_tokens is not None and est + max_tokens > limits.context_tokens:
@@ -502,12 +531,7 @@ def check_request(
     _check_messages(body, prefix)
     declared = _check_tools(body, prefix)
     _check_tool_choice(body, prefix, declared)
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and not (is_int(max_tokens) and max_tokens >= 1):
-        raise ValidationError(
-            f"must be an integer >= 1, got {show_value(max_tokens)}",
-            field=_join(prefix, "max_tokens"),
-        )
+    max_tokens = completion_budget(body, prefix)
     _check_sampling(body, prefix)
     _check_extended_thinking(body, prefix)
     est = estimate_prompt_tokens(body)

@@ -299,9 +299,11 @@ def parse_request(
             "Streaming is not supported by this endpoint; send stream=false.", "stream"
         )
     messages = _check_messages(body.get("messages"))
-    max_tokens = body.get("max_tokens")
+    # OpenAI's newer name for the same budget is taken first.
+    budget_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = body.get(budget_name)
     if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 1):
-        raise InvalidRequestError("'max_tokens' must be an integer >= 1.", "max_tokens")
+        raise InvalidRequestError(f"'{budget_name}' must be an integer >= 1.", budget_name)
     tools = _check_tools(body.get("tools"))
     tool_choice = _check_tool_choice(body.get("tool_choice"), tools)
     _check_sampling(body)

@@ -696,3 +696,32 @@ def test_near_valid_requests_pass_with_a_consistent_result_or_raise_validation_e
         assert max_tokens is None or checked.est_prompt_tokens + max_tokens <= 262_144
         assert body.get("stream") is not True
     assert json.dumps(body, sort_keys=True) == snapshot  # never modified
+
+
+@pytest.mark.parametrize(
+    ("fields", "budget"),
+    [
+        ({"max_completion_tokens": 300}, 300),
+        ({"max_tokens": 200}, 200),
+        ({"max_completion_tokens": 250, "max_tokens": 250}, 250),
+        ({}, None),
+    ],
+    ids=["new-name", "old-name", "both-agree", "neither"],
+)
+def test_either_name_of_the_completion_budget_counts(
+    fields: dict[str, int], budget: int | None
+) -> None:
+    body = {"model": "kimi-k2-5", "messages": [{"role": "user", "content": "hi"}], **fields}
+    assert check_request(body, LIMITS).max_tokens == budget
+
+
+def test_max_completion_tokens_is_held_to_the_context_and_must_agree() -> None:
+    base = {"model": "kimi-k2-5", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError, match="exceeds the model's 262144-token context"):
+        check_request(base | {"max_completion_tokens": 262_144}, LIMITS)
+    with pytest.raises(ValidationError) as conflict:
+        check_request(base | {"max_completion_tokens": 10, "max_tokens": 20}, LIMITS)
+    assert conflict.value.field == "body.max_completion_tokens"
+    with pytest.raises(ValidationError) as bad:
+        check_request(base | {"max_completion_tokens": 0}, LIMITS)
+    assert bad.value.field == "body.max_completion_tokens"
