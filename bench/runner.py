@@ -106,6 +106,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("overhead-rss", "Worker RSS with 100 calls in flight", system.overhead_rss, solo=True),
     Scenario("overhead-submit", "Submitting a big batch file", system.overhead_submit, solo=True),
+    Scenario("web-upload", "Uploading a big batch file to the web", system.web_upload, solo=True),
     Scenario("baseline-celery", "Celery rate_limit baseline", system.baseline),
 )
 

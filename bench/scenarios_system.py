@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import subprocess
 import sys
+import threading
 import time
 
+import httpx
 import redis
 from celery import Celery
 
@@ -26,6 +29,7 @@ from bench.measure import (
 from bench.rows import Row
 from bench.scenarios_rate import BASE_RPM, BASE_TPM, LATENCY
 from bench.stack import Run, SimSpec, SimulatorProcess, StackSpec
+from devstack.procs import WebProcess
 from jobs import api
 from jobs.models import Priority
 
@@ -347,6 +351,79 @@ def overhead_submit(run: Run) -> Row:
     row.target("Redis holds <= 5 MB for the backlog", grown <= 5.0, f"{grown} MB")
     elapsed = float(m["elapsed_s"] or 0)
     row.target("submit in < 20 s", 0 < elapsed < 20, f"{elapsed} s")
+    return row
+
+
+#: The web process's memory target while it stores an upload.
+WEB_RSS_MB = 300
+
+
+def web_upload(run: Run) -> Row:
+    """``POST /v1/files`` of a big file to ``python -m web``, then ``POST /v1/batches``."""
+    lines = 100_000
+    row = Row("web-upload", f"Web: uploading a {lines:,}-line batch file")
+    row.description = (
+        f"The openai SDK's upload path, `POST /v1/files` (multipart) of {lines:,} OpenAI Batch "
+        "lines to `python -m web`, streamed with httpx from disk; then `POST /v1/batches` "
+        "(answers `validating` at once; no worker runs). Peak RSS = the web process's, "
+        "sampled every 50 ms during the upload."
+    )
+    m = row.metrics
+    m.update(workers=0, limits="n/a", requests=lines)
+    key = "bench-" + secrets.token_hex(8)
+    with run.stack("web-upload", _lifted((0.0, 0.0))) as st:
+        path = run.logs / "upload.jsonl"
+        size = write_batch_file(path, "upload", lines, 100, 16)
+        m["file_mb"] = round(size / MB, 1)
+        web = WebProcess(st.env | {"API_KEYS": key}, run.logs / "web.log")
+        try:
+            web.wait_ready()
+            rss0 = procstats.rss_bytes([web.pid])
+            peak = [rss0]
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.wait(0.05):
+                    peak.append(procstats.rss_bytes([web.pid]))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            headers = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=web.url, headers=headers, timeout=300) as http:
+                t0 = time.perf_counter()
+                with path.open("rb") as fh:
+                    reply = http.post(
+                        "/v1/files", files={"file": ("upload.jsonl", fh)}, data={"purpose": "batch"}
+                    )
+                m["upload_s"] = round(time.perf_counter() - t0, 1)
+                done.set()
+                sampler.join()
+                stored = reply.json() if reply.status_code == 200 else {}
+                t1 = time.perf_counter()
+                created = http.post(
+                    "/v1/batches",
+                    json={
+                        "input_file_id": stored.get("id"),
+                        "endpoint": "/v1/chat/completions",
+                        "completion_window": "24h",
+                    },
+                )
+                m["create_batch_ms"] = round((time.perf_counter() - t1) * 1000)
+        finally:
+            web.stop(10)
+            path.unlink(missing_ok=True)
+    m["upload_status"] = reply.status_code
+    m["stored_bytes"] = stored.get("bytes")
+    m["upload_mb_per_s"] = round(size / MB / max(float(m["upload_s"] or 0), 1e-9), 1)
+    m["web_rss_start_mb"] = round(rss0 / MB, 1)
+    m["web_peak_rss_mb"] = round(max(peak) / MB, 1)
+    m["batch_status"] = created.json().get("status") if created.status_code == 200 else None
+    row.target("upload stored whole", m["stored_bytes"] == size, f"{m['stored_bytes']} bytes")
+    rss = float(m["web_peak_rss_mb"] or 0)
+    row.target(f"web peak RSS < {WEB_RSS_MB} MB", rss < WEB_RSS_MB, f"{rss} MB")
+    row.target(
+        "batch answered validating", m["batch_status"] == "validating", str(m["batch_status"])
+    )
     return row
 
 
