@@ -1,7 +1,8 @@
 """Connections under load fit the smallest add-on plans: counted, never timed.
 
-One worker dyno (the default WORKER_CONCURRENCY), one beat and one CLI waiting on a
-batch run a saturating batch on a Redis server of the test's own. Every sample counts
+One worker dyno (the default WORKER_CONCURRENCY), one beat, one web process with a
+client of the Batches API polling it, and one CLI waiting on a batch run a saturating
+batch on a Redis server of the test's own. Every sample counts
 what the servers see (Redis ``CLIENT LIST``, PostgreSQL ``pg_stat_activity``) and
 which process holds each connection (its client port, through the process table).
 """
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 import psycopg
 import pytest
@@ -29,11 +31,13 @@ from tests.faults.harness import PrivateRedis
 from tests.support import (
     ROOT,
     TEST_KEY,
+    WEB_KEY,
     WorkerProcess,
     jsonl,
     line,
     make_settings,
     settings_env,
+    start_web,
     wait_until,
 )
 
@@ -116,7 +120,7 @@ def budget_settings(clean_db: str, tmp_path: Path) -> Iterator[Settings]:
         server.stop()
 
 
-def test_a_worker_dyno_beat_and_a_cli_fit_mini_redis_and_essential_postgres(
+def test_a_worker_beat_web_and_a_cli_fit_mini_redis_and_essential_postgres(
     budget_settings: Settings, tmp_path: Path
 ) -> None:
     settings = budget_settings
@@ -142,6 +146,20 @@ def test_a_worker_dyno_beat_and_a_cli_fit_mini_redis_and_essential_postgres(
         [sys.executable, "-m", "jobs", "submit", str(small), "--wait"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    web = start_web(settings, tmp_path / "web.log")
+    api_client = httpx.Client(base_url=web.url, headers={"Authorization": f"Bearer {WEB_KEY}"})
+    # A client of the Batches API: one upload and batch (a task published), then polling.
+    uploaded = api_client.post(
+        "/v1/files", files={"file": ("s.jsonl", small.read_bytes())}, data={"purpose": "batch"}
+    ).json()["id"]
+    created = api_client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": uploaded,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    ).json()["id"]
     redis_port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
     database = settings.database_url.rsplit("/", 1)[1]
     redis_peaks, pg_peaks = Peaks(), Peaks()
@@ -150,12 +168,19 @@ def test_a_worker_dyno_beat_and_a_cli_fit_mini_redis_and_essential_postgres(
     pg = psycopg.connect(settings.database_url.replace("+psycopg", ""), autocommit=True)
     try:
         worker.wait_ready()
-        pids = {worker.pid: "worker", beat.pid: "beat", cli.pid: "cli", os.getpid(): "test"}
+        pids = {
+            worker.pid: "worker",
+            beat.pid: "beat",
+            cli.pid: "cli",
+            web.pid: "web",
+            os.getpid(): "test",
+        }
         wait_until(lambda: _pg_busy(pg, database), 30, "calls under way")
         deadline = time.monotonic() + SAMPLE_FOR_S
         while time.monotonic() < deadline:
             redis_peaks.add(_redis_clients(probe, redis_port, pids, names))
             pg_peaks.add(_pg_connections(pg, database, pids))
+            assert api_client.get(f"/v1/batches/{created}").status_code == 200
             time.sleep(0.2)
         assert beat.poll() is None and cli.poll() is None, "beat and the CLI ran throughout"
         started = pg.execute("SELECT count(*) FROM attempts").fetchone()
@@ -163,6 +188,8 @@ def test_a_worker_dyno_beat_and_a_cli_fit_mini_redis_and_essential_postgres(
         for proc in (cli, beat):
             stop_process(proc)
         beat_log.close()
+        api_client.close()
+        web.stop(10)
         worker.stop()
         probe.close()
         pg.close()
@@ -174,8 +201,8 @@ def test_a_worker_dyno_beat_and_a_cli_fit_mini_redis_and_essential_postgres(
     # The batch saturated the key: the first window's whole quota was called.
     assert started is not None and started[0] >= 150
     # Beat never touches the database; the rest use both.
-    assert set(redis_peaks.roles) == {"worker", "beat", "cli"}, redis_peaks
-    assert set(pg_peaks.roles) == {"worker", "cli"}, pg_peaks
+    assert set(redis_peaks.roles) == {"worker", "beat", "cli", "web"}, redis_peaks
+    assert set(pg_peaks.roles) == {"worker", "cli", "web"}, pg_peaks
     assert redis_peaks.total <= REDIS_MINI_CLIENTS, redis_peaks
     assert pg_peaks.total <= POSTGRES_ESSENTIAL_CONNECTIONS, pg_peaks
 
