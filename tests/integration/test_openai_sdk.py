@@ -7,6 +7,7 @@ each 200 body as an ``openai.types.chat.ChatCompletion``.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from openai.types.chat import ChatCompletion
 
 from devstack.procs import WebProcess
 from devstack.simulator import Simulator
+from jobs import retention
 from jobs.settings import Settings
 from tests.support import WEB_KEY, WorkerProcess, jsonl, line, start_web
 
@@ -176,3 +178,24 @@ def test_a_bad_file_fails_the_batch_with_its_line_numbers(
     assert done.failed_at is not None and done.request_counts is not None
     assert done.request_counts.total == 0
     assert done.output_file_id is None and done.error_file_id is None
+
+
+def test_a_purged_output_file_still_reads_as_chat_completions(
+    settings: Settings, simulator: Simulator, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    created = upload(client, tmp_path, jsonl(*(line(f"p{i}") for i in range(3))))
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        batch = client.batches.create(
+            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = wait_for(client, batch.id, {"completed", "failed"}, 60)
+    finally:
+        worker.stop()
+    assert done.status == "completed"
+    # Retention deletes the bodies of every job finished before now.
+    assert retention.purge(settings, older_than=dt.datetime.now(dt.UTC)).jobs == 3
+    rows = download(client, done.output_file_id)  # each line checked, bodies included
+    assert [r["error"]["code"] for r in rows] == ["purged"] * 3
+    assert all(r["response"]["body"]["choices"] == [] for r in rows)
+    assert all(r["response"]["body"]["usage"]["total_tokens"] > 0 for r in rows)
