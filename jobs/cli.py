@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -279,8 +279,15 @@ def cmd_beat(args: argparse.Namespace, out: TextIO) -> int:
     return _exec(environment.beat_argv())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument told in one line (its usage stays in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"batch-infer: error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batch-infer",
         description="Batch chat completions on Heroku Managed Inference.",
     )

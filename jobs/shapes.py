@@ -29,8 +29,9 @@ def batch_public_id(batch_id: int) -> str:
 def parse_batch_id(text: str) -> int | None:
     """The number of ``batch_12`` (or of a bare ``12``); ``None`` if it is not one."""
     digits = text.removeprefix(BATCH_PREFIX).removeprefix("batch-")
-    if not digits.isdigit() or len(digits) > 18 or int(digits) < 1:
+    if not digits.isascii() or not digits.isdigit() or int(digits) < 1:
         return None
+    # A number past Postgres's bigint is a batch that does not exist, not a bad id.
     return int(digits)
 
 

@@ -125,7 +125,7 @@ def test_cli_submit_wait_status_results_usage(
     # cancel and retry on a finished batch: nothing to do, said plainly.
     cancel = run_cli(settings, "cancel", str(batch_id))
     assert (cancel.returncode, cancel.stdout.strip()) == (
-        0, f"batch {batch_id}: cancelled 0 queued jobs",
+        0, f"batch {batch_id}: stopped 0 jobs not yet sent; completed",
     )  # fmt: skip
     retry = run_cli(settings, "retry", str(batch_id))
     assert retry.stdout.strip() == f"batch {batch_id}: re-queued 0 failed jobs"
@@ -147,7 +147,7 @@ def test_cli_errors_are_one_line_with_exit_2(
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) <= 2  # argparse adds a usage line
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("batch-infer: error: ")
 
 
 def test_cli_rejects_a_bad_file_naming_the_line(settings: Settings, tmp_path: Path) -> None:

@@ -218,15 +218,17 @@ def test_a_closed_pipe_ends_quietly(settings: Settings) -> None:
         [sys.executable, "-m", "jobs", "cancel", "1"],
         env=env, cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
-    assert cancel.stdout == f"batch 1: cancelled {count} queued jobs\n", cancel.stderr
+    assert cancel.stdout == f"batch 1: stopped {count} jobs not yet sent; cancelled\n", (
+        cancel.stderr
+    )
     piped = subprocess.run(
-        f"{sys.executable} -m jobs results 1 | head -1",
+        f"{sys.executable} -m jobs results 1 --errors | head -1",
         shell=True, env=env, cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert piped.stderr == ""
     assert piped.stdout.count("\n") == 1 and '"custom_id":"r0"' in piped.stdout
     status = subprocess.run(
-        f"set -o pipefail; {sys.executable} -m jobs results 1 | head -1 >/dev/null",
+        f"set -o pipefail; {sys.executable} -m jobs results 1 --errors | head -1 >/dev/null",
         shell=True, executable="/bin/bash", env=env, cwd=ROOT, capture_output=True, text=True,
         check=False,
     )  # fmt: skip
