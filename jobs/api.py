@@ -158,6 +158,7 @@ def _store_batch(
             items=items,
             metadata=metadata,
             idempotency_key=idempotency_key,
+            notify=ctx.settings.webhook_url is not None,
         )
     log_event("batch_submitted", batch=batch_id, jobs=count, source=source.value, created=created)
     if created:

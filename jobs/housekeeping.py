@@ -5,7 +5,10 @@
 2. Batches with nothing queued or running that wait to end get their finalize task.
 3. Batches the Batches API left ``validating`` for a minute get their validation task
    again (the web process that should have published it may have died).
-4. The ids of batches being stopped (cancelled, expired) are returned: the worker
+4. With WEBHOOK_URL set, the webhook events that are due are claimed and a delivery
+   task is published for each (:func:`jobs.webhooks.publish_due`); the claim, not a
+   Redis key, keeps two sweeps from sending the same attempt.
+5. The ids of batches being stopped (cancelled, expired) are returned: the worker
    wakes its jobs of those batches that wait for a slot or a retry
    (:mod:`worker.stops`).
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from jobs import store
+from jobs import store, webhooks
 from jobs.connections import shared_redis
 from jobs.constants import QUEUE_CONTROL, TASK_FINALIZE_BATCH, TASK_VALIDATE_BATCH, once_key
 from jobs.db import transaction
@@ -58,4 +61,6 @@ def sweep(settings: Settings, app: Celery) -> list[int]:
         publish_once(settings, app, TASK_FINALIZE_BATCH, batch_id)
     for batch_id in stale:
         publish_once(settings, app, TASK_VALIDATE_BATCH, batch_id)
+    if settings.webhook_url is not None:
+        webhooks.publish_due(settings, app)
     return stopping

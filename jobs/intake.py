@@ -67,8 +67,11 @@ def create_batch(
     priority: Priority = Priority.BULK,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    notify: bool = False,
 ) -> tuple[int, bool]:
     """Store a batch and all its jobs; returns ``(batch_id, created)``.
+
+    A batch of no jobs is completed at once, with its webhook event when ``notify``.
 
     With an ``idempotency_key`` that already exists, nothing is written and the
     existing batch is returned with ``created=False``. ``items`` may be an iterator
@@ -105,7 +108,7 @@ def create_batch(
     if count != expected:
         session.execute(update(Batch).where(Batch.id == batch_id).values(total=count, queued=count))
     if not count:
-        store.end_empty(session, batch_id)
+        store.end_empty(session, batch_id, notify=notify)
     return batch_id, True
 
 

@@ -6,6 +6,8 @@ documented beside its field; the README's configuration table mirrors this file.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import ipaddress
@@ -191,6 +193,14 @@ class Settings:
     webhook_url: str | None = None
     #: WEBHOOK_SECRET: the Standard Webhooks signing secret (``whsec_…``); never logged.
     webhook_secret: str = field(default="", repr=False)
+    #: WEBHOOK_BACKOFF_BASE, seconds after a failed delivery before the next one; doubles
+    #: per attempt, equal jitter. Default 5: a receiver that restarts gets the event
+    #: within seconds; the waits double up to WEBHOOK_BACKOFF_MAX, the first ten
+    #: taking about an hour in all.
+    webhook_backoff_base: float = 5.0
+    #: WEBHOOK_BACKOFF_MAX, seconds; cap of one wait between deliveries. Default 3600:
+    #: a receiver down for a day gets the event within the hour it returns.
+    webhook_backoff_max: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.database_url is not None and not self.database_url.startswith(
@@ -214,7 +224,7 @@ class Settings:
                     "WEBHOOK_URL must be https:// (plain http:// is accepted only for a "
                     "loopback receiver)"
                 )
-            if not self.webhook_secret.startswith("whsec_"):
+            if not _is_whsec(self.webhook_secret):
                 raise ConfigError(
                     "WEBHOOK_SECRET must be set with WEBHOOK_URL, as whsec_ and base64 "
                     "(Standard Webhooks' form, what the openai SDK's webhooks.unwrap takes)"
@@ -331,7 +341,19 @@ class Settings:
             max_upload_bytes=_int(e, "MAX_UPLOAD_BYTES", d.max_upload_bytes, minimum=1),
             webhook_url=e.get("WEBHOOK_URL") or None,
             webhook_secret=e.get("WEBHOOK_SECRET", ""),
+            webhook_backoff_base=_float(e, "WEBHOOK_BACKOFF_BASE", d.webhook_backoff_base),
+            webhook_backoff_max=_float(e, "WEBHOOK_BACKOFF_MAX", d.webhook_backoff_max),
         )
+
+
+def _is_whsec(secret: str) -> bool:
+    """``whsec_`` and non-empty base64: the key the signature is made with (never shown)."""
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return bool(base64.b64decode(secret.removeprefix("whsec_"), validate=True))
+    except binascii.Error:
+        return False
 
 
 def _scheme(url: str) -> str:

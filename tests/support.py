@@ -75,7 +75,11 @@ def make_settings(
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment that makes a child process read exactly ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERENCE_", "NIGHTLY_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("INFERENCE_", "NIGHTLY_", "WEBHOOK_"))
+    }
     assert settings.database_url and settings.redis_url and settings.inference_url
     env.update(
         DATABASE_URL=settings.database_url,
@@ -97,6 +101,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
         WORKER_CONCURRENCY=str(settings.worker_concurrency),
         PYTHONUNBUFFERED="1",
     )
+    if settings.webhook_url is not None:
+        env.update(
+            WEBHOOK_URL=settings.webhook_url,
+            WEBHOOK_SECRET=settings.webhook_secret,
+            WEBHOOK_BACKOFF_BASE=str(settings.webhook_backoff_base),
+            WEBHOOK_BACKOFF_MAX=str(settings.webhook_backoff_max),
+        )
     return env
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from jobs import finalizing, retention, store, validating
+from jobs import finalizing, retention, store, validating, webhooks
 from jobs.api import submit_scheduled
 from jobs.constants import (
+    TASK_DELIVER_WEBHOOK,
     TASK_DISPATCH,
     TASK_FINALIZE_BATCH,
     TASK_NIGHTLY_BATCH,
@@ -75,3 +76,8 @@ def validate_batch(batch_id: int) -> str:
 def finalize_batch(batch_id: int) -> str | None:
     final = finalizing.finalize(settings, batch_id)
     return final.value if final is not None else None
+
+
+@app.task(name=TASK_DELIVER_WEBHOOK, ignore_result=True)
+def deliver_webhook(event_id: str, attempts: int) -> str:
+    return webhooks.deliver(settings, event_id, attempts)

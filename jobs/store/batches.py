@@ -164,14 +164,17 @@ def reject_batch(session: Tx, batch_id: int, errors: list[dict[str, Any]], *, no
     return row is not None
 
 
-def end_empty(session: Tx, batch_id: int) -> None:
+def end_empty(session: Tx, batch_id: int, *, notify: bool) -> None:
     """A batch stored with no jobs at all has nothing to run: it is completed at once."""
     b = _batches.c
-    session.execute(
+    row = session.execute(
         update(_batches)
         .where(b.id == batch_id, b.status == BatchStatus.IN_PROGRESS)
         .values(status=BatchStatus.COMPLETED, completed_at=func.now(), finished_at=func.now())
-    )
+        .returning(b.id)
+    ).one_or_none()
+    if row is not None and notify:
+        _event(session, batch_id, BatchStatus.COMPLETED)
 
 
 def finalizable(session: Tx, *, limit: int = 100) -> list[int]:
