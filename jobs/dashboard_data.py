@@ -1,12 +1,13 @@
 """What the dashboard shows, read from Postgres and Redis: the web process only renders it.
 
 Every read stays cheap however large the batches are: a batch's counts come from its
-counter columns (kept by :mod:`jobs.store`), never from counting its jobs; the backlog
-and the calls in flight are counted through the partial indexes on queued and running
-jobs; a batch's failed jobs are read through ``ix_jobs_batch_id_status``, the first
-:data:`FAILED_LIST_LIMIT` of them; the throttle chart reads one hour of the ledger
-through ``ix_attempts_started_at``. Times come from the database's clock, so elapsed
-times agree with the ``*_at`` columns whatever the web dyno's clock says.
+counter columns (kept by :mod:`jobs.store`), never from counting its jobs, and so does
+the backlog, plus the interactive jobs (no batch) through ``ix_jobs_batch_id_status``;
+the calls in flight are counted through the partial index on running jobs; a batch's
+failed jobs are read through an index too, the first :data:`FAILED_LIST_LIMIT` of them;
+the throttle chart reads one hour of the ledger through ``ix_attempts_started_at``.
+Times come from the database's clock, so elapsed times agree with the ``*_at`` columns
+whatever the web dyno's clock says.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class MinuteUsage:
 class LiveState:
     """The queue and the throttle right now."""
 
-    #: Jobs waiting to run (queued), every batch's and the interactive ones.
+    #: Jobs waiting to run (queued): every batch's (its counter) and the interactive ones.
     backlog: int
     #: Jobs a worker holds: in flight, waiting for a throttle slot or a backoff.
     running: int
@@ -249,9 +250,16 @@ def live_state(settings: Settings) -> LiveState:
     """The backlog and the calls in flight (Postgres), the pause and circuit (Redis)."""
     assert settings.database_url is not None
     with session_scope(settings.database_url) as session:
-        backlog = session.execute(
-            select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
-        ).scalar_one()
+        # The batches' counters, plus the interactive jobs (no batch) by their index:
+        # counting queued jobs row by row would read a large backlog on every refresh.
+        in_batches = select(func.coalesce(func.sum(Batch.queued), 0)).scalar_subquery()
+        alone = (
+            select(func.count())
+            .select_from(Job)
+            .where(Job.batch_id.is_(None), Job.status == JobStatus.QUEUED)
+            .scalar_subquery()
+        )
+        backlog = int(session.execute(select(in_batches + alone)).scalar_one())
         running, in_flight = session.execute(
             select(func.count(), func.count().filter(Job.calling.is_(True)))
             .select_from(Job)
