@@ -16,8 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import sync_playwright
+from sqlalchemy import func, select
 
 from devstack.simulator import Simulator, SimulatorConfig
+from jobs.db import session_scope
+from jobs.models import Attempt
 from jobs.settings import Settings
 from tests.support import TEST_KEY, WEB_KEY, WorkerProcess, jsonl, line, make_settings, start_web
 
@@ -87,6 +90,7 @@ def test_a_browser_watches_a_batch_run_to_completed(
     slow_settings: Settings, tmp_path: Path
 ) -> None:
     require_chromium()
+    assert slow_settings.database_url
     web = start_web(slow_settings, tmp_path / "web.log")
     worker = WorkerProcess(slow_settings, tmp_path / "worker.log", concurrency=THREADS)
     try:
@@ -133,6 +137,15 @@ def test_a_browser_watches_a_batch_run_to_completed(
             assert page.evaluate("window.__sameDocument") is True
             width = row.locator('[data-part="succeeded"]').evaluate("e => e.style.width")
             assert float(width.removesuffix("%")) == 100.0, width
+            # The chart, empty when the page loaded, comes to draw every call of the ledger.
+            with session_scope(slow_settings.database_url) as s:
+                calls = s.execute(select(func.count()).select_from(Attempt)).scalar_one()
+            page.wait_for_function(
+                "calls => Array.from(document.querySelectorAll('#chart rect[data-value]'))"
+                ".slice(0, 60).reduce((sum, bar) => sum + Number(bar.dataset.value), 0) === calls",
+                arg=calls,
+                timeout=15_000,
+            )
 
             # The batch's page, and its output file downloaded with the same login.
             page.click(f'a[href="/batches/{batch_id}"]')

@@ -15,6 +15,7 @@
   const updated = document.getElementById("updated");
   if (!main || !main.dataset.state) return;
 
+  let chartMinutes = null; // the minutes the chart on screen was drawn from
   const number = (n) => (n === null || n === undefined ? "?" : Number(n).toLocaleString("en-US"));
 
   function setText(root, field, text) {
@@ -87,7 +88,12 @@
       }
       if (state.throttle) {
         applyThrottle(state.throttle);
-        await refreshChart();
+        // The SVG is drawn from the same minutes: fetched again only when they changed.
+        const minutes = JSON.stringify(state.throttle.minutes);
+        if (minutes !== chartMinutes) {
+          await refreshChart();
+          chartMinutes = minutes;
+        }
       }
       if (updated) updated.textContent = "updated " + new Date().toLocaleTimeString();
     } catch (err) {
