@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PKGS := jobs worker devstack migrations tests bench
+PKGS := jobs worker web devstack migrations tests bench
 
 .PHONY: install lint format test test-unit faults soak demo up bench clean stop
 

@@ -14,6 +14,8 @@ batch behind: an upload is one transaction, a batch is stored in one.
 | ``GET /v1/batches`` | list batches, newest first (``after``, ``limit``) |
 | ``GET /v1/batches/{id}`` | one batch |
 | ``POST /v1/batches/{id}/cancel`` | cancel one |
+
+The dashboard's pages (``/``, ``/batches/{id}``) and their JSON are in :mod:`web.dashboard`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from jobs.models import Batch
 from jobs.settings import Settings
 from jobs.validation import ValidationError
 from web.auth import REALM, authorized
+from web.dashboard import Dashboard
 from web.errors import api_error, not_found
 from web.uploads import receive_upload
 
@@ -226,7 +229,7 @@ class Api:
 def create_app(settings: Settings) -> Starlette:
     """The web app on resolved settings (database, Redis and API keys set)."""
     return Starlette(
-        routes=Api(settings).routes(),
+        routes=[*Api(settings).routes(), *Dashboard(settings).routes()],
         middleware=[Middleware(_Keys, keys=settings.api_keys)],
         exception_handlers={404: _unknown_route, 405: _wrong_method},
     )

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("jobs", "worker", "devstack", "migrations", "bench")
+PACKAGES = ("jobs", "worker", "web", "devstack", "migrations", "bench")
 #: package -> packages of ours it must never import.
 FORBIDDEN = {
-    "jobs": {"worker", "devstack", "migrations", "bench", "tests"},
-    "worker": {"devstack", "migrations", "bench", "tests"},
-    "migrations": {"worker", "devstack", "bench", "tests"},
+    "jobs": {"worker", "web", "devstack", "migrations", "bench", "tests"},
+    "worker": {"web", "devstack", "migrations", "bench", "tests"},
+    # The web process serves what `jobs` stores and reads; it never runs jobs itself.
+    "web": {"worker", "devstack", "migrations", "bench", "tests"},
+    "migrations": {"worker", "web", "devstack", "bench", "tests"},
     "devstack": {"worker", "bench", "tests"},
     "bench": {"tests"},
 }
