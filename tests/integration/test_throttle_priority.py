@@ -20,7 +20,9 @@ from jobs.constants import (
 from jobs.models import Priority
 from tests.integration.throttle_helpers import (
     BUCKET,
+    Admitted,
     CountingRedis,
+    admitted,
     entries,
     log_size,
     make,
@@ -29,11 +31,12 @@ from tests.integration.throttle_helpers import (
     overfull_future_windows,
     random_schedule,
     redis_now_ms,
+    released_early,
     wait_until,
     worst_window,
     write_log,
 )
-from worker.throttle import Reservation, ThrottleInterrupted
+from worker.throttle import ThrottleInterrupted
 from worker.throttle_reference import (
     earliest_slot,
     interactive_hold,
@@ -324,15 +327,15 @@ def test_a_waited_interactive_reservation_is_confirmed_settled_and_released(
 def test_interactive_starts_ahead_of_a_hundred_booked_bulk_calls(r: CountingRedis) -> None:
     rpm, window_s = 50, 1.0
     throttle = make(r, rpm=rpm, tpm=10**6, window_s=window_s)
-    bulk: list[Reservation] = []
+    bulk: list[Admitted] = []
     with ThreadPoolExecutor(100) as pool:
-        futures = [pool.submit(throttle.acquire, 1) for _ in range(100)]
+        futures = [pool.submit(lambda: admitted(throttle.acquire(1))) for _ in range(100)]
         wait_until(lambda: log_size(r) == 100)
         now = redis_now_ms(r)
         booked = sorted(s for m, s in members(r).items() if s > now)
         assert len(booked) >= 40  # a window's worth of bulk calls is waiting
         called = time.monotonic()
-        interactive = throttle.acquire(1, priority=INTERACTIVE)
+        interactive = admitted(throttle.acquire(1, priority=INTERACTIVE))
         waited = time.monotonic() - called
         bulk = [f.result(timeout=30) for f in futures]
     waiting_bulk = [b.start_ms for b in bulk if b.start_ms > now]
@@ -343,8 +346,9 @@ def test_interactive_starts_ahead_of_a_hundred_booked_bulk_calls(r: CountingRedi
     assert interactive.start_ms < booked[-1]
     # It jumped the whole waiting queue: no bulk call booked before it started earlier.
     assert min(waiting_bulk) >= interactive.start_ms
-    records = [(b.start_ms, 1) for b in [*bulk, interactive]]
+    records = [*bulk, interactive]
     assert worst_window(records, int(window_s * 1000))[0] <= rpm
+    assert not released_early(records)
 
 
 def test_mixed_priorities_never_over_admit_and_bulk_progresses(r: CountingRedis) -> None:
@@ -352,7 +356,7 @@ def test_mixed_priorities_never_over_admit_and_bulk_progresses(r: CountingRedis)
     throttle = make(r, rpm=rpm, tpm=tpm, window_s=window_ms / 1000, interactive_share=share)
     throttle.release(throttle.acquire(0))
     stop = threading.Event()
-    records: list[tuple[int, int, int, float]] = []
+    records: list[tuple[Admitted, int, float]] = []
     lock = threading.Lock()
 
     def run(seed: int, priority: int) -> None:
@@ -361,12 +365,11 @@ def test_mixed_priorities_never_over_admit_and_bulk_progresses(r: CountingRedis)
             started = time.monotonic()
             try:
                 reservation = throttle.acquire(rng.randint(1, 50), stop=stop, priority=priority)
+                record = admitted(reservation)
             except ThrottleInterrupted:
                 return
             with lock:
-                records.append(
-                    (reservation.start_ms, reservation.tokens, priority, time.monotonic() - started)
-                )
+                records.append((record, priority, time.monotonic() - started))
 
     sent = r.sent
     with ThreadPoolExecutor(40) as pool:
@@ -377,11 +380,13 @@ def test_mixed_priorities_never_over_admit_and_bulk_progresses(r: CountingRedis)
         for future in futures:
             future.result(timeout=30)
     sent = r.sent - sent
-    requests, tokens = worst_window([(s, t) for s, t, _, _ in records], window_ms)
+    admissions = [record for record, _, _ in records]
+    requests, tokens = worst_window(admissions, window_ms)
     assert requests <= rpm
     assert tokens <= tpm
-    waits = {p: [w for _, _, q, w in records if q == p] for p in (INTERACTIVE, BULK)}
-    starts = sorted(s for s, _, _, _ in records)
+    assert not released_early(admissions)
+    waits = {p: [w for _, q, w in records if q == p] for p in (INTERACTIVE, BULK)}
+    starts = sorted(record.start_ms for record in admissions)
     windows = (starts[-1] - starts[0]) // window_ms
     print(
         f"\nmixed: interactive={len(waits[INTERACTIVE])} "
