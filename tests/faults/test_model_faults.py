@@ -6,8 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Row, select
 
 from devstack.simulator import Simulator
+from jobs.db import session_scope
+from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
 from tests.faults.conftest import fault_settings
 from tests.faults.harness import check_invariants, fleet, submit, wait_finished
@@ -31,13 +34,24 @@ def test_storm_of_5xx_hangs_malformed_bodies_and_a_30_s_run_of_503s(
         batch = submit(settings, 600, tag="storm")
         wait_until(lambda: strict_sim.stats().ok >= 150, 60, "150 calls answered")
         strict_sim.outage(30.0, status=503)
-        progress = wait_finished(batch, 240, f)
+        wait_finished(batch, 240, f)
     found = check_invariants(settings, strict_sim, batch)
     stats = strict_sim.stats()
     assert stats.hangs > 0 and stats.malformed > 0 and stats.server_errors > 0, stats
-    # Every job ends; a job fails only after its whole retry budget, its last error kept.
-    assert progress.succeeded + progress.failed == 600
+    # Our read timeout gave up on every hang before its 6 s were over: the simulator
+    # found the connection closed, and the ledger says timeout (checked above).
+    hangs = [c for c in strict_sim.calls() if c.outcome == "hang"]
+    assert not any(c.delivered for c in hangs), hangs
+    calls = ledger_calls(settings, batch.id)
+    waited_ms = [c.latency_ms for c in calls if c.error_kind == "timeout"]
+    assert len(waited_ms) == len(hangs)
+    assert min(waited_ms) >= settings.read_timeout * 1000, waited_ms
+    # A job fails only once its whole retry budget is spent, its last error kept. The
+    # budget outlasts the 30 s of 503s; a smaller one would fail the jobs caught in them.
     assert set(found.failed_errors) <= {"server_error", "timeout", "malformed"}
+    for job_id, code in failed_jobs(settings, batch.id).items():
+        made = sorted((c.number, c.error_kind) for c in calls if c.job_id == job_id)
+        assert len(made) == settings.max_attempts and made[-1][1] == code, (job_id, code, made)
     print(
         found.line(
             "model-storm",
@@ -47,6 +61,31 @@ def test_storm_of_5xx_hangs_malformed_bodies_and_a_30_s_run_of_503s(
             failed_by=dict(found.failed_errors),
         )
     )
+
+
+def ledger_calls(settings: Settings, batch_id: int) -> list[Row[tuple[int, int, str | None, int]]]:
+    """``(job_id, number, error_kind, latency_ms)`` of every call of the batch."""
+    assert settings.database_url is not None
+    with session_scope(settings.database_url) as s:
+        return list(
+            s.execute(
+                select(Attempt.job_id, Attempt.number, Attempt.error_kind, Attempt.latency_ms)
+                .join(Job, Job.id == Attempt.job_id)
+                .where(Job.batch_id == batch_id)
+            ).all()
+        )
+
+
+def failed_jobs(settings: Settings, batch_id: int) -> dict[int, str | None]:
+    """The batch's failed jobs and their error codes."""
+    assert settings.database_url is not None
+    with session_scope(settings.database_url) as s:
+        rows = s.execute(
+            select(Job.id, Job.error_code).where(
+                Job.batch_id == batch_id, Job.status == JobStatus.FAILED
+            )
+        ).all()
+    return {job_id: code for job_id, code in rows}
 
 
 @pytest.mark.timeout(300)
