@@ -80,14 +80,23 @@ def test_kill_9_mid_call_five_times_in_a_1000_job_batch(
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_60_s(
+def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_half_a_lease(
     clean_db: str, redis_url: str, strict_sim: Simulator, tmp_path: Path
 ) -> None:
     from tests.faults.conftest import fault_settings
 
     # Slow calls and backoff sleeps, so the stopped worker has jobs mid-call and mid-wait.
+    # The production lease: a job the worker did not hand back waits for it to expire,
+    # 45 to 60 s after the exit (renewed every 15 s), and restarts later than this
+    # test allows.
+    lease_s = 60.0
     settings = fault_settings(
-        clean_db, redis_url, strict_sim.url, backoff_base=4.0, backoff_max=20.0
+        clean_db,
+        redis_url,
+        strict_sim.url,
+        backoff_base=4.0,
+        backoff_max=20.0,
+        job_lease_seconds=lease_s,
     )
     strict_sim.set_faults(error_rate=0.3)
     with fleet(settings, tmp_path, concurrency=40) as f:
@@ -110,8 +119,9 @@ def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_60_s(
     assert handed, "some jobs were waiting when SIGTERM came"
     restart = restarts_after(settings, handed, sigterm_at)
     assert set(restart) == handed
-    assert max(restart.values()) < 60
-    assert progress.succeeded + progress.failed == 400
+    assert max(restart.values()) < lease_s / 2
+    # The faults stop with SIGTERM, long before any job could spend its 8 calls.
+    assert progress.succeeded == 400, progress
     print(
         found.line(
             "sigterm",
