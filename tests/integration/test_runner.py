@@ -17,6 +17,7 @@ from jobs import store
 from jobs.batchfile import BatchItem
 from jobs.circuit import KeyCircuit
 from jobs.connections import redis_client
+from jobs.constants import throttle_pause_key
 from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
@@ -207,7 +208,23 @@ def test_429_pauses_the_bucket_and_retries(clean_db: str, redis_url: str) -> Non
         # Someone else on the key used the provider's window: our bucket is empty.
         assert h.client.chat(body("outside")).status == 200
         job_id = store_job(clean_db, body())
-        assert h.runner.run(job_id) == "succeeded"
+        # The retry waits out the reset by itself; the pause is what stops every other
+        # caller of the bucket too, so it is watched for (about 1 s, looked at every 5 ms).
+        pauses: set[bytes] = set()
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.005):
+                pauses.add(h.redis.get(throttle_pause_key(h.settings.bucket_name)) or b"")
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            assert h.runner.run(job_id) == "succeeded"
+        finally:
+            done.set()
+            watcher.join()
+        assert pauses - {b""}, "the 429 never paused the bucket"
         statuses = [a.http_status for a in h.attempts(job_id)]
         assert statuses[0] == 429 and statuses[-1] == 200
         first = h.attempts(job_id)[0]
