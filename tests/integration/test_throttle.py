@@ -470,7 +470,7 @@ def test_flushed_redis_is_reseeded_and_never_overfills(r: CountingRedis) -> None
         for future in futures:
             future.result(timeout=30)
     assert seeded >= 2  # once at the start, again after the flush
-    after = [r for r in records if r.start_ms >= flushed_at]
+    after = [a for a in records if a.start_ms >= flushed_at]
     assert len(after) >= rpm  # it kept admitting after the flush
     requests, tokens = worst_window(records, window_ms)
     assert requests <= rpm

@@ -91,14 +91,9 @@ class Admitted(NamedTuple):
     released_ms: int
 
 
-def admitted(reservation: Reservation, tokens: int | None = None) -> Admitted:
-    """``reservation`` stamped with the moment its ``acquire`` returned: call it right then.
-
-    ``tokens`` is what the call was charged in the end, if not its reservation.
-    """
-    return Admitted(
-        reservation.start_ms, reservation.tokens if tokens is None else tokens, wall_ms()
-    )
+def admitted(reservation: Reservation) -> Admitted:
+    """``reservation`` stamped with the moment its ``acquire`` returned: call it right then."""
+    return Admitted(reservation.start_ms, reservation.tokens, wall_ms())
 
 
 def released_early(records: Iterable[Admitted]) -> list[Admitted]:
