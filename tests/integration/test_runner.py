@@ -238,15 +238,19 @@ def test_request_larger_than_the_tpm_budget_fails_without_a_call(
         h.close()
 
 
+#: The reset a refused call is told to wait (``Retry-After``, whole seconds).
+RESET_S = 1.0
+
+
 def test_429_pauses_the_bucket_and_retries(clean_db: str, redis_url: str) -> None:
-    sim = Simulator(SimulatorConfig(key=TEST_KEY, rpm=1, window_s=1.0)).start()
+    # A provider that refuses every call for a second and says so in Retry-After alone,
+    # with no x-ratelimit headers: only the pause the 429 sets can hold the other
+    # callers of the bucket back (the headers would also add somebody else's usage).
+    sim = Simulator(SimulatorConfig(key=TEST_KEY, retry_after=True)).start()
     h = Harness(make_settings(clean_db, redis_url, sim.url), sim)
     try:
-        # Someone else on the key used the provider's window: our bucket is empty.
-        assert h.client.chat(body("outside")).status == 200
-        job_id = store_job(clean_db, body())
-        # The retry waits out the reset by itself; the pause is what stops every other
-        # caller of the bucket too, so it is watched for (about 1 s, looked at every 5 ms).
+        refused_job, other_job = store_job(clean_db, body("refused")), store_job(clean_db, body())
+        # The pause is also watched for in Redis (every 5 ms), where every process sees it.
         pauses: set[bytes] = set()
         done = threading.Event()
 
@@ -254,18 +258,44 @@ def test_429_pauses_the_bucket_and_retries(clean_db: str, redis_url: str) -> Non
             while not done.wait(0.005):
                 pauses.add(h.redis.get(throttle_pause_key(h.settings.bucket_name)) or b"")
 
+        outcomes: dict[int, str] = {}
+
+        def run(job_id: int) -> None:
+            outcomes[job_id] = h.runner.run(job_id)
+
         watcher = threading.Thread(target=watch)
         watcher.start()
+        sim.force_status(429, RESET_S)
+        first = threading.Thread(target=run, args=(refused_job,))
+        first.start()
         try:
-            assert h.runner.run(job_id) == "succeeded"
+            # Once the 429 is in the ledger, the bucket was paused (if it ever is): another
+            # job of the bucket starts now, inside the reset.
+            wait_until(lambda: [a.http_status for a in h.attempts(refused_job)][:1] == [429])
+            second = threading.Thread(target=run, args=(other_job,))
+            second.start()
+            second.join(30)
+            first.join(30)
         finally:
             done.set()
             watcher.join()
+        assert outcomes == {refused_job: "succeeded", other_job: "succeeded"}
+        calls = sim.calls()
+        refused = calls[0]
+        assert (refused.client_request_id, refused.status) == (f"bi-{refused_job}-1", 429)
+        # Seen from the provider: no call of the bucket reached it before the reset it was
+        # told to wait, counted from the refused call's arrival (the pause counts from
+        # when the worker read the answer, later still). 2 ms: Redis TIME is read in whole
+        # ms, and both clocks run at the same rate on this one machine.
+        later = [c.arrived_at - refused.arrived_at for c in calls[1:]]
+        assert min(later) >= RESET_S - 0.002, later
+        assert len(later) == 2, later  # each job called once more: nothing refused again
         assert pauses - {b""}, "the 429 never paused the bucket"
-        statuses = [a.http_status for a in h.attempts(job_id)]
-        assert statuses[0] == 429 and statuses[-1] == 200
-        first = h.attempts(job_id)[0]
-        assert first.error_kind == "rate_limited" and first.total_tokens == 0
+        statuses = [a.http_status for a in h.attempts(refused_job)]
+        assert statuses == [429, 200]
+        assert [a.http_status for a in h.attempts(other_job)] == [200]
+        first_attempt = h.attempts(refused_job)[0]
+        assert first_attempt.error_kind == "rate_limited" and first_attempt.total_tokens == 0
     finally:
         h.close()
         sim.stop()
