@@ -27,6 +27,7 @@ from tests.support import TEST_KEY, backoff_range, backoff_waits, make_settings
 from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
+from worker.runtime import Runtime
 from worker.throttle import Throttle, no_history
 
 pytestmark = pytest.mark.integration
@@ -202,6 +203,38 @@ def test_transient_failure_then_success(
         assert [c.status for c in simulator.calls()] == statuses
     finally:
         h.close()
+
+
+def test_a_hang_past_the_read_timeout_ends_as_a_timeout(clean_db: str, redis_url: str) -> None:
+    # The provider hangs 1.5 s before answering its own 504; the worker's read timeout,
+    # set like INFERENCE_READ_TIMEOUT, is 0.4 s. The worker's own client (the runtime's).
+    hang_s, read_timeout = 1.5, 0.4
+    sim = Simulator(SimulatorConfig(key=TEST_KEY, hang_rate=1.0, hang_seconds=hang_s)).start()
+    settings = make_settings(clean_db, redis_url, sim.url, read_timeout=read_timeout,
+                             max_attempts=2)  # fmt: skip
+    runtime = Runtime(settings)
+    try:
+        job_id = store_job(clean_db, body())
+        assert runtime.runner.run(job_id) == "failed"
+        with session_scope(clean_db) as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            assert job.error_code == "timeout", job.last_error
+            rows = s.execute(
+                select(Attempt.http_status, Attempt.error_kind, Attempt.latency_ms)
+                .where(Attempt.job_id == job_id)
+                .order_by(Attempt.number)
+            ).all()
+        # Given up at the read timeout, on the socket: no status, long before the 504.
+        assert [(status, kind) for status, kind, _ in rows] == [(None, "timeout")] * 2
+        assert all(read_timeout * 1000 <= ms < hang_s * 1000 for *_, ms in rows), rows
+        # The provider found the connection closed when its 504 was ready: nobody read it.
+        wait_until(lambda: all(c.delivered is not None for c in sim.calls()), timeout=5)
+        assert [(c.outcome, c.delivered) for c in sim.calls()] == [("hang", False)] * 2
+    finally:
+        runtime.client.close()
+        runtime.redis.close()
+        sim.stop()
 
 
 def test_client_error_fails_at_once(harness: Harness) -> None:
