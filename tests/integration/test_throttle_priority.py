@@ -7,6 +7,7 @@ import random
 import statistics
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -356,45 +357,57 @@ def test_mixed_priorities_never_over_admit_and_bulk_progresses(r: CountingRedis)
     throttle = make(r, rpm=rpm, tpm=tpm, window_s=window_ms / 1000, interactive_share=share)
     throttle.release(throttle.acquire(0))
     stop = threading.Event()
-    records: list[tuple[Admitted, int, float]] = []
+    threads = 40
+    # 4 interactive callers among 40, all asking at once, each again as soon as it is let go.
+    priorities = [INTERACTIVE if n % 10 == 0 else BULK for n in range(threads)]
+    start = threading.Barrier(threads)
+    records: list[tuple[Admitted, int]] = []
     lock = threading.Lock()
 
-    def run(seed: int, priority: int) -> None:
-        rng = random.Random(seed)
+    def run(n: int) -> None:
+        rng = random.Random(n)
+        start.wait(30)
         while not stop.is_set():
-            started = time.monotonic()
             try:
-                reservation = throttle.acquire(rng.randint(1, 50), stop=stop, priority=priority)
+                reservation = throttle.acquire(
+                    rng.randint(1, 50), stop=stop, priority=priorities[n]
+                )
                 record = admitted(reservation)
             except ThrottleInterrupted:
                 return
             with lock:
-                records.append((record, priority, time.monotonic() - started))
+                records.append((record, n))
 
     sent = r.sent
-    with ThreadPoolExecutor(40) as pool:
-        # Interactive demand below its share (the usual case): it should barely wait.
-        futures = [pool.submit(run, n, INTERACTIVE if n % 10 == 0 else BULK) for n in range(40)]
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(run, n) for n in range(threads)]
         time.sleep(3.0)
         stop.set()
         for future in futures:
             future.result(timeout=30)
     sent = r.sent - sent
-    admissions = [record for record, _, _ in records]
+    admissions = [record for record, _ in records]
     requests, tokens = worst_window(admissions, window_ms)
     assert requests <= rpm
     assert tokens <= tpm
     assert not released_early(admissions)
-    waits = {p: [w for _, q, w in records if q == p] for p in (INTERACTIVE, BULK)}
+    # Each caller's admissions: every one asks again as soon as it is let go, so the
+    # counts show who went ahead, whatever the machine's speed (wall-clock waits do not).
+    let_go = Counter(n for _, n in records)
+    counts = {
+        p: [let_go[n] for n in range(threads) if priorities[n] == p] for p in (INTERACTIVE, BULK)
+    }
+    interactive, bulk = (statistics.mean(counts[p]) for p in (INTERACTIVE, BULK))
     starts = sorted(record.start_ms for record in admissions)
     windows = (starts[-1] - starts[0]) // window_ms
     print(
-        f"\nmixed: interactive={len(waits[INTERACTIVE])} "
-        f"(median wait {statistics.median(waits[INTERACTIVE]):.2f} s), "
-        f"bulk={len(waits[BULK])} (median wait {statistics.median(waits[BULK]):.2f} s), "
+        f"\nmixed: admitted per interactive caller {sorted(counts[INTERACTIVE])}, "
+        f"per bulk caller {bulk:.2f} on average (most {max(counts[BULK])}), "
         f"worst window={requests}, commands per admitted call={sent / len(records):.2f}"
     )
-    assert statistics.median(waits[INTERACTIVE]) < 0.75 * statistics.median(waits[BULK])
+    # Interactive callers go ahead of waiting bulk ones: let go 7 to 13 times as often
+    # in three runs, 0.6 to 1.4 times with the throttle treating them as bulk.
+    assert interactive >= 3 * bulk, counts
     # Bulk still fills what interactive leaves of every window.
-    assert len(waits[BULK]) >= (rpm - int(share * rpm)) * (windows - 1)
-    assert sent <= 4 * len(records) + 2 * 40
+    assert sum(counts[BULK]) >= (rpm - int(share * rpm)) * (windows - 1)
+    assert sent <= 4 * len(records) + 2 * threads
