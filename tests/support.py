@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import secrets
@@ -12,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,31 @@ LIMITS = RequestLimits(
     default_max_tokens=4096,
     known_models=frozenset({"kimi-k2-5"}),
 )
+
+
+def backoff_range(failures: int, *, base: float, cap: float) -> tuple[float, float]:
+    """The shortest and longest backoff after a job's ``failures``-th failed call.
+
+    Worked out here from the policy as ``worker/retry.py`` states it, not by calling it:
+    exponential with "equal jitter", uniform over ``[bound / 2, bound]`` with
+    ``bound = min(cap, base * 2**(failures - 1))``.
+    """
+    bound = min(cap, base * 2.0 ** (failures - 1))
+    return bound / 2, bound
+
+
+def backoff_waits(calls: Sequence[tuple[dt.datetime, int]]) -> list[float]:
+    """Seconds from the end of each call to the start of the next: the backoff between them.
+
+    ``calls`` are one job's ledger rows in order, as ``(started_at, latency_ms)``. A row
+    is written just before its call and its latency is rounded down to the ms, so each
+    figure is never below the backoff the worker slept; it is above by the bookkeeping
+    between two calls (ledger rows, the throttle).
+    """
+    return [
+        (after - started).total_seconds() - latency_ms / 1000
+        for (started, latency_ms), (after, _) in pairwise(calls)
+    ]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

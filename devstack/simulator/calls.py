@@ -66,10 +66,12 @@ class SimulatorStats:
 
 
 class CallIds(NamedTuple):
-    """The simulator's id of a call and the caller's own, if it sent one."""
+    """The simulator's id of a call, the caller's own if it sent one, and when it came."""
 
     request_id: str
     client_request_id: str | None
+    #: ``time.monotonic()`` when the whole request had been read.
+    arrived_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,9 @@ class SimCall:
     #: The request's ``user`` field when it is a string (first :data:`MARKER_CHARS`
     #: characters): the worker passes it through, so a test can tag its jobs with it.
     marker: str | None
+    #: ``time.monotonic()`` when the whole request had been read, whatever its outcome:
+    #: when the call reached the provider (refused ones too).
+    arrived_at: float
     #: ``time.monotonic()`` at admission (the rate window's own timestamp), else ``None``.
     admitted_at: float | None
     #: ``None`` until the answer is ready; then ``True`` once it was written to a client
@@ -109,6 +114,9 @@ class SimCall:
     #: killed process, a client-side timeout, :meth:`~devstack.simulator.Simulator.stop`) or
     #: the write failed. A client that already sent its next request is still connected.
     delivered: bool | None = None
+    #: ``time.monotonic()`` when ``delivered`` was decided: the answer written, or found
+    #: to have nobody to read it. ``None`` until then.
+    settled_at: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The record as a plain JSON-ready dict."""
@@ -134,7 +142,7 @@ class CallLog:
     def add(self, call: SimCall) -> None:
         """Count ``call`` and keep its record (dropping the oldest one when full).
 
-        ``call.delivered`` must be ``None``: :meth:`settle` sets it.
+        ``call.delivered`` and ``call.settled_at`` must be ``None``: :meth:`settle` sets them.
         """
         values = self._values
         values["calls"] += 1
@@ -154,8 +162,10 @@ class CallLog:
             if len(self._records) > self._limit:
                 self._records.popitem(last=False)
 
-    def settle(self, request_id: str, delivered: bool) -> None:
+    def settle(self, request_id: str, delivered: bool, at: float) -> None:
         """Record whether the answer to ``request_id`` reached a client still connected.
+
+        ``at`` is when that was decided (``time.monotonic()``).
 
         A request id this log did not add (the call began before a reset) or already
         settled is ignored.
@@ -167,7 +177,9 @@ class CallLog:
         self._values["delivered" if delivered else "cut"] += 1
         call = self._records.get(request_id)
         if call is not None:
-            self._records[request_id] = dataclasses.replace(call, delivered=delivered)
+            self._records[request_id] = dataclasses.replace(
+                call, delivered=delivered, settled_at=at
+            )
 
     def counters(self) -> dict[str, int]:
         """A copy of the counters (the most-in-any-window figures are left at 0)."""

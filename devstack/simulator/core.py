@@ -342,6 +342,7 @@ class Simulator:
             completion_tokens=0,
             body_hash=req.digest.hex() if req is not None else None,
             marker=marker,
+            arrived_at=ids.arrived_at,
             admitted_at=None,
         )
         with self._lock:
@@ -457,16 +458,18 @@ class Simulator:
         The server calls the reply's ``settle`` with whether the answer reached a client still
         connected; until then the call's record has ``delivered=None``.
         """
+        arrived_at = time.monotonic()
         number = next(self._numbers)
-        ids = CallIds(f"req-sim-{number}", client_request_id)
+        ids = CallIds(f"req-sim-{number}", client_request_id, arrived_at)
         reply = self._chat(authorization, raw, number, ids)
         reply.headers["x-request-id"] = ids.request_id
         reply.settle = functools.partial(self._settle, ids.request_id)
         return reply
 
     def _settle(self, request_id: str, delivered: bool) -> None:
+        at = time.monotonic()
         with self._lock:
-            self._log.settle(request_id, delivered)
+            self._log.settle(request_id, delivered, at)
 
     def _chat(
         self, authorization: str | None, raw: bytes | None, number: int, ids: CallIds
@@ -534,6 +537,7 @@ class Simulator:
                     completion_tokens=plan.completion_tokens if admitted else 0,
                     body_hash=req.digest.hex(),
                     marker=marker,
+                    arrived_at=ids.arrived_at,
                     admitted_at=state.at if admitted else None,
                 )
             )

@@ -12,8 +12,11 @@ from sqlalchemy.engine import make_url
 from devstack import embedded
 from devstack.simulator import Simulator, SimulatorConfig
 from jobs import migrate
+from jobs.connections import redis_client
+from jobs.constants import throttle_init_key
 from tests.faults.conftest import RPM, TPM, fault_settings
 from tests.faults.harness import PrivateRedis, check_invariants, fleet, submit, wait_finished
+from tests.integration.throttle_helpers import entries
 from tests.support import TEST_KEY, create_database, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -36,26 +39,51 @@ def test_redis_restart_with_its_data_lost_mid_batch(
             batch = submit(settings, 600, tag="redis")
             wait_until(lambda: sim.stats().ok >= 150, 60, "150 calls answered")
             private_redis.crash()
+            crashed = time.monotonic()
             time.sleep(2)
             private_redis.start()  # empty: queue, throttle log and locks are gone
             restarted = time.monotonic()
+            seeded = rebuilt_bucket(private_redis.url, settings.bucket_name)
             progress = wait_finished(batch, 200, f)
             recovered_s = time.monotonic() - restarted
             assert all(w.proc.poll() is None for w in f.workers), "no worker died"
             assert "event=republishing" in f.logs()
+        # The limit bound: the throttle filled a window right up to it, the window the
+        # restart fell in, and the provider refused none of our calls.
+        stats = sim.stats()
+        assert (stats.max_requests_in_window, stats.rate_limited) == (rpm, 0), stats
+        # The provider still counts every call it admitted before the crash, so the
+        # rebuilt bucket holds them all (each had its ledger row before it was sent),
+        # priced no lower than the provider charged them.
+        counted = [c for c in sim.calls() if c.admitted_at is not None and c.admitted_at < crashed]
+        assert len(seeded) >= len(counted), (len(seeded), len(counted))
+        assert sum(seeded) >= sum(c.charged for c in counted), (sum(seeded), counted)
         found = check_invariants(settings, sim, batch)
         assert progress.succeeded == 600, progress
-        stats = sim.stats()
-        assert stats.max_requests_in_window <= rpm, stats
         print(
             found.line(
                 "redis-restart",
                 finished_after_restart_s=round(recovered_s, 1),
-                rate_limited=stats.rate_limited,
+                counted_at_crash=len(counted),
+                seeded=len(seeded),
             )
         )
     finally:
         sim.stop()
+
+
+def rebuilt_bucket(redis_url: str, bucket: str) -> list[int]:
+    """The tokens of each call a worker logged when it rebuilt the lost ``bucket``.
+
+    The first worker to use the bucket after the restart seeds it from the ledger and
+    marks it initialised in the same script; the seeded entries are ``s.`` ones.
+    """
+    client = redis_client(redis_url)
+    try:
+        wait_until(lambda: bool(client.exists(throttle_init_key(bucket))), 60, "the bucket rebuilt")
+        return [tokens for _, tokens, member in entries(client, bucket) if member.startswith("s.")]
+    finally:
+        client.close()
 
 
 @pytest.mark.timeout(400)

@@ -16,7 +16,7 @@ from jobs.db import session_scope
 from jobs.models import Attempt
 from jobs.settings import Settings
 from tests.faults.conftest import LEASE_S
-from tests.faults.harness import check_invariants, fleet, submit, wait_finished
+from tests.faults.harness import Kill, check_invariants, fleet, submit, wait_finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -45,6 +45,7 @@ def test_kill_9_mid_call_five_times_in_a_1000_job_batch(
     fleet_settings: Settings, strict_sim: Simulator, tmp_path: Path
 ) -> None:
     kill_times: list[dt.datetime] = []
+    kills: list[Kill] = []
     with fleet(fleet_settings, tmp_path, concurrency=40) as f:
         f.start(2)
         batch = submit(fleet_settings, 1000, tag="kill")
@@ -54,13 +55,12 @@ def test_kill_9_mid_call_five_times_in_a_1000_job_batch(
             while batch.progress().running < 10 and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(1.0)
-            f.kill(f.alive()[0])
+            kills.append(f.kill(f.alive()[0]))
             kill_times.append(db_now(fleet_settings))
             f.start(1, wait=False)  # the platform starts a replacement
         progress = wait_finished(batch, 180, f)
-    found = check_invariants(
-        fleet_settings, strict_sim, batch, kills=5, in_flight_per_kill=f.concurrency
-    )
+    # Every paid call lost is one the simulator saw in flight to a killed worker.
+    found = check_invariants(fleet_settings, strict_sim, batch, kills=kills)
     assert progress.succeeded == 1000, progress
     assert found.cut > 0, "the kills were meant to cut calls in flight"
     # Every abandoned call's job was called again, a lease (plus a sweep) after its worker
@@ -80,14 +80,23 @@ def test_kill_9_mid_call_five_times_in_a_1000_job_batch(
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_60_s(
+def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_half_a_lease(
     clean_db: str, redis_url: str, strict_sim: Simulator, tmp_path: Path
 ) -> None:
     from tests.faults.conftest import fault_settings
 
     # Slow calls and backoff sleeps, so the stopped worker has jobs mid-call and mid-wait.
+    # The production lease: a job the worker did not hand back waits for it to expire,
+    # 45 to 60 s after the exit (renewed every 15 s), and restarts later than this
+    # test allows.
+    lease_s = 60.0
     settings = fault_settings(
-        clean_db, redis_url, strict_sim.url, backoff_base=4.0, backoff_max=20.0
+        clean_db,
+        redis_url,
+        strict_sim.url,
+        backoff_base=4.0,
+        backoff_max=20.0,
+        job_lease_seconds=lease_s,
     )
     strict_sim.set_faults(error_rate=0.3)
     with fleet(settings, tmp_path, concurrency=40) as f:
@@ -110,8 +119,9 @@ def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_60_s(
     assert handed, "some jobs were waiting when SIGTERM came"
     restart = restarts_after(settings, handed, sigterm_at)
     assert set(restart) == handed
-    assert max(restart.values()) < 60
-    assert progress.succeeded + progress.failed == 400
+    assert max(restart.values()) < lease_s / 2
+    # The faults stop with SIGTERM, long before any job could spend its 8 calls.
+    assert progress.succeeded == 400, progress
     print(
         found.line(
             "sigterm",

@@ -95,7 +95,7 @@ def assert_key_nowhere(settings: Settings, *texts: str) -> None:
 
 
 def test_cli_submit_wait_status_results_usage(
-    settings: Settings, worker_process: WorkerProcess, tmp_path: Path
+    settings: Settings, simulator: Simulator, worker_process: WorkerProcess, tmp_path: Path
 ) -> None:
     path = tmp_path / "cli.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in batch_lines(12)) + "\n")
@@ -115,8 +115,17 @@ def test_cli_submit_wait_status_results_usage(
 
     usage = run_cli(settings, "usage", "--batch", str(batch_id), "--json")
     rows = json.loads(usage.stdout)
-    assert sum(r["calls"] for r in rows) == 12
-    assert sum(r["total_tokens"] for r in rows) > 0
+    # Exactly what the provider counted: its calls, and its tokens to the last one.
+    stats = simulator.stats()
+    figures = ("calls", "ok_calls", "prompt_tokens", "completion_tokens", "total_tokens")
+    assert {k: sum(r[k] for r in rows) for k in figures} == {
+        "calls": 12,
+        "ok_calls": 12,
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.total_tokens,
+    }
+    assert (stats.calls, stats.ok) == (12, 12)
     assert_key_nowhere(
         settings, *(p.stdout + p.stderr for p in (done, status, results, usage)),
         out.read_text(), worker_process.log(),

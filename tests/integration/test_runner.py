@@ -17,15 +17,17 @@ from jobs import intake
 from jobs.batchfile import BatchItem
 from jobs.circuit import KeyCircuit
 from jobs.connections import redis_client
+from jobs.constants import throttle_pause_key
 from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
 from jobs.validation import CheckedRequest
-from tests.integration.throttle_helpers import entries, redis_now_ms
-from tests.support import TEST_KEY, make_settings
+from tests.integration.throttle_helpers import entries, redis_now_ms, wait_until
+from tests.support import TEST_KEY, backoff_range, backoff_waits, make_settings
 from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
+from worker.runtime import Runtime
 from worker.throttle import Throttle, no_history
 
 pytestmark = pytest.mark.integration
@@ -145,25 +147,94 @@ def test_tool_calls_and_reasoning_are_stored(harness: Harness) -> None:
     assert job.reasoning_text
 
 
-def test_server_errors_retry_then_fail_with_last_error(harness: Harness) -> None:
-    assert harness.settings.database_url
-    job_id = store_job(harness.settings.database_url, body())
-    harness.sim.force_status(503, 30)
-    assert harness.runner.run(job_id) == "failed"
-    job = harness.job(job_id)
-    assert job.status == JobStatus.FAILED
-    assert job.error_code == "server_error" and job.last_error and "503" in job.last_error
-    assert [a.http_status for a in harness.attempts(job_id)] == [503, 503, 503]
-    assert harness.sim.stats().calls == 3
+#: Most time a loaded machine may spend between two calls of a job besides its backoff:
+#: the error's ledger row, the throttle and the next call's row.
+BOOKKEEPING_S = 0.25
 
 
-def test_transient_failure_then_success(harness: Harness) -> None:
-    assert harness.settings.database_url
-    job_id = store_job(harness.settings.database_url, body())
-    harness.sim.force_status(500, 0.05)
-    assert harness.runner.run(job_id) == "succeeded"
-    statuses = [a.http_status for a in harness.attempts(job_id)]
-    assert statuses[-1] == 200 and all(s == 500 for s in statuses[:-1])
+def test_server_errors_retry_then_fail_with_last_error(
+    clean_db: str, redis_url: str, simulator: Simulator
+) -> None:
+    # A budget of 4 calls; backoffs of 0.125-0.25, 0.25-0.5 and 0.5-1 s between them.
+    base, cap = 0.25, 1.0
+    settings = make_settings(
+        clean_db, redis_url, simulator.url, max_attempts=4, backoff_base=base, backoff_max=cap
+    )
+    h = Harness(settings, simulator)
+    try:
+        job_id = store_job(clean_db, body())
+        simulator.force_status(503, 30)
+        assert h.runner.run(job_id) == "failed"
+        job = h.job(job_id)
+        assert job.status == JobStatus.FAILED
+        assert job.error_code == "server_error" and job.last_error and "503" in job.last_error
+        attempts = h.attempts(job_id)
+        # The whole budget, each call a retryable error, and no more calls than rows.
+        assert [(a.http_status, a.error_kind) for a in attempts] == [(503, "server_error")] * 4
+        assert simulator.stats().calls == 4
+        waits = backoff_waits([(a.started_at, a.latency_ms or 0) for a in attempts])
+        for failures, waited in enumerate(waits, start=1):
+            shortest, longest = backoff_range(failures, base=base, cap=cap)
+            assert shortest <= waited <= longest + BOOKKEEPING_S, (failures, waits)
+    finally:
+        h.close()
+
+
+def test_transient_failure_then_success(
+    clean_db: str, redis_url: str, simulator: Simulator
+) -> None:
+    # The provider fails until it has failed a call of ours, not for a time that could
+    # be over before the first call: the job is called at least twice. The first backoff
+    # (0.2 to 0.4 s) leaves time to end the failures before the next call.
+    h = Harness(make_settings(clean_db, redis_url, simulator.url, backoff_base=0.4), simulator)
+    try:
+        job_id = store_job(clean_db, body())
+        simulator.force_status(500, 30)
+        outcome: list[str] = []
+        runner = threading.Thread(target=lambda: outcome.append(h.runner.run(job_id)))
+        runner.start()
+        wait_until(lambda: simulator.stats().server_errors >= 1)
+        simulator.force_status(500, 0)
+        runner.join(30)
+        assert outcome == ["succeeded"]
+        statuses = [a.http_status for a in h.attempts(job_id)]
+        assert len(statuses) >= 2, statuses  # something was retried
+        assert statuses[-1] == 200 and all(s == 500 for s in statuses[:-1]), statuses
+        assert [c.status for c in simulator.calls()] == statuses
+    finally:
+        h.close()
+
+
+def test_a_hang_past_the_read_timeout_ends_as_a_timeout(clean_db: str, redis_url: str) -> None:
+    # The provider hangs 1.5 s before answering its own 504; the worker's read timeout,
+    # set like INFERENCE_READ_TIMEOUT, is 0.4 s. The worker's own client (the runtime's).
+    hang_s, read_timeout = 1.5, 0.4
+    sim = Simulator(SimulatorConfig(key=TEST_KEY, hang_rate=1.0, hang_seconds=hang_s)).start()
+    settings = make_settings(clean_db, redis_url, sim.url, read_timeout=read_timeout,
+                             max_attempts=2)  # fmt: skip
+    runtime = Runtime(settings)
+    try:
+        job_id = store_job(clean_db, body())
+        assert runtime.runner.run(job_id) == "failed"
+        with session_scope(clean_db) as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            assert job.error_code == "timeout", job.last_error
+            rows = s.execute(
+                select(Attempt.http_status, Attempt.error_kind, Attempt.latency_ms)
+                .where(Attempt.job_id == job_id)
+                .order_by(Attempt.number)
+            ).all()
+        # Given up at the read timeout, on the socket: no status, long before the 504.
+        assert [(status, kind) for status, kind, _ in rows] == [(None, "timeout")] * 2
+        assert all(read_timeout * 1000 <= ms < hang_s * 1000 for *_, ms in rows), rows
+        # The provider found the connection closed when its 504 was ready: nobody read it.
+        wait_until(lambda: all(c.delivered is not None for c in sim.calls()), timeout=5)
+        assert [(c.outcome, c.delivered) for c in sim.calls()] == [("hang", False)] * 2
+    finally:
+        runtime.client.close()
+        runtime.redis.close()
+        sim.stop()
 
 
 def test_client_error_fails_at_once(harness: Harness) -> None:
@@ -200,18 +271,64 @@ def test_request_larger_than_the_tpm_budget_fails_without_a_call(
         h.close()
 
 
+#: The reset a refused call is told to wait (``Retry-After``, whole seconds).
+RESET_S = 1.0
+
+
 def test_429_pauses_the_bucket_and_retries(clean_db: str, redis_url: str) -> None:
-    sim = Simulator(SimulatorConfig(key=TEST_KEY, rpm=1, window_s=1.0)).start()
+    # A provider that refuses every call for a second and says so in Retry-After alone,
+    # with no x-ratelimit headers: only the pause the 429 sets can hold the other
+    # callers of the bucket back (the headers would also add somebody else's usage).
+    sim = Simulator(SimulatorConfig(key=TEST_KEY, retry_after=True)).start()
     h = Harness(make_settings(clean_db, redis_url, sim.url), sim)
     try:
-        # Someone else on the key used the provider's window: our bucket is empty.
-        assert h.client.chat(body("outside")).status == 200
-        job_id = store_job(clean_db, body())
-        assert h.runner.run(job_id) == "succeeded"
-        statuses = [a.http_status for a in h.attempts(job_id)]
-        assert statuses[0] == 429 and statuses[-1] == 200
-        first = h.attempts(job_id)[0]
-        assert first.error_kind == "rate_limited" and first.total_tokens == 0
+        refused_job, other_job = store_job(clean_db, body("refused")), store_job(clean_db, body())
+        # The pause is also watched for in Redis (every 5 ms), where every process sees it.
+        pauses: set[bytes] = set()
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.005):
+                pauses.add(h.redis.get(throttle_pause_key(h.settings.bucket_name)) or b"")
+
+        outcomes: dict[int, str] = {}
+
+        def run(job_id: int) -> None:
+            outcomes[job_id] = h.runner.run(job_id)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        sim.force_status(429, RESET_S)
+        first = threading.Thread(target=run, args=(refused_job,))
+        first.start()
+        try:
+            # Once the 429 is in the ledger, the bucket was paused (if it ever is): another
+            # job of the bucket starts now, inside the reset.
+            wait_until(lambda: [a.http_status for a in h.attempts(refused_job)][:1] == [429])
+            second = threading.Thread(target=run, args=(other_job,))
+            second.start()
+            second.join(30)
+            first.join(30)
+        finally:
+            done.set()
+            watcher.join()
+        assert outcomes == {refused_job: "succeeded", other_job: "succeeded"}
+        calls = sim.calls()
+        refused = calls[0]
+        assert (refused.client_request_id, refused.status) == (f"bi-{refused_job}-1", 429)
+        # Seen from the provider: no call of the bucket reached it before the reset it was
+        # told to wait, counted from the refused call's arrival (the pause counts from
+        # when the worker read the answer, later still). 2 ms: Redis TIME is read in whole
+        # ms, and both clocks run at the same rate on this one machine.
+        later = [c.arrived_at - refused.arrived_at for c in calls[1:]]
+        assert min(later) >= RESET_S - 0.002, later
+        assert len(later) == 2, later  # each job called once more: nothing refused again
+        assert pauses - {b""}, "the 429 never paused the bucket"
+        statuses = [a.http_status for a in h.attempts(refused_job)]
+        assert statuses == [429, 200]
+        assert [a.http_status for a in h.attempts(other_job)] == [200]
+        first_attempt = h.attempts(refused_job)[0]
+        assert first_attempt.error_kind == "rate_limited" and first_attempt.total_tokens == 0
     finally:
         h.close()
         sim.stop()

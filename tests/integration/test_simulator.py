@@ -692,6 +692,13 @@ def test_call_log_matches_responses_and_stats(start_sim: StartSim, client: httpx
     admitted_at = [c.admitted_at for c in calls if c.admitted_at is not None]
     assert len(admitted_at) == 4 and admitted_at == sorted(admitted_at)
     assert all(c.delivered for c in calls)
+    # Each call arrived, was admitted (if at all), then answered; one after another.
+    for c in calls:
+        assert c.settled_at is not None
+        moments = [c.arrived_at, *([] if c.admitted_at is None else [c.admitted_at])]
+        assert moments == sorted(moments) and moments[-1] <= c.settled_at, c
+    arrivals = [c.arrived_at for c in calls]
+    assert arrivals == sorted(arrivals)
 
     assert derived_stats(calls, 30.0) == stats.as_dict()
     assert (stats.ok, stats.duplicate_bodies, stats.max_requests_in_window) == (4, 1, 4)
@@ -987,7 +994,9 @@ def test_a_client_gone_during_the_latency_is_recorded_cut(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
     stats, (call,) = settled(sim)
-    assert call == dataclasses.replace(pending, delivered=False)
+    assert call == dataclasses.replace(pending, delivered=False, settled_at=call.settled_at)
+    # Cut when its answer was ready, the latency after it arrived.
+    assert call.settled_at is not None and call.settled_at - call.arrived_at >= 0.5
     assert (stats.ok, stats.delivered, stats.cut, stats.calls) == (1, 0, 1, 1)
     assert derived_stats([call], 60.0) == stats.as_dict()
     # Admitted all the same: the call still holds its place in the provider's window.

@@ -18,8 +18,11 @@ from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.finalizing import finalize
 from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
-from jobs.settings import Settings
+from jobs.settings import Settings, TpmCharge
 from jobs.validation import CheckedRequest
+from tests.integration.throttle_helpers import entries, redis_now_ms
+from tests.support import make_settings
+from worker.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -283,14 +286,19 @@ def test_lost_messages_are_published_again(clean_db: str, redis_url: str) -> Non
     assert statuses == [JobStatus.QUEUED] * 3
 
 
-def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
-    a, b, c = job_ids(clean_db, make_batch(clean_db, 3))
-    with session_scope(clean_db) as s:
+def ledger_for_reseeding(db: str) -> None:
+    """Three calls just started: one answered (30 + 7 tokens), one refused, one in flight."""
+    a, b, c = job_ids(db, make_batch(db, 3))
+    with session_scope(db) as s:
         for job_id in (a, b, c):
             store.claim(s, job_id, lease_s=60)
             store.begin_attempt(s, job_id, lease_s=60)
         store.finish_attempt(s, a, 1, latency_ms=5, http_status=200, usage=(30, 7, 37))
         store.finish_attempt(s, b, 1, latency_ms=5, http_status=429, error_kind="rate_limited")
+
+
+def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
+    ledger_for_reseeding(clean_db)
     with session_scope(clean_db) as s:
         calls = sorted(
             reports.recent_calls(s, window_s=60, model="kimi-k2-5"), key=lambda r: r.answered
@@ -302,6 +310,39 @@ def test_recent_calls_for_reseeding_the_throttle(clean_db: str) -> None:
     assert all(0 <= r.age_s < 60 for r in calls)
     with session_scope(clean_db) as s:
         assert reports.recent_calls(s, window_s=0.000001, model="kimi-k2-5") == []
+
+
+@pytest.mark.parametrize(
+    ("charge", "seeded"),
+    [
+        ("reserve", [10 + 50, 30 + 50]),  # prompt (estimated while in flight) + max_tokens
+        ("actual", [30 + 7, 10 + 50]),  # answered: prompt + completion
+    ],
+)
+def test_a_worker_rebuilds_a_lost_bucket_from_the_ledger(
+    clean_db: str, redis_url: str, charge: TpmCharge, seeded: list[int]
+) -> None:
+    # The worker's own throttle, as after a Redis restart: its first call finds the
+    # bucket uninitialised and logs the ledger's calls before anything is admitted.
+    settings = make_settings(clean_db, redis_url, "http://127.0.0.1:9", tpm_charge=charge)
+    runtime = Runtime(settings)
+    try:
+        before = redis_now_ms(runtime.redis)
+        ledger_for_reseeding(clean_db)
+        written = redis_now_ms(runtime.redis)
+        time.sleep(0.5)  # the calls started half a second before Redis lost the bucket
+        throttle = runtime.throttle_for(settings.model_id)
+        throttle.release(throttle.acquire(0, max_wait=0))
+        log = entries(runtime.redis, settings.bucket_name)
+    finally:
+        runtime.client.close()
+        runtime.redis.close()
+    history = [(score, tokens) for score, tokens, member in log if member.startswith("s.")]
+    assert sorted(tokens for _, tokens in history) == sorted(seeded)
+    # Logged when they started, where the provider counts them, not when the bucket was
+    # rebuilt (the ages are measured a few ms before they are logged; 1 ms: rounding).
+    scores = [score for score, _ in history]
+    assert all(before - 1 <= score <= written + 100 for score in scores), (before, written, scores)
 
 
 def test_a_redis_that_lost_its_data_gets_every_queued_job_again_at_once(

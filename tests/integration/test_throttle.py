@@ -15,13 +15,16 @@ import redis
 from jobs.constants import throttle_init_key, throttle_log_key, throttle_pause_key
 from tests.integration.throttle_helpers import (
     BUCKET,
+    Admitted,
     CountingRedis,
+    admitted,
     command_calls,
     counting_client,
     log_size,
     make,
     members,
     redis_now_ms,
+    released_early,
     wait_until,
     worst_window,
 )
@@ -235,20 +238,21 @@ WINDOW_S = 1.0
 RPM, TPM, MAX_COST = 20, 1000, 120
 
 
-def assert_within_limits_and_busy(records: list[tuple[int, int]]) -> None:
+def assert_within_limits_and_busy(records: list[Admitted]) -> None:
     window_ms = int(WINDOW_S * 1000)
     requests, tokens = worst_window(records, window_ms)
     assert requests <= RPM
     assert tokens <= TPM
+    assert not released_early(records)
     # Busy means close to the limit: each window admits at least min(rpm, tpm / max cost)
     # requests while demand exceeds the limit, so count whole windows minus one.
-    starts = sorted(start for start, _ in records)
+    starts = sorted(r.start_ms for r in records)
     windows = (starts[-1] - starts[0]) // window_ms
     assert windows >= 2
     assert len(records) >= min(RPM, TPM // MAX_COST) * (windows - 1)
 
 
-def hammer(throttle: Throttle, stop: threading.Event, seed: int, out: list[tuple[int, int]]) -> int:
+def hammer(throttle: Throttle, stop: threading.Event, seed: int, out: list[Admitted]) -> int:
     """Acquire, settle at or below the reservation, repeat; return interruptions (0 or 1)."""
     rng = random.Random(seed)
     while not stop.is_set():
@@ -257,11 +261,12 @@ def hammer(throttle: Throttle, stop: threading.Event, seed: int, out: list[tuple
             reservation = throttle.acquire(cost, max_wait=60, stop=stop)
         except ThrottleInterrupted:
             return 1
-        charged = cost
+        record = admitted(reservation)
         if rng.random() < 0.5:
             charged = rng.randint(cost // 2, cost)
             throttle.settle(reservation, charged)
-        out.append((reservation.start_ms, charged))
+            record = record._replace(tokens=charged)
+        out.append(record)
     return 0
 
 
@@ -270,7 +275,7 @@ def test_threads_never_over_admit(r: CountingRedis) -> None:
     # Loads the scripts and seeds the bucket, so the count below is steady-state.
     throttle.release(throttle.acquire(0))
     stop = threading.Event()
-    records: list[tuple[int, int]] = []
+    records: list[Admitted] = []
     before_server = command_calls(r)
     before_client = r.sent
     with ThreadPoolExecutor(40) as pool:
@@ -302,7 +307,7 @@ def process_worker(
     client = redis.Redis.from_url(redis_url)
     throttle = Throttle(client, BUCKET, rpm=RPM, tpm=TPM, window_s=WINDOW_S, seed=no_history)
     stop = threading.Event()
-    records: list[tuple[int, int]] = []
+    records: list[Admitted] = []
     barrier.wait()
     workers = [
         threading.Thread(target=hammer, args=(throttle, stop, seed * 100 + i, records))
@@ -330,7 +335,7 @@ def test_processes_never_over_admit(r: CountingRedis, redis_url: str) -> None:
         process.start()
     try:
         barrier.wait(timeout=60)
-        records: list[tuple[int, int]] = []
+        records: list[Admitted] = []
         for _ in processes:
             records.extend(results.get(timeout=60))
     finally:
@@ -426,7 +431,7 @@ def test_without_seed_a_fresh_bucket_waits_one_window(r: CountingRedis) -> None:
 
 def test_flushed_redis_is_reseeded_and_never_overfills(r: CountingRedis) -> None:
     rpm, tpm, window_ms = 10, 1000, 1000
-    records: list[tuple[int, int]] = []
+    records: list[Admitted] = []
     records_lock = threading.Lock()
     seeded = 0
 
@@ -437,7 +442,7 @@ def test_flushed_redis_is_reseeded_and_never_overfills(r: CountingRedis) -> None
         now = redis_now_ms(r)
         with records_lock:
             seeded += 1
-            return [((now - s) / 1000, t) for s, t in records if now - s < window_ms]
+            return [((now - s) / 1000, t) for s, t, _ in records if now - s < window_ms]
 
     throttle = make(r, rpm=rpm, tpm=tpm, window_s=window_ms / 1000, seed=seed)
     stop = threading.Event()
@@ -447,11 +452,11 @@ def test_flushed_redis_is_reseeded_and_never_overfills(r: CountingRedis) -> None
         while not stop.is_set():
             cost = rng.randint(1, 150)
             try:
-                reservation = throttle.acquire(cost, max_wait=30, stop=stop)
+                record = admitted(throttle.acquire(cost, max_wait=30, stop=stop))
             except ThrottleInterrupted:
                 return
             with records_lock:
-                records.append((reservation.start_ms, cost))
+                records.append(record)
 
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(run, n) for n in range(12)]
@@ -465,11 +470,12 @@ def test_flushed_redis_is_reseeded_and_never_overfills(r: CountingRedis) -> None
         for future in futures:
             future.result(timeout=30)
     assert seeded >= 2  # once at the start, again after the flush
-    after = [s for s, _ in records if s >= flushed_at]
+    after = [a for a in records if a.start_ms >= flushed_at]
     assert len(after) >= rpm  # it kept admitting after the flush
     requests, tokens = worst_window(records, window_ms)
     assert requests <= rpm
     assert tokens <= tpm
+    assert not released_early(records)
 
 
 # --- round trips per admitted call ----------------------------------------------------

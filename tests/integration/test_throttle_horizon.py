@@ -10,14 +10,18 @@ import pytest
 
 from jobs.models import Priority
 from tests.integration.throttle_helpers import (
+    Admitted,
     CountingRedis,
+    admitted,
     entries,
     log_size,
     make,
     members,
     overfull_future_windows,
     redis_now_ms,
+    released_early,
     wait_until,
+    worst_window,
 )
 from worker.throttle import RequestTooLarge, ThrottleInterrupted, ThrottleTimeout
 
@@ -103,9 +107,20 @@ def test_stop_ends_an_unbooked_sleep(r: CountingRedis) -> None:
 def test_limits_hold_while_sleepers_book_late(r: CountingRedis) -> None:
     rpm, tpm = 4, 1000
     throttle = make(r, rpm=rpm, tpm=tpm, window_s=WINDOW_S, booking_horizon_s=HORIZON_S)
+
+    def take(i: int) -> tuple[str, Admitted]:
+        reservation = throttle.acquire(100 + 50 * (i % 4))
+        return reservation.id, admitted(reservation)
+
     with ThreadPoolExecutor(12) as pool:
-        granted = list(pool.map(lambda i: throttle.acquire(100 + 50 * (i % 4)), range(12)))
-    assert len({g.id for g in granted}) == 12
+        granted = list(pool.map(take, range(12)))
+    assert len({rid for rid, _ in granted}) == 12
+    records = [record for _, record in granted]
+    # The slots granted keep both limits in every window, and no caller went before its
+    # slot: its calls reach the provider within the limits too.
+    requests, tokens = worst_window(records, WINDOW_MS)
+    assert requests <= rpm and tokens <= tpm, (requests, tokens)
+    assert not released_early(records)
     assert not overfull_future_windows(entries(r), now_ms=0, window_ms=WINDOW_MS, rpm=rpm, tpm=tpm)
 
 
@@ -130,16 +145,20 @@ def test_unbooked_sleepers_take_turns_instead_of_all_waking(r: CountingRedis) ->
     throttle.release(throttle.acquire(1))  # initialises the bucket
     sent = r.sent
 
-    def call(_: int) -> int:
+    def call(_: int) -> Admitted:
         reservation = throttle.acquire(1)
+        record = admitted(reservation)
         throttle.settle(reservation, 1)  # no refund: nothing wakes early
-        return reservation.start_ms
+        return record
 
     with ThreadPoolExecutor(count) as pool:
-        starts = list(pool.map(call, range(count)))
+        records = list(pool.map(call, range(count)))
     per_admission = (r.sent - sent) / count
     print(f"\nRedis commands per admission with {count} sleepers: {per_admission:.2f}")
     assert per_admission <= 5.0
-    # Still a full window at each roll, never more.
+    # Still a full window at each roll, never more, and no caller went before its slot.
+    starts = [a.start_ms for a in records]
     assert max(starts) - min(starts) < (count // rpm) * 1000 + 500
+    assert worst_window(records, 1000)[0] <= rpm
+    assert not released_early(records)
     assert not overfull_future_windows(entries(r), now_ms=0, window_ms=1000, rpm=rpm, tpm=10**6)

@@ -6,13 +6,13 @@ import bisect
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, cast
 
 import redis
 
 from jobs.constants import throttle_log_key
-from worker.throttle import History, Throttle, no_history
+from worker.throttle import History, Reservation, Throttle, no_history
 from worker.throttle_reference import INTERACTIVE_KINDS, earliest_slot
 
 BUCKET = "test-model:0123456789ab"
@@ -78,9 +78,42 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def worst_window(records: Sequence[tuple[int, int]], window_ms: int) -> tuple[int, int]:
-    """Most requests and most tokens in any half-open span [s, s + W) of the admissions."""
-    ordered = sorted(records)
+def wall_ms() -> int:
+    """Now, in ms on the clock Redis ``TIME`` reads (the server under test is local)."""
+    return time.time_ns() // 1_000_000
+
+
+class Admitted(NamedTuple):
+    """One admission: the slot the throttle granted, and when it let its caller go."""
+
+    start_ms: int
+    tokens: int
+    released_ms: int
+
+
+def admitted(reservation: Reservation) -> Admitted:
+    """``reservation`` stamped with the moment its ``acquire`` returned: call it right then."""
+    return Admitted(reservation.start_ms, reservation.tokens, wall_ms())
+
+
+def released_early(records: Iterable[Admitted]) -> list[Admitted]:
+    """The admissions whose caller went before its slot came.
+
+    The window checks read the slots the throttle granted. A throttle that let callers
+    go before their slots would grant a valid schedule all the same, and the provider
+    counts a call when it arrives; so the release is checked too. Granting reads Redis
+    ``TIME`` and a sleeper confirms its slot once more before it goes, so a caller is
+    never released before its slot on the shared clock: no tolerance is needed.
+    """
+    return [r for r in records if r.released_ms < r.start_ms]
+
+
+def worst_window(records: Iterable[Sequence[int]], window_ms: int) -> tuple[int, int]:
+    """Most requests and most tokens in any half-open span [s, s + W) of the admissions.
+
+    ``records`` are ``(start_ms, tokens, ...)``: :class:`Admitted` or plain pairs.
+    """
+    ordered = sorted((r[0], r[1]) for r in records)
     starts = [start for start, _ in ordered]
     prefix = [0]
     for _, tokens in ordered:
