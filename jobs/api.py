@@ -149,7 +149,9 @@ def _store_batch(
     source: Source,
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
+    completion_window: str | None,
 ) -> BatchHandle:
+    window_s = window_seconds(completion_window) if completion_window is not None else None
     with session_scope(ctx.database_url) as session:
         batch_id, created = intake.create_batch(
             session,
@@ -159,6 +161,8 @@ def _store_batch(
             metadata=metadata,
             idempotency_key=idempotency_key,
             notify=ctx.settings.webhook_url is not None,
+            completion_window=completion_window,
+            window_s=window_s,
         )
     log_event("batch_submitted", batch=batch_id, jobs=count, source=source.value, created=created)
     if created:
@@ -173,11 +177,14 @@ def submit_batch(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     source: Source = Source.API,
+    completion_window: str | None = None,
     settings: Settings | None = None,
 ) -> BatchHandle:
     """Validate every request, then store and queue them as one batch.
 
-    ``requests`` may mix plain request bodies and OpenAI Batch input lines.
+    ``requests`` may mix plain request bodies and OpenAI Batch input lines. With a
+    ``completion_window`` (``24h``, ``30m``…) the batch expires if it has not ended
+    within it; by default it has none.
     Raises :class:`~jobs.validation.ValidationError` naming each bad request;
     nothing is stored then.
     """
@@ -195,6 +202,7 @@ def submit_batch(
         source=source,
         metadata=metadata,
         idempotency_key=idempotency_key,
+        completion_window=completion_window,
     )
 
 
@@ -205,6 +213,7 @@ def submit_file(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     source: Source = Source.FILE,
+    completion_window: str | None = None,
     settings: Settings | None = None,
 ) -> BatchHandle:
     """Validate an OpenAI Batch JSONL file whole, then store and queue it.
@@ -236,6 +245,7 @@ def submit_file(
             source=source,
             metadata=metadata,
             idempotency_key=idempotency_key,
+            completion_window=completion_window,
         )
 
 

@@ -104,12 +104,14 @@ def _progress_dict(p: api.BatchProgress) -> dict[str, Any]:
 def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
     if args.file == "-":
         # Standard input: how a local file reaches a one-off dyno (`heroku run ... < f`).
-        batch = api.submit_file(STDIN, name=args.name or "stdin")
+        batch = api.submit_file(
+            STDIN, name=args.name or "stdin", completion_window=args.completion_window
+        )
     else:
         path = Path(args.file)
         if not path.is_file():
             raise UsageError(f"no such file: {args.file}")
-        batch = api.submit_file(path, name=args.name)
+        batch = api.submit_file(path, name=args.name, completion_window=args.completion_window)
     out.write(f"batch {batch.id} submitted: {batch.progress().total} jobs\n")
     out.flush()
     if not args.wait:
@@ -297,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the JSONL file, or - for standard input")
     p.add_argument("--name", help="batch name (default: the file name, or stdin)")
     p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
+    p.add_argument(
+        "--completion-window",
+        metavar="DURATION",
+        help="expire the batch if it has not ended within this (24h, 30m...; default: none)",
+    )
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="counts of a batch's jobs by status")

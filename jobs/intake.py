@@ -68,10 +68,13 @@ def create_batch(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     notify: bool = False,
+    completion_window: str | None = None,
+    window_s: float | None = None,
 ) -> tuple[int, bool]:
     """Store a batch and all its jobs; returns ``(batch_id, created)``.
 
     A batch of no jobs is completed at once, with its webhook event when ``notify``.
+    With ``window_s`` it expires that long from now if it has not ended.
 
     With an ``idempotency_key`` that already exists, nothing is written and the
     existing batch is returned with ``created=False``. ``items`` may be an iterator
@@ -84,6 +87,10 @@ def create_batch(
         "source": source,
         "status": BatchStatus.IN_PROGRESS,
         "in_progress_at": func.now(),
+        "completion_window": completion_window,
+        "expires_at": (
+            func.now() + dt.timedelta(seconds=window_s) if window_s is not None else None
+        ),
         "idempotency_key": idempotency_key,
         "total": expected,
         "queued": expected,

@@ -100,3 +100,26 @@ def test_a_closed_completion_window_expires_the_batch_and_keeps_its_results(
     assert {r["error"]["code"] for r in errors} == {"batch_expired"}
     outputs = list(batch.results("output"))
     assert len(outputs) == RPM and all(r["response"]["status_code"] == 200 for r in outputs)
+
+
+def test_a_cli_batch_has_no_window_unless_one_is_given(
+    settings: Settings, simulator: Simulator, tmp_path: Path
+) -> None:
+    slow = _slow_key(settings)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl(*(line(f"w{i}") for i in range(JOBS))))
+    none = run_cli(slow, "submit", str(path))
+    given = run_cli(slow, "submit", str(path), "--completion-window", "3s")
+    bad = run_cli(slow, "submit", str(path), "--completion-window", "soon")
+    assert none.returncode == given.returncode == 0, (none.stderr, given.stderr)
+    assert bad.returncode == 2 and "completion_window" in bad.stderr
+    first, second = api.get_batch(1, settings=slow), api.get_batch(2, settings=slow)
+    worker = WorkerProcess(slow, tmp_path / "worker.log", concurrency=40)
+    try:
+        final = second.wait(timeout=40)
+        assert first.progress().status == "in_progress", "no window: still running"
+        first.cancel()
+        first.wait(timeout=30)
+    finally:
+        worker.stop()
+    assert final.status == "expired" and final.cancelled > 0

@@ -316,7 +316,9 @@ def test_a_batch_past_its_completion_window_sends_batch_expired(
     # One request a minute and a 2 s window: two of the three requests cannot start in time.
     settings = hooked(settings, receiver.start(), rpm=1)
     assert settings.database_url is not None
-    upload = Upload(settings.database_url, filename="late.jsonl", purpose="batch")
+    upload = Upload(
+        settings.database_url, filename="late.jsonl", purpose="batch", max_bytes=1 << 20
+    )
     upload.write(jsonl(*(line(f"q{i}") for i in range(3))))
     file = upload.finish()
     worker = WorkerProcess(settings, tmp_path / "worker.log", concurrency=4)
