@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
-from jobs import files, housekeeping, intake
+from jobs import dashboard_data, files, housekeeping, intake
 from jobs.batchfile import (
     BatchItem,
     check_batch_stream,
@@ -37,7 +37,7 @@ from jobs.handles import (
 )
 from jobs.jsoncheck import json_kind, json_problem, show_value
 from jobs.logfmt import log_event
-from jobs.models import Batch, FilePurpose, Job, Priority, Source
+from jobs.models import FilePurpose, Job, Priority, Source
 from jobs.scheduled import is_file_source, load_callable_requests, run_key
 from jobs.settings import MODEL_LIMITS, Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
@@ -256,13 +256,8 @@ def get_batch(batch_id: int, *, settings: Settings | None = None) -> BatchHandle
 
 
 def recent_batches(*, limit: int = 20, settings: Settings | None = None) -> list[BatchProgress]:
-    """The ``limit`` newest batches' progress, newest first."""
-    ctx = context(settings)
-    with session_scope(ctx.database_url) as session:
-        ids = list(
-            session.execute(select(Batch.id).order_by(Batch.id.desc()).limit(limit)).scalars()
-        )
-    return [BatchHandle(batch_id, ctx).progress() for batch_id in ids]
+    """The ``limit`` newest batches' progress, newest first (with their times)."""
+    return list(dashboard_data.recent_batches(context(settings).database_url, limit=limit))
 
 
 def get_job(job_id: int, *, settings: Settings | None = None) -> JobHandle:

@@ -23,7 +23,8 @@ from jobs import circuit, presence
 from jobs.connections import shared_redis
 from jobs.constants import KEY_PREFIX, throttle_pause_key
 from jobs.db import session_scope
-from jobs.models import BATCH_ENDED, Attempt, Batch, Job, JobStatus
+from jobs.handles import BatchProgress
+from jobs.models import Attempt, Batch, Job, JobStatus
 from jobs.settings import Settings
 
 #: Batches on the overview, newest first.
@@ -35,30 +36,13 @@ CHART_MINUTES = 60
 
 
 @dataclass(frozen=True)
-class BatchSummary:
-    """A batch as the overview lists it."""
+class BatchSummary(BatchProgress):
+    """A batch as the overview (and ``python -m jobs list``) lists it: its progress, and when."""
 
-    id: int
-    name: str
-    status: str
-    total: int
-    queued: int
-    running: int
-    succeeded: int
-    failed: int
-    cancelled: int
     created_at: dt.datetime
     finished_at: dt.datetime | None
     #: From ``created_at`` to ``finished_at``, or to now while it has not ended.
     elapsed_s: float
-
-    @property
-    def done(self) -> int:
-        return self.succeeded + self.failed + self.cancelled
-
-    @property
-    def ended(self) -> bool:
-        return self.status in BATCH_ENDED
 
 
 @dataclass(frozen=True)
@@ -125,6 +109,7 @@ class LiveState:
 _SUMMARY_COLUMNS = (
     Batch.id,
     Batch.name,
+    Batch.source,
     Batch.status,
     Batch.total,
     Batch.queued,
@@ -144,6 +129,7 @@ def _summary(row: Row[*tuple[Any, ...]]) -> BatchSummary:
     return BatchSummary(
         id=row.id,
         name=row.name,
+        source=row.source,
         status=row.status,
         total=row.total,
         queued=row.queued,

@@ -25,14 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 from sqlalchemy import Connection
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jobs import store
-from jobs.circuit import KeyCircuit
+from jobs.circuit import Gate, KeyCircuit
 from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
@@ -239,10 +239,12 @@ class Runner:
             if isinstance(got, str):
                 return got
             reservation = got
-            gate = self._through_outage(lambda: self.circuit.gate(job.id))
-            if gate == "open":
-                self._quietly("release", partial(throttle.release, reservation))
-                return self._paused(job.id, fields)
+            passed = self._pass_gate(job.id, fields, throttle, reservation)
+            if passed is None:
+                continue
+            if passed not in ("closed", "probe"):
+                return cast(Outcome, passed)
+            gate = passed
             number = self._in_tx(
                 lambda tx: store.begin_attempt(tx, job.id, lease_s=self._lease_s())
             )
@@ -290,19 +292,31 @@ class Runner:
             outcome = self._succeed(
                 job.id, fields, number, completion, max_tokens, throttle, reservation
             )
-            if self.calibrator is not None:
-                learn = partial(
-                    self.calibrator.record,
-                    job.model,
-                    job.request,
-                    raw_prompt,
-                    completion.usage.prompt_tokens,
-                )
-                self._quietly("calibrate", learn)
-            if gate == "probe":
-                self._through_outage(lambda: self.circuit.close(job.id))
-                log_event("circuit_closed", **fields, attempt=number)
+            self._learn(job, fields, number, completion, raw_prompt, gate)
             return outcome
+
+    def _learn(
+        self,
+        job: store.ClaimedJob,
+        fields: dict[str, Any],
+        number: int,
+        completion: Completion,
+        raw_prompt: int,
+        gate: Gate,
+    ) -> None:
+        """After a recorded answer: calibrate the estimate; a probe's success closes the circuit."""
+        if self.calibrator is not None:
+            learn = partial(
+                self.calibrator.record,
+                job.model,
+                job.request,
+                raw_prompt,
+                completion.usage.prompt_tokens,
+            )
+            self._quietly("calibrate", learn)
+        if gate == "probe":
+            self._through_outage(lambda: self.circuit.close(job.id))
+            log_event("circuit_closed", **fields, attempt=number)
 
     def _next_try(
         self,
@@ -363,6 +377,33 @@ class Runner:
             return self._hand_back(job.id, fields, f"throttle: {exc}")
         except ThrottleInterrupted as exc:
             return self._interrupted(job.id, fields, f"throttle: {exc}")
+
+    def _pass_gate(
+        self, job_id: int, fields: dict[str, Any], throttle: Throttle, reservation: Reservation
+    ) -> Gate | Outcome | None:
+        """The key circuit's word on a job that holds its slot: ``closed`` or ``probe`` to
+        call, the job's outcome if the circuit is open, ``None`` to ask for a slot again."""
+        away: list[BaseException] = []
+
+        def ask() -> Gate:
+            try:
+                return self.circuit.gate(job_id)
+            except OUTAGES as exc:
+                away.append(exc)
+                raise
+
+        gate = self._through_outage(ask)
+        if away:
+            # Redis went away after granting this slot: one that lost its data has a new
+            # bucket, rebuilt from the ledger, where the slot does not exist (its call has
+            # no ledger row yet). Ask for a slot again rather than call unseen.
+            self._quietly("release", partial(throttle.release, reservation))
+            log_event("slot_lost", **fields, reason="Redis was away after the slot")
+            return None
+        if gate == "open":
+            self._quietly("release", partial(throttle.release, reservation))
+            return self._paused(job_id, fields)
+        return gate
 
     def _rewatch(self, waiter: threading.Event, batch_id: int | None) -> threading.Event:
         self.stops.forget(waiter)

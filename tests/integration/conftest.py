@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from devstack.procs import WebProcess
+from jobs.settings import Settings
 from tests.integration.throttle_helpers import CountingRedis, counting_client
+from tests.support import WEB_KEY, start_web
 
 
 @pytest.fixture
@@ -15,3 +19,12 @@ def r(redis_url: str) -> Iterator[CountingRedis]:
     client = counting_client(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def web(settings: Settings, tmp_path: Path) -> Iterator[WebProcess]:
+    """``python -m web`` on the test's settings, accepting ``WEB_KEY``; the key never logged."""
+    process = start_web(settings, tmp_path / "web.log")
+    yield process
+    process.stop(10)
+    assert WEB_KEY not in process.log()

@@ -27,20 +27,12 @@ from jobs.constants import throttle_pause_key
 from jobs.db import session_scope
 from jobs.models import Attempt, Batch, Job, JobStatus
 from jobs.settings import Settings
-from tests.support import WEB_KEY, WorkerProcess, body, jsonl, line, start_web, wait_until
+from tests.support import WEB_KEY, WorkerProcess, body, jsonl, line, wait_until
 
 pytestmark = pytest.mark.integration
 
 #: A browser's login: any user name, a key of API_KEYS as the password.
 BASIC = httpx.BasicAuth("anyone", WEB_KEY)
-
-
-@pytest.fixture
-def web(settings: Settings, tmp_path: Path) -> Iterator[WebProcess]:
-    process = start_web(settings, tmp_path / "web.log")
-    yield process
-    process.stop(10)
-    assert WEB_KEY not in process.log()
 
 
 @pytest.fixture

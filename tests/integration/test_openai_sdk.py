@@ -24,7 +24,7 @@ from devstack.procs import WebProcess
 from devstack.simulator import Simulator
 from jobs import retention
 from jobs.settings import Settings
-from tests.support import WEB_KEY, WorkerProcess, jsonl, line, start_web
+from tests.support import WEB_KEY, WorkerProcess, jsonl, line
 
 pytestmark = pytest.mark.integration
 
@@ -65,14 +65,6 @@ def check_line(row: dict[str, Any]) -> None:
         assert response["request_id"] != "None", row
         if response["status_code"] == 200:
             ChatCompletion.model_validate(response["body"])
-
-
-@pytest.fixture
-def web(settings: Settings, tmp_path: Path) -> Iterator[WebProcess]:
-    process = start_web(settings, tmp_path / "web.log")
-    yield process
-    process.stop(10)
-    assert WEB_KEY not in process.log()
 
 
 @pytest.fixture
