@@ -86,10 +86,14 @@ def batch_span(database_url: str, batch_id: int) -> tuple[float, float | None]:
 
 
 def first_call_waits(
-    database_url: str, priority: int, *, created_after: float = 0.0
+    database_url: str,
+    priority: int,
+    *,
+    created_after: float = 0.0,
+    created_before: float = float("inf"),
 ) -> tuple[list[float], int]:
     """Seconds from a job's creation to its first call, for jobs of ``priority``
-    created after the Unix time ``created_after``.
+    created between the Unix times ``created_after`` and ``created_before``.
 
     Returns the waits of jobs that made a call and how many never did.
     """
@@ -97,10 +101,11 @@ def first_call_waits(
         SELECT extract(epoch FROM (min(a.started_at) - j.created_at))::float8
         FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id
         WHERE j.priority = %s AND j.created_at > to_timestamp(%s)
+          AND j.created_at < to_timestamp(%s)
         GROUP BY j.id, j.created_at
     """
     with psycopg.connect(conninfo(database_url)) as conn:
-        rows = conn.execute(query, (priority, created_after)).fetchall()
+        rows = conn.execute(query, (priority, created_after, created_before)).fetchall()
     waits = [float(r[0]) for r in rows if r[0] is not None]
     return waits, sum(1 for r in rows if r[0] is None)
 

@@ -25,6 +25,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from bench import lanes
+from bench import scenarios_neighbour as neighbour
 from bench import scenarios_rate as rate
 from bench import scenarios_system as system
 from bench.measure import processes
@@ -71,10 +72,12 @@ def _both(
     *args: object,
     quick: Sequence[int] = (3,),
     solo: bool = False,
+    workers: Sequence[int] = (1, 3),
 ) -> tuple[Scenario, ...]:
     """The scenario with 1 worker process and with 3 (standing in for 3 dynos).
 
-    Quick mode runs one row at a time, so it keeps only the variants in ``quick``.
+    Quick mode runs one row at a time, so it keeps only the variants in ``quick``. Rows
+    about the provider or the load rather than the processes run with one (``workers``).
     """
     return tuple(
         Scenario(
@@ -84,8 +87,13 @@ def _both(
             full_only=n not in quick,
             solo=solo,
         )
-        for n in (1, 3)
+        for n in workers
     )
+
+
+def _one(name: str, title: str, func: Callable[..., Row], *args: object) -> tuple[Scenario, ...]:
+    """A full-mode row with one worker process only."""
+    return _both(name, title, func, *args, quick=(), workers=(1,))
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -93,9 +101,18 @@ SCENARIOS: tuple[Scenario, ...] = (
     *_both("rpm10x", "RPM-bound at 10x limits", rate.rpm, 10, quick=(), solo=True),
     *_both("tpm-reserve", "TPM-bound, charge=reserve", rate.tpm, "reserve"),
     *_both("tpm-actual", "TPM-bound, charge=actual", rate.tpm, "actual"),
+    *_both("long-calls", "Long calls (85-95 s)", rate.long_calls, quick=(1,), workers=(1,)),
+    *_one("tpm-reserve-c3", "TPM-bound, charge=reserve, 3 chars/token", rate.tpm, "reserve", 3.0),
+    *_one("tpm-actual-c3", "TPM-bound, charge=actual, 3 chars/token", rate.tpm, "actual", 3.0),
+    *_one("tpm-reserve-cjk", "TPM-bound, charge=reserve, CJK", rate.tpm, "reserve", 1.5),
+    *_one("tpm-actual-cjk", "TPM-bound, charge=actual, CJK", rate.tpm, "actual", 1.5),
+    *_one("long-docs", "Long documents (~130,000 tokens)", rate.long_docs),
     *_both("restart", "Start-up and Redis FLUSHDB mid-run", rate.restart),
     *_both("shared-key", "Another client on the same key", rate.shared_key),
+    *_both("neighbour", "A retrying client on the same key", neighbour.neighbour),
+    *_one("neighbour-noheaders", "The same, no rate-limit headers", neighbour.neighbour, False),
     *_both("priority", "Interactive jobs over a bulk backlog", system.priority),
+    *_both("priority-first", "Interactive from the first window", system.priority_first),
     *_both("priority-reserve", "The same with an interactive reserve", system.priority_reserve),
     *_both(
         "overhead-throughput",

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 from bench import ledger
-from bench.loads import PacedClient, bodies
+from bench.loads import CJK_BELOW, PacedClient, bodies
 from bench.measure import (
     BATCH_TIME_SLACK,
     admissions,
@@ -53,6 +53,10 @@ class Load:
     windows: int
     #: WORKER_CONCURRENCY of each worker process; None: the default.
     concurrency: int | None = None
+    #: Characters a token in the simulator's count (CJK text below 2).
+    chars_per_token: float = 4.0
+    #: Batch time allowed, as a multiple of the ideal.
+    slack: float = BATCH_TIME_SLACK
 
     def calls_per_window(self) -> int:
         per_call = self.prompt_tokens + (
@@ -66,26 +70,23 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
     row = Row(name, title)
     per_window = load.calls_per_window()
     count = per_window * load.windows
-    defaults = Settings.from_env({"INFERENCE_RPM": str(load.rpm), "INFERENCE_TPM": str(load.tpm)})
-    threads = (
-        f"WORKER_CONCURRENCY={load.concurrency}"
-        if load.concurrency is not None
-        else f"the default WORKER_CONCURRENCY ({defaults.worker_concurrency})"
-    )
-    row.description = (
-        f"{count:,} jobs of ~{load.prompt_tokens:,} prompt tokens, max_tokens "
-        f"{load.max_tokens:,}, charge={load.charge}, latency {load.latency[0]:g}-"
-        f"{load.latency[1]:g} s, submitted at once to {load.workers} worker process(es) "
-        f"with {threads} and the default DISPATCH_WINDOW ({defaults.dispatch_window})."
-    )
+    row.description = _describe(load, count)
     m = row.metrics
     m.update(workers=load.workers, limits=limits_text(load.rpm, load.tpm), requests=count)
     m.update(limit_rpm=load.rpm, limit_tpm=load.tpm)
-    sim = SimSpec(rpm=load.rpm, tpm=load.tpm, charge=load.charge, latency=load.latency)
+    sim = SimSpec(
+        rpm=load.rpm,
+        tpm=load.tpm,
+        charge=load.charge,
+        latency=load.latency,
+        chars_per_token=load.chars_per_token,
+    )
     spec = StackSpec(sim, rpm=load.rpm, tpm=load.tpm, concurrency=load.concurrency)
     with run.stack(name, spec) as st:
         st.start_workers(load.workers)
-        payload = bodies(name, count, load.prompt_tokens, load.max_tokens)
+        payload = bodies(
+            name, count, load.prompt_tokens, load.max_tokens, chars_per_token=load.chars_per_token
+        )
         t0 = time.perf_counter()
         batch = api.submit_batch(payload, name=name, settings=st.settings)
         m["submit_s"] = seconds(time.perf_counter() - t0)
@@ -119,8 +120,8 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
         m["elapsed_s"] = round(elapsed, 1)
         m["batch_vs_ideal"] = round(elapsed / ideal, 3)
         row.target(
-            f"batch time <= {BATCH_TIME_SLACK:.2f} x ideal",
-            elapsed <= BATCH_TIME_SLACK * ideal,
+            f"batch time <= {load.slack:.2f} x ideal",
+            elapsed <= load.slack * ideal,
             f"{elapsed:.1f} s vs ideal {ideal:.1f} s",
         )
     else:
@@ -128,6 +129,27 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
     record_sim_targets(row)
     row.target("every job succeeded", counts.get("succeeded", 0) == count, str(counts))
     return row
+
+
+def _describe(load: Load, count: int) -> str:
+    defaults = Settings.from_env({"INFERENCE_RPM": str(load.rpm), "INFERENCE_TPM": str(load.tpm)})
+    threads = (
+        f"WORKER_CONCURRENCY={load.concurrency}"
+        if load.concurrency is not None
+        else f"the default WORKER_CONCURRENCY ({defaults.worker_concurrency})"
+    )
+    text = (
+        f"{count:,} jobs of ~{load.prompt_tokens:,} prompt tokens, max_tokens "
+        f"{load.max_tokens:,}, charge={load.charge}, latency {load.latency[0]:g}-"
+        f"{load.latency[1]:g} s, submitted at once to {load.workers} worker process(es) "
+        f"with {threads} and the default DISPATCH_WINDOW ({defaults.dispatch_window})."
+    )
+    if load.chars_per_token != 4.0:
+        script = "CJK" if load.chars_per_token < CJK_BELOW else "English"
+        text += (
+            f" The simulator counts {load.chars_per_token:g} characters a token ({script} text)."
+        )
+    return text
 
 
 def ideal_batch_s(
@@ -186,11 +208,52 @@ def _tpm_load(run: Run, charge: Charge, workers: int) -> Load:
     )
 
 
-def tpm(run: Run, workers: int, charge: Charge) -> Row:
-    """A TPM-bound batch under one charge mode, on ``workers`` worker processes."""
-    load = _tpm_load(run, charge, workers)
-    title = f"TPM-bound, charge={charge}, {processes(workers)}"
-    return saturate(run, f"tpm-{charge}-w{workers}", title, load)
+def tpm(run: Run, workers: int, charge: Charge, chars_per_token: float = 4.0) -> Row:
+    """A TPM-bound batch under one charge mode, on ``workers`` worker processes.
+
+    ``chars_per_token`` other than 4 names the row after the simulator's count (``c3``,
+    ``cjk``), so that an estimate tuned to one tokenizer shows its error on the others.
+    """
+    load = replace(_tpm_load(run, charge, workers), chars_per_token=chars_per_token)
+    name, title = f"tpm-{charge}", f"TPM-bound, charge={charge}"
+    if chars_per_token != 4.0:
+        name += "-cjk" if chars_per_token < CJK_BELOW else f"-c{chars_per_token:g}"
+        title += f", {chars_per_token:g} characters a token"
+    return saturate(run, f"{name}-w{workers}", f"{title}, {processes(workers)}", load)
+
+
+#: Long documents: prompts of about 130,000 tokens, six of which fit 800,000 TPM.
+LONG_DOC_TOKENS = 130_000
+
+
+def long_docs(run: Run, workers: int) -> Row:
+    """A dozen ~130,000-token prompts: whole windows of a few very large calls."""
+    load = Load(
+        rpm=BASE_RPM * run.scale,
+        tpm=BASE_TPM * run.scale,
+        workers=workers,
+        prompt_tokens=LONG_DOC_TOKENS,
+        max_tokens=1000,
+        charge="reserve",
+        latency=run.latency(*LATENCY),
+        # Six fit a window (131,000 tokens each, max_tokens included): a dozen prompts.
+        windows=2,
+        slack=1.15,
+    )
+    # Full mode only: the quick run's ten times the TPM would take ten times the prompts.
+    title = f"Long documents of ~{LONG_DOC_TOKENS:,} prompt tokens, {processes(workers)}"
+    return saturate(run, f"long-docs-w{workers}", title, load)
+
+
+#: Long calls: reasoning answers of a few thousand tokens take about this long.
+LONG_CALL_S = (85.0, 95.0)
+
+
+def long_calls(run: Run, workers: int) -> Row:
+    """An RPM-bound batch whose calls take 85-95 s: the limit times the latency in flight."""
+    load = replace(_rpm_load(run, workers, 1), latency=run.latency(*LONG_CALL_S), windows=4)
+    title = f"Long calls of {LONG_CALL_S[0]:g}-{LONG_CALL_S[1]:g} s, {processes(workers)}"
+    return saturate(run, f"long-calls-w{workers}", title, load)
 
 
 def _wait_first_admission(database_url: str, deadline: float) -> float | None:

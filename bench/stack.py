@@ -107,6 +107,8 @@ class SimSpec:
     latency: tuple[float, float] = (0.0, 0.0)
     chars_per_token: float = 4.0
     window_s: float = 60.0
+    #: Whether answers carry ``x-ratelimit-*`` headers.
+    ratelimit_headers: bool = True
 
     def argv(self, port: int) -> list[str]:
         argv = [sys.executable, "-m", "devstack.simulator", "--port", str(port)]
@@ -119,6 +121,8 @@ class SimSpec:
             "--window", f"{self.window_s:g}", "--charge", self.charge,
             "--chars-per-token", f"{self.chars_per_token:g}", "--latency", f"{low:g}:{high:g}",
         ]  # fmt: skip
+        if not self.ratelimit_headers:
+            argv.append("--no-ratelimit-headers")
         return argv
 
     @property
@@ -163,6 +167,13 @@ class SimulatorProcess:
         reply.raise_for_status()
         data = reply.json()
         return {str(k): int(v) for k, v in data.items()}
+
+    def calls(self) -> list[dict[str, object]]:
+        """The simulator's call records (``GET /calls``), oldest first."""
+        reply = self._http.get("/calls", timeout=60.0)
+        reply.raise_for_status()
+        calls: list[dict[str, object]] = reply.json()["calls"]
+        return calls
 
     def reset(self) -> None:
         """Clear its counters and rate-limit window (``POST /reset``)."""

@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hang-seconds", type=float, default=3600.0)
     parser.add_argument("--malformed-rate", type=float, default=0.0)
     parser.add_argument("--retry-after", action="store_true", help="send Retry-After on 429")
+    parser.add_argument(
+        "--no-ratelimit-headers",
+        dest="ratelimit_headers",
+        action="store_false",
+        help="send no x-ratelimit-* headers (only 429s show the limit)",
+    )
     parser.add_argument("--rate-limit-code", default="rate_limit_exceeded")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             hang_seconds=args.hang_seconds,
             malformed_rate=args.malformed_rate,
             retry_after=args.retry_after,
+            ratelimit_headers=args.ratelimit_headers,
             rate_limit_code=args.rate_limit_code,
             seed=args.seed,
             call_log_limit=args.call_log_limit,

@@ -100,6 +100,9 @@ class SimulatorConfig:
     malformed_rate: float = 0.0
     #: Add ``Retry-After`` to 429s (Heroku documents none).
     retry_after: bool = False
+    #: Send the ``x-ratelimit-*`` headers; without them only 429s tell a client that
+    #: someone else uses the key.
+    ratelimit_headers: bool = True
     rate_limit_code: str = "rate_limit_exceeded"
     seed: int = 0
     #: Call records kept for :meth:`Simulator.calls`; the oldest go first beyond this (a
@@ -389,7 +392,7 @@ class Simulator:
                     "type": "rate_limit_error",
                 }
             },
-            state.headers(),
+            self._rate_headers(state),
         )
         if self.config.retry_after:
             reply.headers["Retry-After"] = str(max(1, math.ceil(wait)))
@@ -553,4 +556,7 @@ class Simulator:
                 latency = self._rng.uniform(cfg.latency_min, cfg.latency_max)
             self._stopping.wait(latency)
         payload = completion_body(req, plan, cfg.chars_per_token, number)
-        return json_reply(200, payload, state.headers())
+        return json_reply(200, payload, self._rate_headers(state))
+
+    def _rate_headers(self, state: WindowState) -> dict[str, str]:
+        return state.headers() if self.config.ratelimit_headers else {}

@@ -321,6 +321,19 @@ def test_retry_after_and_custom_code(start_sim: StartSim, client: httpx.Client) 
     assert 29 <= int(r.headers["retry-after"]) <= 30
 
 
+def test_without_ratelimit_headers_only_the_429_tells(
+    start_sim: StartSim, client: httpx.Client
+) -> None:
+    sim = start_sim(rpm=1, window_s=30.0, ratelimit_headers=False)
+    first = post(client, sim, body())
+    second = post(client, sim, body("refused"))
+    assert (first.status_code, second.status_code) == (200, 429)
+    for reply in (first, second):
+        assert not [h for h in reply.headers if h.lower().startswith("x-ratelimit-")]
+    assert second.json()["error"]["type"] == "rate_limit_error"
+    assert sim.stats().max_requests_in_window == 1
+
+
 def test_concurrent_burst_admits_exactly_the_limit(start_sim: StartSim) -> None:
     sim = start_sim(rpm=10, window_s=30.0, latency_min=0.1, latency_max=0.2)
 

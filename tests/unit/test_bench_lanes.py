@@ -38,6 +38,12 @@ def test_every_paced_scenario_runs_with_one_and_three_workers() -> None:
     for base in ("rpm", "rpm10x", "tpm-reserve", "tpm-actual", "restart", "shared-key"):
         assert {f"{base}-w1", f"{base}-w3"} <= set(names)
     assert {"priority-w1", "priority-w3", "priority-reserve-w1"} <= set(names)
+    for base in ("neighbour", "priority-first"):
+        assert {f"{base}-w1", f"{base}-w3"} <= set(names)
+    # Rows about the provider or the load, not the processes: one worker process each.
+    for charge in ("reserve", "actual"):
+        assert {f"tpm-{charge}-c3-w1", f"tpm-{charge}-cjk-w1"} <= set(names)
+    assert {"long-docs-w1", "long-calls-w1", "neighbour-noheaders-w1"} <= set(names)
     solo = {s.name for s in SCENARIOS if s.solo}
     assert {"rpm10x-w1", "overhead-throughput-w3", "overhead-submit"} <= solo
     assert "rpm-w3" not in solo
