@@ -21,6 +21,17 @@ BATCH_TIME_SLACK = 1.03
 WINDOW_S = 60.0
 
 
+MB = 1024 * 1024
+#: Simulator counters that together count every call whose answer is settled (written to
+#: its client, or not because the client was gone); the rest are still being answered.
+ANSWERED_COUNTERS = ("delivered", "cut")
+
+
+def sim_in_flight(stats: dict[str, int]) -> int:
+    """Calls the simulator is still answering, from its ``/stats``."""
+    return stats["calls"] - sum(stats[k] for k in ANSWERED_COUNTERS)
+
+
 def limits_text(rpm: int | None, tpm: int | None) -> str:
     rpm_text = f"{rpm:,} RPM" if rpm is not None else "no RPM limit"
     tpm_text = f"{tpm:,} TPM" if tpm is not None else "no TPM limit"

@@ -12,10 +12,11 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from bench import ledger
+from bench import ledger, procstats
 from bench.loads import CJK_BELOW, PacedClient, bodies
 from bench.measure import (
     BATCH_TIME_SLACK,
+    MB,
     admissions,
     limits_text,
     processes,
@@ -23,6 +24,7 @@ from bench.measure import (
     record_sim,
     record_sim_targets,
     seconds,
+    sim_in_flight,
     sleep_until,
     wait_batch,
 )
@@ -94,7 +96,11 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
         # Enough for a slow start plus the ideal schedule; a slower system is cut off
         # here (and misses its batch-time target) rather than stretching the run.
         budget = 60.0 * (load.windows + 2) + 2 * load.latency[1]
-        wait_batch(batch, budget, row)
+        pids = [w.pid for w in st.workers]
+        with procstats.PeakSampler(pids, lambda: sim_in_flight(st.simulator.stats())) as peak:
+            wait_batch(batch, budget, row)
+        m["worker_peak_rss_mb"] = round(peak.peak_rss / MB, 1)
+        m["sim_peak_calls_in_flight"] = peak.peak_in_flight
         record_sim(row, st.simulator)
         calls = ledger.calls(st.database_url)
         created, finished = ledger.batch_span(st.database_url, batch.id)

@@ -17,12 +17,14 @@ from celery import Celery
 from bench import baseline_app, ledger, procstats
 from bench.loads import bodies, chat_body, plain_loop, plain_pool, write_batch_file
 from bench.measure import (
+    MB,
     cancel,
     limits_text,
     processes,
     record_sim,
     record_sim_targets,
     seconds,
+    sim_in_flight,
     sleep_until,
     wait_batch,
 )
@@ -36,14 +38,10 @@ from jobs.models import Priority
 #: What the system is told when the simulator has no limits at all.
 LIFTED_RPM = 1_000_000
 LIFTED_TPM = 10_000_000_000
-MB = 1024 * 1024
 #: Threads of the plain httpx comparison client: the worker's default concurrency.
 POOL_THREADS = 100
 #: A Heroku standard-1X dyno.
 DYNO_MB = 512
-#: Simulator counters that together count every call whose answer is settled (written to
-#: its client, or not because the client was gone); the rest are still being answered.
-ANSWERED_COUNTERS = ("delivered", "cut")
 
 
 def _round_opt(value: float | None, digits: int = 2) -> float | None:
@@ -323,8 +321,7 @@ def overhead_rss(run: Run) -> Row:
             time.sleep(0.2)
         m["ledger_in_flight"] = ledger.in_flight(st.database_url)
         stats = st.simulator.stats()
-        answered = sum(stats[k] for k in ANSWERED_COUNTERS)
-        m["sim_in_flight"] = stats["calls"] - answered
+        m["sim_in_flight"] = sim_in_flight(stats)
         m["rss_in_flight_mb"] = round(max(samples) / MB, 1)
         wait_batch(batch, latency + 120.0, row)
         m["rss_after_mb"] = round(procstats.rss_bytes(pids) / MB, 1)
