@@ -23,6 +23,7 @@ import psutil
 import psycopg
 import pytest
 import redis
+from sqlalchemy.engine import make_url
 
 from devstack.procs import stop_process
 from devstack.simulator import Simulator, SimulatorConfig
@@ -92,14 +93,16 @@ def _redis_clients(
     return counts
 
 
-def _pg_connections(conn: psycopg.Connection, database: str, pids: dict[int, str]) -> Counter[str]:
-    owners = _owners(5432, pids)
+def _pg_connections(
+    conn: psycopg.Connection, database: str, port: int, pids: dict[int, str]
+) -> Counter[str]:
+    owners = _owners(port, pids)
     counts: Counter[str] = Counter()
     rows = conn.execute(
         "SELECT client_port FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
         (database,),
     ).fetchall()
-    owners |= _owners(5432, pids)  # and those opened while the server answered
+    owners |= _owners(port, pids)  # and those opened while the server answered
     for (client_port,) in rows:
         counts[owners.get(int(client_port or 0), "other")] += 1
     return counts
@@ -162,6 +165,8 @@ def test_a_worker_beat_web_and_a_cli_fit_mini_redis_and_essential_postgres(
     ).json()["id"]
     redis_port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
     database = settings.database_url.rsplit("/", 1)[1]
+    # The machine's server or the embedded one, whichever the suite runs on.
+    pg_port = make_url(settings.database_url).port or 5432
     redis_peaks, pg_peaks = Peaks(), Peaks()
     names: Counter[str] = Counter()
     probe = redis.Redis.from_url(settings.redis_url)
@@ -179,7 +184,7 @@ def test_a_worker_beat_web_and_a_cli_fit_mini_redis_and_essential_postgres(
         deadline = time.monotonic() + SAMPLE_FOR_S
         while time.monotonic() < deadline:
             redis_peaks.add(_redis_clients(probe, redis_port, pids, names))
-            pg_peaks.add(_pg_connections(pg, database, pids))
+            pg_peaks.add(_pg_connections(pg, database, pg_port, pids))
             assert api_client.get(f"/v1/batches/{created}").status_code == 200
             time.sleep(0.2)
         assert beat.poll() is None and cli.poll() is None, "beat and the CLI ran throughout"
