@@ -3,8 +3,11 @@
 Postgres holds every job; Redis holds only a window of them. Each sweep:
 
 1. hands back running jobs whose lease expired (their worker died);
-2. counts bulk jobs already published and unfinished, and tops that up to
-   DISPATCH_WINDOW, oldest first; interactive jobs are always published;
+2. counts bulk jobs already published and unfinished, and tops that up to the
+   dispatch window, oldest first; interactive jobs are always published. The
+   window follows the calls' latency (:func:`window_for`): between
+   DISPATCH_WINDOW and DISPATCH_WINDOW_MAX, a minute's requests plus the calls
+   that the recent latency keeps in flight at the limit;
 3. publishes one small message per job (its id, no body) by task name, then
    marks the rows. The rows stay locked (``FOR UPDATE SKIP LOCKED``) until
    commit, so two dispatchers never publish the same job, and a failed publish
@@ -25,6 +28,7 @@ nothing is published but one probe job each time the circuit is due.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -37,7 +41,7 @@ from jobs.connections import shared_redis
 from jobs.constants import DISPATCH_EPOCH_KEY, QUEUE_BULK, QUEUE_INTERACTIVE, TASK_RUN_JOB
 from jobs.db import transaction
 from jobs.logfmt import log_event
-from jobs.models import Job, JobStatus, Priority
+from jobs.models import Attempt, Job, JobStatus, Priority
 from jobs.settings import Settings
 from jobs.store import Tx
 
@@ -74,7 +78,7 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
             if picked and circuit.claim_probe(picked[0][0], lease_s) < 0:
                 picked = []
         else:
-            room = settings.dispatch_window - outstanding_bulk(tx)
+            room = window_for(settings, tx) - outstanding_bulk(tx)
             picked = dispatchable(
                 tx, bulk_room=room, redeliver_after_s=settings.dispatch_redeliver_after
             )
@@ -108,7 +112,57 @@ def _detect_lost_queue(settings: Settings) -> None:
         log_event("republishing", jobs=forgotten, reason="Redis lost its data")
 
 
+def window_for(settings: Settings, session: Tx) -> int:
+    """Bulk jobs to keep published: the request limit's minute plus what is in flight.
+
+    By Little's law RPM / 60 x the latency calls are in flight at the limit, and a
+    strict window admits a whole minute's requests at its roll, each of which needs a
+    published job: RPM x (1 + latency / 60), with the latency a high percentile of the
+    recent calls, between DISPATCH_WINDOW and DISPATCH_WINDOW_MAX. At 2-20 s calls
+    that is DISPATCH_WINDOW (RPM + 50); at 90 s, 375 at 150 RPM.
+    """
+    low, high = settings.dispatch_window, settings.dispatch_window_max
+    if high <= low:
+        return low
+    latency = recent_latency_s(session, settings.read_timeout)
+    in_flight = math.ceil(round(settings.rpm * latency / 60.0, 6))
+    return max(low, min(high, settings.rpm + in_flight))
+
+
+#: Finished calls the latency percentile is taken over.
+LATENCY_SAMPLE = 200
+LATENCY_PERCENTILE = 0.95
+
+
 # -- the queries of a sweep ------------------------------------------------------------
+
+
+def recent_latency_s(session: Tx, read_timeout: float) -> float:
+    """The 95th percentile latency of the last finished calls, or the age of the oldest
+    call still in flight if that is longer (0 with neither).
+
+    A batch of long calls has none finished for a while; counting the calls in flight
+    by their age so far grows the window while they run. Calls older than the read
+    timeout have no worker waiting on them any more (it died), so they are left out.
+    """
+    a = cast(Table, Attempt.__table__).c
+    recent = (
+        select(a.latency_ms)
+        .where(a.latency_ms.is_not(None))
+        .order_by(a.started_at.desc())
+        .limit(LATENCY_SAMPLE)
+        .subquery()
+    )
+    p95_ms = session.execute(
+        select(func.percentile_disc(LATENCY_PERCENTILE).within_group(recent.c.latency_ms))
+    ).scalar_one()
+    horizon = func.now() - dt.timedelta(seconds=read_timeout)
+    oldest = session.execute(
+        select(func.extract("epoch", func.now() - func.min(a.started_at))).where(
+            a.latency_ms.is_(None), a.started_at > horizon
+        )
+    ).scalar_one()
+    return max(float(p95_ms or 0) / 1000.0, float(oldest or 0.0))
 
 
 def dispatchable(

@@ -32,6 +32,13 @@ class ModelLimits:
     context_tokens: int
 
 
+#: The longest call latency, in seconds, for which the default dispatch window and
+#: worker threads keep the key at its request limit (see DISPATCH_WINDOW_MAX).
+LONG_CALL_S = 120.0
+#: Threads of a worker process beyond the largest dispatch window, so that an
+#: interactive job finds one free while every bulk job of the window is held.
+INTERACTIVE_THREADS = 50
+
 #: Known limits per model id. A model not listed here needs INFERENCE_RPM and
 #: INFERENCE_TPM (and optionally INFERENCE_CONTEXT_TOKENS) set explicitly.
 MODEL_LIMITS: dict[str, ModelLimits] = {
@@ -123,28 +130,37 @@ class Settings:
     #: INFERENCE_AUTH_RETRY, seconds: after a 401/403 nothing is called for this
     #: long, then one probe call; it doubles per rejection up to 15 min. Default 60.
     auth_retry_s: float = 60.0
-    #: WORKER_CONCURRENCY: threads per worker process. Default 250: the default
-    #: DISPATCH_WINDOW at 150 RPM (200) plus 50. The window's bulk jobs may all be
-    #: taken by one process (a single dyno), each holding its thread while it waits
-    #: for its slot and during its call, and an interactive job is published at
-    #: once but starts only on a free thread: with 200 threads, one process kept
-    #: interactive jobs waiting 59 s (p95) behind a bulk backlog.
-    worker_concurrency: int = 250
-    #: DISPATCH_WINDOW: most bulk jobs published to Redis and not yet finished,
-    #: across all workers; it bounds the calls in flight. Default INFERENCE_RPM +
-    #: 50 (200 at 150 RPM): a strict window admits a whole minute's requests at
-    #: once and each needs a published job, plus room for calls still running at
-    #: the roll. Under RPM / 60 x the call latency the key runs below its limit: a
-    #: fixed 200 ran at 72 % of 1,500 RPM with 2-20 s calls.
+    #: WORKER_CONCURRENCY: threads per worker process. Default 500: the largest
+    #: dispatch window the defaults allow at 150 RPM (DISPATCH_WINDOW_MAX, 450) plus
+    #: 50. The window's bulk jobs may all be taken by one process (a single dyno),
+    #: each holding its thread while it waits for its slot and during its call, and
+    #: an interactive job is published at once but starts only on a free thread:
+    #: with 200 threads for a window of 200, one process kept interactive jobs
+    #: waiting 59 s (p95) behind a bulk backlog. The pool starts threads as jobs
+    #: arrive, so threads the window does not need are never started.
+    worker_concurrency: int = 500
+    #: DISPATCH_WINDOW: fewest bulk jobs published to Redis and not yet finished,
+    #: across all workers, that the dispatcher keeps topped up; it bounds the calls
+    #: in flight. Default INFERENCE_RPM + 50 (200 at 150 RPM): a strict window
+    #: admits a whole minute's requests at once and each needs a published job,
+    #: plus room for calls still running at the roll. Setting it fixes the window
+    #: there, unless DISPATCH_WINDOW_MAX is set too.
     dispatch_window: int = 200
+    #: DISPATCH_WINDOW_MAX: the window follows the calls' latency up to here (see
+    #: :func:`jobs.dispatch.window_for`): at the limit, RPM / 60 x the latency
+    #: calls are in flight, and a fixed 200 ran at 72 % of 1,500 RPM with 2-20 s
+    #: calls. Default INFERENCE_RPM x (1 + LONG_CALL_S / 60), 450 at 150 RPM, and
+    #: at most WORKER_CONCURRENCY - 50; DISPATCH_WINDOW when only that is set.
+    dispatch_window_max: int = 450
     #: DISPATCH_INTERVAL, seconds between dispatcher sweeps in each worker. Default 2.
     dispatch_interval: float = 2.0
     #: DISPATCH_REDELIVER_AFTER, seconds after which a published job that no
     #: worker started is published again: its message was lost with a worker
     #: killed between taking it and starting it. Default: twice the time the
-    #: whole window takes to drain at the request limit (160 s at 150 RPM and a
-    #: window of 200), at least 60 s; a duplicate message costs nothing.
-    dispatch_redeliver_after: float = 160.0
+    #: largest window takes to drain at the request limit (360 s at 150 RPM and
+    #: a DISPATCH_WINDOW_MAX of 450), at least 60 s; a duplicate message costs
+    #: nothing.
+    dispatch_redeliver_after: float = 360.0
     #: BROKER_VISIBILITY_TIMEOUT, seconds before Redis redelivers an unacked
     #: task. Default 3600; no task may wait longer than this.
     visibility_timeout: int = 3600
@@ -280,6 +296,13 @@ class Settings:
         concurrency = _int(e, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", d.read_timeout)
         window = _int(e, "DISPATCH_WINDOW", rpm + 50, minimum=1)
+        follows = rpm * (1.0 + LONG_CALL_S / 60.0) if not e.get("DISPATCH_WINDOW") else 0
+        window_max = _int(
+            e,
+            "DISPATCH_WINDOW_MAX",
+            max(window, min(round(follows), concurrency - INTERACTIVE_THREADS)),
+            minimum=window,
+        )
         horizon = _float(e, "INFERENCE_BOOKING_HORIZON", d.booking_horizon_s, zero_ok=True)
         if horizon >= 60.0:
             raise ConfigError(f"INFERENCE_BOOKING_HORIZON must be under 60 s, got {horizon}")
@@ -316,9 +339,10 @@ class Settings:
             auth_retry_s=_float(e, "INFERENCE_AUTH_RETRY", d.auth_retry_s),
             worker_concurrency=concurrency,
             dispatch_window=window,
+            dispatch_window_max=window_max,
             dispatch_interval=_float(e, "DISPATCH_INTERVAL", d.dispatch_interval),
             dispatch_redeliver_after=_float(
-                e, "DISPATCH_REDELIVER_AFTER", max(60.0, 2 * 60.0 * window / rpm)
+                e, "DISPATCH_REDELIVER_AFTER", max(60.0, 2 * 60.0 * window_max / rpm)
             ),
             visibility_timeout=_int(
                 e, "BROKER_VISIBILITY_TIMEOUT", d.visibility_timeout, minimum=60

@@ -138,6 +138,7 @@ class Runtime:
             bucket=settings.bucket_name,
             concurrency=concurrency,
             dispatch_window=settings.dispatch_window,
+            dispatch_window_max=settings.dispatch_window_max,
             simulated=is_loopback_host(urlsplit(settings.inference_url or "").hostname),
         )
 

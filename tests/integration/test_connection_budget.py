@@ -116,8 +116,10 @@ def budget_settings(clean_db: str, tmp_path: Path) -> Iterator[Settings]:
         SimulatorConfig(key=TEST_KEY, rpm=150, tpm=800_000, latency_min=0.5, latency_max=3.0)
     ).start()
     try:
-        # The worker's defaults: WORKER_CONCURRENCY 250, DISPATCH_WINDOW 200.
-        yield make_settings(clean_db, server.url, sim.url, worker_concurrency=250)
+        # The worker's default WORKER_CONCURRENCY; the dispatch window of the suite's.
+        yield make_settings(
+            clean_db, server.url, sim.url, worker_concurrency=Settings().worker_concurrency
+        )
     finally:
         sim.stop()
         server.stop()
@@ -139,7 +141,9 @@ def test_a_worker_beat_web_and_a_cli_fit_mini_redis_and_essential_postgres(
     )  # fmt: skip
     assert submit.returncode == 0, submit.stderr
 
-    worker = WorkerProcess(settings, tmp_path / "worker.log", concurrency=250)
+    worker = WorkerProcess(
+        settings, tmp_path / "worker.log", concurrency=settings.worker_concurrency
+    )
     beat_log = open(tmp_path / "beat.log", "wb")  # noqa: SIM115 - closed below
     beat = subprocess.Popen(
         [sys.executable, "-m", "jobs", "beat"], env=env, cwd=ROOT, stdout=beat_log,

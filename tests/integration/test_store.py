@@ -8,14 +8,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
 
 from jobs import intake, reports, store
 from jobs.batchfile import BatchItem
 from jobs.connections import celery_app, redis_client
 from jobs.constants import QUEUE_BULK, QUEUE_INTERACTIVE
 from jobs.db import session_scope
-from jobs.dispatch import dispatch
+from jobs.dispatch import dispatch, window_for
 from jobs.finalizing import finalize
 from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
 from jobs.settings import Settings, TpmCharge
@@ -216,7 +217,9 @@ def _queue_lengths(redis_url: str) -> tuple[int, int]:
 def test_dispatch_fills_the_window_and_publishes_each_job_once(
     clean_db: str, redis_url: str, events: Callable[[], list[str]]
 ) -> None:
-    settings = Settings(database_url=clean_db, redis_url=redis_url, dispatch_window=5)
+    settings = Settings(
+        database_url=clean_db, redis_url=redis_url, dispatch_window=5, dispatch_window_max=5
+    )
     app = celery_app(settings)
     batch_id = make_batch(clean_db, 12)
     with session_scope(clean_db) as s:
@@ -237,6 +240,50 @@ def test_dispatch_fills_the_window_and_publishes_each_job_once(
         store.record_failure(s, first_bulk, code="x", message="y")
     assert dispatch(settings, app) == 1  # one slot freed, one more published
     assert _queue_lengths(redis_url) == (1, 6)
+
+
+def _attempt(session: Session, job_id: int, age_s: float, latency_s: float | None) -> None:
+    """An attempt row that started ``age_s`` ago and took ``latency_s`` (None: in flight)."""
+    started = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, age_s)
+    latency = None if latency_s is None else round(latency_s * 1000)
+    session.execute(
+        insert(Attempt).values(
+            job_id=job_id, number=1, model="kimi-k2-5", started_at=started, latency_ms=latency
+        )
+    )
+
+
+def test_the_dispatch_window_follows_the_calls_latency(clean_db: str, redis_url: str) -> None:
+    # RPM 60: a minute's requests (60) plus RPM / 60 x the latency in flight, 10 to 120.
+    settings = Settings(
+        database_url=clean_db,
+        redis_url=redis_url,
+        rpm=60,
+        dispatch_window=10,
+        dispatch_window_max=120,
+        read_timeout=300.0,
+    )
+    app = celery_app(settings)
+    ids = job_ids(clean_db, make_batch(clean_db, 400))
+    assert dispatch(settings, app) == 60  # no call seen yet: one minute's requests
+    with session_scope(clean_db) as s:
+        # 20 calls answered: 18 in 2 s and two in 40 s, so the 95th percentile is 40 s.
+        for n, job_id in enumerate(ids[:20]):
+            _attempt(s, job_id, age_s=60.0, latency_s=40.0 if n < 2 else 2.0)
+        assert window_for(settings, s) == 60 + 40
+        # A call in flight for 50 s counts by its age so far.
+        _attempt(s, ids[20], age_s=50.0, latency_s=None)
+        assert window_for(settings, s) == 60 + 50
+        # One the read timeout has long given up on (its worker died) does not.
+        _attempt(s, ids[21], age_s=400.0, latency_s=None)
+        assert window_for(settings, s) == 60 + 50
+        # A call in flight for 90 s would need 150: the window stops at its maximum.
+        _attempt(s, ids[22], age_s=90.0, latency_s=None)
+        assert window_for(settings, s) == 120
+    assert dispatch(settings, app) == 120 - 60
+    fixed = settings.replace(dispatch_window_max=10)
+    with session_scope(clean_db) as s:
+        assert window_for(fixed, s) == 10
 
 
 def test_concurrent_dispatchers_never_publish_the_same_job(clean_db: str, redis_url: str) -> None:

@@ -31,18 +31,28 @@ def test_explicit_limits_override_the_table() -> None:
 def test_one_process_keeps_threads_for_interactive_jobs_beyond_the_window() -> None:
     # A single worker may hold every published bulk job; interactive ones need more threads.
     settings = Settings.from_env({})
-    assert settings.worker_concurrency >= settings.dispatch_window + 50
+    assert settings.worker_concurrency >= settings.dispatch_window_max + 50
+    fewer = Settings.from_env({"WORKER_CONCURRENCY": "300"})
+    assert fewer.dispatch_window_max == 250
 
 
-def test_the_dispatch_window_follows_the_request_limit() -> None:
-    # A whole minute's requests must be published to start at one window roll.
-    assert Settings.from_env({}).dispatch_window == 200
+def test_the_dispatch_window_follows_the_request_limit_and_the_calls() -> None:
+    # A whole minute's requests must be published to start at one window roll; calls
+    # of up to two minutes in flight on top of that, at most.
+    settings = Settings.from_env({})
+    assert (settings.dispatch_window, settings.dispatch_window_max) == (200, 450)
+    assert settings.dispatch_redeliver_after == 2 * 60.0 * 450 / 150
     raised = Settings.from_env({"INFERENCE_RPM": "1500", "INFERENCE_TPM": "8000000"})
-    assert raised.dispatch_window == 1550
-    assert raised.worker_concurrency == 250
+    # Beyond what one process's threads can hold, the window stays at its floor.
+    assert (raised.dispatch_window, raised.dispatch_window_max) == (1550, 1550)
+    assert raised.worker_concurrency == 500
     assert raised.dispatch_redeliver_after == 2 * 60.0 * 1550 / 1500
     explicit = Settings.from_env({"INFERENCE_RPM": "1500", "DISPATCH_WINDOW": "300"})
-    assert explicit.dispatch_window == 300
+    assert (explicit.dispatch_window, explicit.dispatch_window_max) == (300, 300)
+    both = Settings.from_env({"DISPATCH_WINDOW": "100", "DISPATCH_WINDOW_MAX": "900"})
+    assert (both.dispatch_window, both.dispatch_window_max) == (100, 900)
+    with pytest.raises(ConfigError, match="DISPATCH_WINDOW_MAX must be at least 100"):
+        Settings.from_env({"DISPATCH_WINDOW": "100", "DISPATCH_WINDOW_MAX": "50"})
 
 
 def test_unknown_model_needs_its_limits() -> None:
