@@ -62,11 +62,6 @@ def circuit_key(fingerprint: str) -> str:
     return f"{KEY_PREFIX}circuit:{fingerprint}"
 
 
-def calibration_key(model: str, script: str) -> str:
-    """List of recent provider/estimate prompt-token ratios (newest first)."""
-    return f"{KEY_PREFIX}calib:{model}:{script}"
-
-
 #: Sorted set of live worker processes: member ``<host>:<pid>``, score = the Redis time
 #: (s) it last said it was alive (:mod:`jobs.presence`).
 WORKERS_KEY = KEY_PREFIX + "workers"

@@ -233,7 +233,17 @@ class Attempt(Base):
     so a call whose worker died mid-flight still leaves a row."""
 
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_attempts_job_id_number"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "number", name="uq_attempts_job_id_number"),
+        # The calibration's read: the last answered calls of one model and script.
+        Index(
+            "ix_attempts_calibration",
+            "model",
+            "script",
+            "id",
+            postgresql_where=text("est_prompt_tokens IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     job_id: Mapped[int] = mapped_column(
@@ -250,6 +260,11 @@ class Attempt(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     total_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The raw prompt estimate the call was priced from, and the prompt's dominant
+    #: script (``latin``, ``cjk``): with ``prompt_tokens`` they are the calibration's
+    #: samples (:mod:`worker.calibrate`).
+    est_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    script: Mapped[str | None] = mapped_column(String(8))
 
 
 class File(Base):

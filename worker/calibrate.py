@@ -15,8 +15,11 @@ but errs high, so a reservation rarely falls short of what the provider charges.
 Every point of margin is a point of throughput lost when tokens bind, so text
 that the tokenizer counts consistently gets the narrowest.
 
-Samples live in Redis (shared by every worker and dyno on the key); each process
-caches the factor for :data:`CACHE_S` seconds.
+The samples are the ledger's own rows: each call's attempt row carries the raw
+estimate it was priced from and the prompt's script, and gets the provider's
+``prompt_tokens`` when its answer is recorded. So the calibration is shared by
+every worker and dyno, survives a Redis flush and a new deployment, and costs no
+write of its own; each process caches the factor for :data:`CACHE_S` seconds.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-import redis
+from sqlalchemy import Table, select
 
-from jobs.constants import calibration_key
+from jobs.db import transaction
+from jobs.models import Attempt
 from jobs.tokens import text_of_content
 
 Script = Literal["latin", "cjk"]
@@ -51,6 +55,8 @@ MIN_FACTOR, MAX_FACTOR = 0.1, 3.0
 CJK_SHARE = 0.3
 #: Calls too small to say anything about the tokenizer (fixed overheads dominate).
 MIN_RAW_TOKENS = 32
+
+_attempts = cast(Table, Attempt.__table__)
 
 
 def _is_cjk(char: str) -> bool:
@@ -85,8 +91,8 @@ def margin(ratios: list[float]) -> float:
 class Calibrator:
     """Shared per-model, per-script correction of the prompt-token estimate."""
 
-    def __init__(self, client: redis.Redis, *, clock: Any = time.monotonic) -> None:
-        self._redis = client
+    def __init__(self, database_url: str, *, clock: Any = time.monotonic) -> None:
+        self._database_url = database_url
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[float, float]] = {}
@@ -99,8 +105,7 @@ class Calibrator:
             cached = self._cache.get(key)
             if cached is not None and now - cached[1] < CACHE_S:
                 return cached[0]
-        raw = self._redis.lrange(calibration_key(model, script), 0, SAMPLES - 1)
-        ratios = [float(x) for x in raw]
+        ratios = self.ratios(model, script)
         value = (
             min(MAX_FACTOR, max(MIN_FACTOR, max(ratios) * (1 + margin(ratios)))) if ratios else 1.0
         )
@@ -108,19 +113,25 @@ class Calibrator:
             self._cache[key] = (value, now)
         return value
 
+    def ratios(self, model: str, script: Script) -> list[float]:
+        """actual/raw prompt tokens of the last :data:`SAMPLES` answered calls, newest first."""
+        a = _attempts.c
+        query = (
+            select(a.prompt_tokens, a.est_prompt_tokens)
+            .where(
+                a.model == model,
+                a.script == script,
+                a.est_prompt_tokens.is_not(None),
+                a.est_prompt_tokens >= MIN_RAW_TOKENS,
+                a.prompt_tokens > 0,
+            )
+            .order_by(a.id.desc())
+            .limit(SAMPLES)
+        )
+        with transaction(self._database_url) as tx:
+            rows = tx.execute(query).all()
+        return [actual / raw for actual, raw in rows]
+
     def estimate(self, model: str, body: Mapping[str, Any], raw_tokens: int) -> int:
         """The prompt tokens to reserve for ``body``, whose raw estimate is ``raw_tokens``."""
         return max(1, math.ceil(raw_tokens * self.factor(model, dominant_script(body))))
-
-    def record(
-        self, model: str, body: Mapping[str, Any], raw_tokens: int, actual_tokens: int
-    ) -> None:
-        """Learn from one call the provider answered with its ``prompt_tokens``."""
-        if raw_tokens < MIN_RAW_TOKENS or actual_tokens <= 0:
-            return
-        key = calibration_key(model, dominant_script(body))
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.lpush(key, f"{actual_tokens / raw_tokens:.4f}")
-        pipe.ltrim(key, 0, SAMPLES - 1)
-        pipe.expire(key, 7 * 24 * 3600)
-        pipe.execute()

@@ -37,7 +37,7 @@ from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
-from worker.calibrate import Calibrator
+from worker.calibrate import Calibrator, dominant_script
 from worker.client import ModelClient
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.reported import RateLimitInfo
@@ -224,6 +224,8 @@ class Runner:
             return self._fail(job.id, fields, "invalid_request", str(exc))
         max_tokens = checked.max_tokens or self.settings.default_max_tokens
         raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
+        # With the answer's prompt_tokens, the ledger row these go on calibrates the estimate.
+        script = dominant_script(job.request)
 
         def price() -> int:
             # Priced again each time the throttle books: calibration keeps learning.
@@ -246,7 +248,13 @@ class Runner:
                 return cast(Outcome, passed)
             gate = passed
             number = self._in_tx(
-                lambda tx: store.begin_attempt(tx, job.id, lease_s=self._lease_s())
+                lambda tx: store.begin_attempt(
+                    tx,
+                    job.id,
+                    lease_s=self._lease_s(),
+                    est_prompt_tokens=raw_prompt,
+                    script=script,
+                )
             )
             if number is None:
                 # Cancelled (or expired) while it waited: the slot goes back unused.
@@ -292,30 +300,13 @@ class Runner:
             outcome = self._succeed(
                 job.id, fields, number, completion, max_tokens, throttle, reservation
             )
-            self._learn(job, fields, number, completion, raw_prompt, gate)
+            self._close_circuit(fields, number, gate)
             return outcome
 
-    def _learn(
-        self,
-        job: store.ClaimedJob,
-        fields: dict[str, Any],
-        number: int,
-        completion: Completion,
-        raw_prompt: int,
-        gate: Gate,
-    ) -> None:
-        """After a recorded answer: calibrate the estimate; a probe's success closes the circuit."""
-        if self.calibrator is not None:
-            learn = partial(
-                self.calibrator.record,
-                job.model,
-                job.request,
-                raw_prompt,
-                completion.usage.prompt_tokens,
-            )
-            self._quietly("calibrate", learn)
+    def _close_circuit(self, fields: dict[str, Any], number: int, gate: Gate) -> None:
+        """After a recorded answer: a probe's success closes the key circuit."""
         if gate == "probe":
-            self._through_outage(lambda: self.circuit.close(job.id))
+            self._through_outage(lambda: self.circuit.close(fields["job"]))
             log_event("circuit_closed", **fields, attempt=number)
 
     def _next_try(

@@ -37,7 +37,7 @@ class Runtime:
     """Everything one worker process shares between its task threads."""
 
     def __init__(self, settings: Settings) -> None:
-        assert settings.redis_url is not None
+        assert settings.redis_url is not None and settings.database_url is not None
         self.settings = settings
         self.pid = os.getpid()
         #: How this process is named among the live workers (:mod:`jobs.presence`).
@@ -66,7 +66,7 @@ class Runtime:
             self.throttle_for,
             self.circuit,
             stop=self.stop,
-            calibrator=Calibrator(self.redis),
+            calibrator=Calibrator(settings.database_url),
         )
         self._wake = threading.Event()
         self._dispatcher: threading.Thread | None = None

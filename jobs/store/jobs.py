@@ -125,12 +125,20 @@ def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
     )
 
 
-def begin_attempt(session: Tx, job_id: int, *, lease_s: float) -> int | None:
+def begin_attempt(
+    session: Tx,
+    job_id: int,
+    *,
+    lease_s: float,
+    est_prompt_tokens: int | None = None,
+    script: str | None = None,
+) -> int | None:
     """Write the ledger row for a call about to be made; returns its attempt number.
 
     Returns ``None`` when the job is no longer running (cancelled meanwhile).
     The row exists before the call, so a worker killed mid-call still leaves a
-    trace of a call the provider may have charged.
+    trace of a call the provider may have charged. ``est_prompt_tokens`` and
+    ``script`` are what the calibration learns from once the answer is recorded.
     """
     j = _jobs.c
     number = session.execute(
@@ -147,7 +155,12 @@ def begin_attempt(session: Tx, job_id: int, *, lease_s: float) -> int | None:
         return None
     session.execute(
         insert(_attempts).values(
-            job_id=job_id, number=number.attempts, model=number.model, started_at=func.now()
+            job_id=job_id,
+            number=number.attempts,
+            model=number.model,
+            started_at=func.now(),
+            est_prompt_tokens=est_prompt_tokens,
+            script=script,
         )
     )
     return int(number.attempts)

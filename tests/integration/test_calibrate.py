@@ -1,18 +1,56 @@
-"""The prompt-token estimate learns the provider's tokenizer, per model and script."""
+"""The prompt-token estimate learns the provider's tokenizer, per model and script, from
+the ledger: each answered call's row holds its raw estimate, script and prompt_tokens."""
 
 from __future__ import annotations
+
+import itertools
+from typing import Any
 
 import pytest
 import redis
 
+from jobs import intake, store
+from jobs.batchfile import BatchItem
+from jobs.db import session_scope, transaction
+from jobs.models import Priority
 from jobs.tokens import estimate_prompt_tokens
-from worker.calibrate import MAX_MARGIN, MIN_MARGIN, TRUSTED_SAMPLES, Calibrator, dominant_script
+from jobs.validation import CheckedRequest
+from worker.calibrate import (
+    MAX_MARGIN,
+    MIN_MARGIN,
+    TRUSTED_SAMPLES,
+    Calibrator,
+    Script,
+    dominant_script,
+)
 
 pytestmark = pytest.mark.integration
+_ids = itertools.count()
 
 
-def body(text: str) -> dict[str, object]:
-    return {"model": "kimi-k2-5", "messages": [{"role": "user", "content": text}]}
+def body(text: str, model: str = "kimi-k2-5") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+def answered(db: str, request: dict[str, Any], raw: int, actual: int) -> None:
+    """One call through the ledger's own writes: priced from ``raw``, charged ``actual``."""
+    checked = CheckedRequest(
+        body=request, model=request["model"], max_tokens=None, est_prompt_tokens=raw
+    )
+    with session_scope(db) as s:
+        job_id = intake.create_job(
+            s,
+            BatchItem(line=1, custom_id=f"c{next(_ids)}", request=checked),
+            priority=Priority.BULK,
+        )
+    script: Script = dominant_script(request)
+    with transaction(db) as tx:
+        assert store.claim(tx, job_id, lease_s=60) is not None
+        number = store.begin_attempt(tx, job_id, lease_s=60, est_prompt_tokens=raw, script=script)
+        assert number is not None
+        store.finish_attempt(
+            tx, job_id, number, latency_ms=5, http_status=200, usage=(actual, 1, actual + 1)
+        )
 
 
 class FakeClock:
@@ -29,16 +67,16 @@ def test_script_detection() -> None:
     assert dominant_script({"messages": "nonsense"}) == "latin"
 
 
-def test_factor_starts_at_one_and_learns_per_script(redis_conn: redis.Redis) -> None:
+def test_factor_starts_at_one_and_learns_per_script(clean_db: str) -> None:
     clock = FakeClock()
-    cal = Calibrator(redis_conn, clock=clock)
+    cal = Calibrator(clean_db, clock=clock)
     latin, cjk = body("word " * 400), body("漢字" * 300)
     raw_latin, raw_cjk = estimate_prompt_tokens(latin), estimate_prompt_tokens(cjk)
     assert cal.estimate("kimi-k2-5", latin, raw_latin) == raw_latin
     # The provider counts Latin text at about half our raw estimate, CJK at 90 %.
     for _ in range(5):
-        cal.record("kimi-k2-5", latin, raw_latin, raw_latin // 2)
-        cal.record("kimi-k2-5", cjk, raw_cjk, int(raw_cjk * 0.9))
+        answered(clean_db, latin, raw_latin, raw_latin // 2)
+        answered(clean_db, cjk, raw_cjk, int(raw_cjk * 0.9))
     assert cal.estimate("kimi-k2-5", latin, raw_latin) == raw_latin  # cached for a while
     clock.now += 60
     latin_est = cal.estimate("kimi-k2-5", latin, raw_latin)
@@ -49,39 +87,50 @@ def test_factor_starts_at_one_and_learns_per_script(redis_conn: redis.Redis) -> 
     assert cal.estimate("other-model", latin, raw_latin) == raw_latin
 
 
-def test_factor_follows_the_largest_recent_ratio(redis_conn: redis.Redis) -> None:
-    clock = FakeClock()
-    cal = Calibrator(redis_conn, clock=clock)
+def test_factor_follows_the_largest_recent_ratio(clean_db: str) -> None:
+    cal = Calibrator(clean_db, clock=FakeClock())
     prompt = body("word " * 400)
     raw = estimate_prompt_tokens(prompt)
-    cal.record("kimi-k2-5", prompt, raw, raw // 2)
-    cal.record("kimi-k2-5", prompt, raw, int(raw * 0.8))  # one call counted higher
+    answered(clean_db, prompt, raw, raw // 2)
+    answered(clean_db, prompt, raw, int(raw * 0.8))  # one call counted higher
     assert cal.estimate("kimi-k2-5", prompt, raw) >= int(raw * 0.8)
     # Shared: a second worker process sees the same samples.
-    assert Calibrator(redis_conn).estimate("kimi-k2-5", prompt, raw) >= int(raw * 0.8)
+    assert Calibrator(clean_db).estimate("kimi-k2-5", prompt, raw) >= int(raw * 0.8)
 
 
-def test_tiny_prompts_teach_nothing(redis_conn: redis.Redis) -> None:
-    cal = Calibrator(redis_conn)
-    cal.record("kimi-k2-5", body("hi"), 10, 3)
+def test_the_calibration_outlives_redis(clean_db: str, redis_conn: redis.Redis) -> None:
+    prompt = body("word " * 400)
+    raw = estimate_prompt_tokens(prompt)
+    for _ in range(TRUSTED_SAMPLES):
+        answered(clean_db, prompt, raw, raw // 2)
+    redis_conn.flushdb()
+    # A new deployment: a new process, nothing cached, Redis empty.
+    assert Calibrator(clean_db).estimate("kimi-k2-5", prompt, raw) < raw * 0.55
+
+
+def test_tiny_prompts_and_unanswered_calls_teach_nothing(clean_db: str) -> None:
+    cal = Calibrator(clean_db)
+    answered(clean_db, body("hi"), 10, 3)
+    prompt = body("word " * 400)
+    answered(clean_db, prompt, estimate_prompt_tokens(prompt), 0)  # no usage reported
+    assert cal.ratios("kimi-k2-5", "latin") == []
     assert cal.factor("kimi-k2-5", "latin") == 1.0
 
 
-def test_margin_narrows_as_consistent_samples_come_in(redis_conn: redis.Redis) -> None:
+def test_margin_narrows_as_consistent_samples_come_in(clean_db: str) -> None:
     clock = FakeClock()
-    cal = Calibrator(redis_conn, clock=clock)
+    cal = Calibrator(clean_db, clock=clock)
     prompt = body("word " * 400)
     raw = estimate_prompt_tokens(prompt)
     for seen in range(1, TRUSTED_SAMPLES + 1):
-        cal.record("kimi-k2-5", prompt, raw, raw // 2)
+        answered(clean_db, prompt, raw, raw // 2)
         clock.now += 60
         factor = cal.factor("kimi-k2-5", "latin")
-        ratio = float(f"{(raw // 2) / raw:.4f}")
+        ratio = (raw // 2) / raw
         expected = MIN_MARGIN if seen >= TRUSTED_SAMPLES else MAX_MARGIN
         assert factor == pytest.approx(ratio * (1 + expected))
     # Ratios spread by 3 %: the margin follows the spread.
-    cal.record("kimi-k2-5", prompt, raw, round(raw / 2 * 1.03))
+    answered(clean_db, prompt, raw, round(raw / 2 * 1.03))
     clock.now += 60
-    high = float(f"{round(raw / 2 * 1.03) / raw:.4f}")
-    low = float(f"{(raw // 2) / raw:.4f}")
+    high, low = round(raw / 2 * 1.03) / raw, (raw // 2) / raw
     assert cal.factor("kimi-k2-5", "latin") == pytest.approx(high * (1 + (high - low) / high))

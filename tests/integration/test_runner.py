@@ -421,7 +421,7 @@ def test_calibrated_reservation_learns_from_the_provider(
     clean_db: str, redis_url: str, simulator: Simulator, events: Callable[[], list[str]]
 ) -> None:
     h = Harness(make_settings(clean_db, redis_url, simulator.url), simulator)
-    h.runner.calibrator = Calibrator(h.redis, clock=lambda: 1e9 * len(events()))
+    h.runner.calibrator = Calibrator(clean_db, clock=lambda: 1e9 * len(events()))
     try:
         prompt = body("word " * 400, max_tokens=10)
         reserved = []
