@@ -27,9 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar, cast
 
-import redis
 from sqlalchemy import Connection
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from jobs import store
 from jobs.circuit import Gate, KeyCircuit
@@ -40,17 +38,12 @@ from jobs.validation import RequestLimits, ValidationError, check_request
 from worker.calibrate import Calibrator, dominant_script
 from worker.client import ModelClient
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
-from worker.reported import RateLimitInfo
+from worker.outages import OUTAGES
 from worker.responses import Completion
 from worker.retry import RetryPolicy
+from worker.slot import Slot, take
 from worker.stops import Stops
-from worker.throttle import (
-    RequestTooLarge,
-    Reservation,
-    Throttle,
-    ThrottleInterrupted,
-    ThrottleTimeout,
-)
+from worker.throttle import RequestTooLarge, Throttle, ThrottleInterrupted, ThrottleTimeout
 
 Outcome = Literal["skipped", "succeeded", "failed", "handed_back", "cancelled"]
 
@@ -61,14 +54,6 @@ VISIBILITY_MARGIN_S = 120.0
 #: restart, a failover) before the task gives up; a paid answer waits this long
 #: to be recorded rather than be lost.
 OUTAGE_PATIENCE_S = 120.0
-#: Errors that mean "the service is briefly away", not "the request is wrong".
-OUTAGES: tuple[type[Exception], ...] = (
-    OperationalError,
-    InterfaceError,
-    redis.ConnectionError,
-    redis.TimeoutError,
-)
-
 T = TypeVar("T")
 
 
@@ -84,19 +69,6 @@ class Limits:
     rpm: int
     tpm: int
     context_tokens: int
-
-
-@dataclass
-class _Sending:
-    """The reservation of a call about to go out, moved if the call starts late."""
-
-    throttle: Throttle
-    reservation: Reservation
-
-    def sent(self) -> None:
-        """Move the slot to now if the call is late (:meth:`Throttle.starting`)."""
-        step = partial(self.throttle.starting, self.reservation)
-        self.reservation = Runner._quietly("restamp", step) or self.reservation
 
 
 class Runner:
@@ -240,68 +212,63 @@ class Runner:
                 continue
             if isinstance(got, str):
                 return got
-            reservation = got
-            passed = self._pass_gate(job.id, fields, throttle, reservation)
-            if passed is None:
-                continue
-            if passed not in ("closed", "probe"):
-                return cast(Outcome, passed)
-            gate = passed
-            number = self._in_tx(
-                lambda tx: store.begin_attempt(
-                    tx,
-                    job.id,
-                    lease_s=self._lease_s(),
-                    est_prompt_tokens=raw_prompt,
-                    script=script,
+            # Leaving this block before the call gives the slot back.
+            with got as slot:
+                passed = self._pass_gate(job.id, fields)
+                if passed is None:
+                    continue
+                if passed not in ("closed", "probe"):
+                    return cast(Outcome, passed)
+                gate = passed
+                number = self._in_tx(
+                    lambda tx: store.begin_attempt(
+                        tx,
+                        job.id,
+                        lease_s=self._lease_s(),
+                        est_prompt_tokens=raw_prompt,
+                        script=script,
+                    )
                 )
-            )
-            if number is None:
-                # Cancelled (or expired) while it waited: the slot goes back unused.
-                self._quietly("release", partial(throttle.release, reservation))
-                log_event("skipped", **fields, reason="no longer running")
-                return "skipped"
-            log_event(
-                "attempt",
-                **fields,
-                attempt=number,
-                reserved_tokens=reservation.tokens,
-                request=self._body(job.request),
-            )
-            # Tell the throttle the call starts now, and again once its bytes are out:
-            # with a whole window's calls starting in one process, a thread can wait
-            # for the CPU between the two, and the provider counts the call from its
-            # arrival. With Redis away, the call goes as granted.
-            sending = _Sending(throttle, reservation)
-            sending.sent()
-            started = time.monotonic()
-            try:
-                completion = self.client.chat(
-                    job.request, client_request_id=call_id(job.id, number), on_sent=sending.sent
+                if number is None:
+                    # Cancelled (or expired) while it waited: the slot goes back unused.
+                    log_event("skipped", **fields, reason="no longer running")
+                    return "skipped"
+                log_event(
+                    "attempt",
+                    **fields,
+                    attempt=number,
+                    reserved_tokens=slot.tokens,
+                    request=self._body(job.request),
                 )
-            except ModelError as exc:
-                reservation = sending.reservation
-                latency_ms = int((time.monotonic() - started) * 1000)
-                self._record_error(job.id, number, exc, latency_ms, throttle, reservation)
-                # A 429 is not the job's fault: it waits for the reset, never gives up.
-                failures += not isinstance(exc, RateLimited)
-                delay = self._next_try(job.id, fields, number, exc, failures, deadline, latency_ms)
-                if isinstance(delay, str):
-                    return delay
-                if waiter.wait(delay):
-                    outcome = self._interrupted(job.id, fields, "worker shutting down")
-                    if outcome is not None:
-                        return outcome
-                    waiter = self._rewatch(waiter, job.batch_id)
-                continue
-            reservation = sending.reservation
-            # The answer is paid for: record it before anything else, so that a worker
-            # killed now loses as few answers as possible.
-            outcome = self._succeed(
-                job.id, fields, number, completion, max_tokens, throttle, reservation
-            )
-            self._close_circuit(fields, number, gate)
-            return outcome
+                # With Redis away, the call goes as granted.
+                slot.sending()
+                started = time.monotonic()
+                try:
+                    completion = self.client.chat(
+                        job.request, client_request_id=call_id(job.id, number), on_sent=slot.sending
+                    )
+                except ModelError as exc:
+                    latency_ms = int((time.monotonic() - started) * 1000)
+                    # A 429 is not the job's fault: it waits for the reset, never gives up.
+                    slot.failed(exc, self._pause_s(exc))
+                    self._record_error(job.id, number, exc, latency_ms)
+                    failures += not isinstance(exc, RateLimited)
+                    delay = self._next_try(
+                        job.id, fields, number, exc, failures, deadline, latency_ms
+                    )
+                    if isinstance(delay, str):
+                        return delay
+                    if waiter.wait(delay):
+                        outcome = self._interrupted(job.id, fields, "worker shutting down")
+                        if outcome is not None:
+                            return outcome
+                        waiter = self._rewatch(waiter, job.batch_id)
+                    continue
+                # The answer is paid for: record it before anything else, so that a worker
+                # killed now loses as few answers as possible.
+                outcome = self._succeed(job.id, fields, number, completion, max_tokens, slot)
+                self._close_circuit(fields, number, gate)
+                return outcome
 
     def _close_circuit(self, fields: dict[str, Any], number: int, gate: Gate) -> None:
         """After a recorded answer: a probe's success closes the key circuit."""
@@ -348,14 +315,15 @@ class Runner:
         price: Callable[[], int],
         deadline: float,
         waiter: threading.Event,
-    ) -> Reservation | Outcome | None:
+    ) -> Slot | Outcome | None:
         """The job's throttle slot; or the job's outcome if it ends instead; ``None``: the
         wait was cut short for nothing, wait again."""
         wait_budget = deadline - time.monotonic() - self.settings.read_timeout
         try:
             return self._through_outage(
                 partial(
-                    throttle.acquire,
+                    take,
+                    throttle,
                     price,
                     max_wait=wait_budget,
                     stop=waiter,
@@ -369,11 +337,12 @@ class Runner:
         except ThrottleInterrupted as exc:
             return self._interrupted(job.id, fields, f"throttle: {exc}")
 
-    def _pass_gate(
-        self, job_id: int, fields: dict[str, Any], throttle: Throttle, reservation: Reservation
-    ) -> Gate | Outcome | None:
+    def _pass_gate(self, job_id: int, fields: dict[str, Any]) -> Gate | Outcome | None:
         """The key circuit's word on a job that holds its slot: ``closed`` or ``probe`` to
-        call, the job's outcome if the circuit is open, ``None`` to ask for a slot again."""
+        call, the job's outcome if the circuit is open, ``None`` to ask for a slot again.
+
+        The caller gives the slot back in every case but a call.
+        """
         away: list[BaseException] = []
 
         def ask() -> Gate:
@@ -388,11 +357,9 @@ class Runner:
             # Redis went away after granting this slot: one that lost its data has a new
             # bucket, rebuilt from the ledger, where the slot does not exist (its call has
             # no ledger row yet). Ask for a slot again rather than call unseen.
-            self._quietly("release", partial(throttle.release, reservation))
             log_event("slot_lost", **fields, reason="Redis was away after the slot")
             return None
         if gate == "open":
-            self._quietly("release", partial(throttle.release, reservation))
             return self._paused(job_id, fields)
         return gate
 
@@ -400,39 +367,12 @@ class Runner:
         self.stops.forget(waiter)
         return self.stops.watch(batch_id)
 
-    @staticmethod
-    def _quietly(what: str, step: Callable[[], T]) -> T | None:
-        """Run a bookkeeping step that must not undo a recorded call if Redis is away.
-
-        Returns the step's result, or None when Redis is away. A missed
-        settle leaves the full reservation charged (the safe side); a missed release
-        or observation costs a little throughput for one window; a missed restamp
-        sends the call as granted (the ledger row written just before holds the
-        start time a rebuilt bucket uses).
-        """
-        try:
-            return step()
-        except OUTAGES as exc:
-            log_event("bookkeeping_skipped", step=what, error=type(exc).__name__)
-            return None
-
     def _estimate(self, job: store.ClaimedJob, raw_prompt: int) -> int:
         """Prompt tokens to reserve: the raw estimate, corrected by calibration if any."""
         calibrator = self.calibrator
         if calibrator is None:
             return raw_prompt
         return self._through_outage(lambda: calibrator.estimate(job.model, job.request, raw_prompt))
-
-    @staticmethod
-    def _observe(throttle: Throttle, limits: RateLimitInfo | None) -> None:
-        """Let the bucket see what the provider says is left (someone else may share the key)."""
-        if limits is not None:
-            throttle.observe(
-                limits.remaining_requests,
-                limits.remaining_tokens,
-                limits.reset_requests_s,
-                limits.reset_tokens_s,
-            )
 
     def _body(self, body: dict[str, Any]) -> str | None:
         """A body for the log only when LOG_BODIES is set (``None`` fields are dropped)."""
@@ -444,24 +384,12 @@ class Runner:
             return usage.prompt_tokens + usage.completion_tokens
         return usage.prompt_tokens + max_tokens
 
-    def _record_error(
-        self,
-        job_id: int,
-        number: int,
-        exc: ModelError,
-        latency_ms: int,
-        throttle: Throttle,
-        reservation: Reservation,
-    ) -> None:
-        if isinstance(exc, RateLimited):
-            # Somebody else took our place in the provider's window: keep it taken
-            # in ours, and make every worker on the bucket wait out the reset.
-            pause_s = exc.retry_after or self.policy.rate_limit_fallback
-            self._quietly("refused", partial(throttle.refused, reservation))
-            self._quietly("pause", lambda: throttle.pause(pause_s))
-        elif isinstance(exc, AuthFailed):
-            self._quietly("release", partial(throttle.release, reservation))
-        self._quietly("observe", lambda: self._observe(throttle, exc.rate_limits))
+    def _pause_s(self, exc: ModelError) -> float:
+        """How long a 429 pauses the bucket: the provider's reset, else the policy's."""
+        given = exc.retry_after if isinstance(exc, RateLimited) else None
+        return given or self.policy.rate_limit_fallback
+
+    def _record_error(self, job_id: int, number: int, exc: ModelError, latency_ms: int) -> None:
         usage = getattr(exc, "usage", None)
 
         def _step(tx: Connection) -> None:
@@ -490,8 +418,7 @@ class Runner:
         number: int,
         completion: Completion,
         max_tokens: int,
-        throttle: Throttle,
-        reservation: Reservation,
+        slot: Slot,
     ) -> Outcome:
         usage = completion.usage
         triple = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
@@ -522,9 +449,7 @@ class Runner:
 
         # Recorded first: the answer is paid for, the bucket's bookkeeping is not.
         self._in_tx(_step)
-        charge = self._charge(completion, max_tokens)
-        self._quietly("settle", lambda: throttle.settle(reservation, charge))
-        self._quietly("observe", lambda: self._observe(throttle, completion.rate_limits))
+        slot.answered(self._charge(completion, max_tokens), completion.rate_limits)
         log_event(
             "succeeded",
             **fields,
