@@ -46,7 +46,7 @@ up: install
 	$(BIN)/python -m devstack up
 
 # Measures the whole stack against the strict simulator and writes BENCHMARKS.md
-# (38 minutes on a 2-core machine; QUICK=1: limits x10, latencies /10; ONLY="rpm priority").
+# (about an hour on a 2-core machine; QUICK=1: limits x10, latencies /10; ONLY="rpm priority").
 bench: install
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
 
