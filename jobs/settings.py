@@ -134,10 +134,9 @@ class Settings:
     #: dispatch window the defaults allow at 150 RPM (DISPATCH_WINDOW_MAX, 450) plus
     #: 50. The window's bulk jobs may all be taken by one process (a single dyno),
     #: each holding its thread while it waits for its slot and during its call, and
-    #: an interactive job is published at once but starts only on a free thread:
-    #: with 200 threads for a window of 200, one process kept interactive jobs
-    #: waiting 59 s (p95) behind a bulk backlog. The pool starts threads as jobs
-    #: arrive, so threads the window does not need are never started.
+    #: an interactive job is published at once but starts only on a free thread
+    #: (README, "Configuration"). The pool starts threads as jobs arrive,
+    #: so threads the window does not need are never started.
     worker_concurrency: int = 500
     #: DISPATCH_WINDOW: fewest bulk jobs published to Redis and not yet finished,
     #: across all workers, that the dispatcher keeps topped up; it bounds the calls
@@ -148,9 +147,9 @@ class Settings:
     dispatch_window: int = 200
     #: DISPATCH_WINDOW_MAX: the window follows the calls' latency up to here (see
     #: :func:`jobs.dispatch.window_for`): at the limit, RPM / 60 x the latency
-    #: calls are in flight, and a fixed 200 ran at 72 % of 1,500 RPM with 2-20 s
-    #: calls. Default INFERENCE_RPM x (1 + LONG_CALL_S / 60), 450 at 150 RPM, and
-    #: at most WORKER_CONCURRENCY - 50; DISPATCH_WINDOW when only that is set.
+    #: calls are in flight, and a window smaller than that holds the key below
+    #: its limit. Default INFERENCE_RPM x (1 + LONG_CALL_S / 60), 450 at 150 RPM,
+    #: and at most WORKER_CONCURRENCY - 50; DISPATCH_WINDOW when only that is set.
     dispatch_window_max: int = 450
     #: DISPATCH_INTERVAL, seconds between dispatcher sweeps in each worker. Default 2.
     dispatch_interval: float = 2.0
