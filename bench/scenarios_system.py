@@ -77,7 +77,8 @@ def _priority(
     duration = 100.0 if run.quick else 240.0
     backlog = 5_000 if run.quick else 10_000
     steady_after = 60.0 if run.quick else 120.0
-    # The first window of the provider's clock: it opens with the first bulk call.
+    # Jobs enqueued within this long of the bulk batch's submission arrive in the
+    # provider's first window, which its first calls open a moment later.
     first_window = 60.0
     title = f"Priority: interactive jobs over a bulk backlog, reserve {reserve}"
     row = Row(name, f"{title}, {processes(workers)}")
