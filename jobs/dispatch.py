@@ -55,7 +55,8 @@ def queue_for(priority: int) -> str:
 def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
     """Run one sweep; returns how many jobs were published.
 
-    ``requeue=False`` skips step 1, for a caller that sweeps many times a second.
+    ``requeue=False`` skips step 1 and keeps the last full sweep's window, for a
+    caller that sweeps many times a second.
     """
     assert settings.database_url is not None
     circuit = key_circuit.for_settings(settings)
@@ -78,7 +79,7 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
             if picked and circuit.claim_probe(picked[0][0], lease_s) < 0:
                 picked = []
         else:
-            room = window_for(settings, tx) - outstanding_bulk(tx)
+            room = _window(settings, tx, fresh=requeue) - outstanding_bulk(tx)
             picked = dispatchable(
                 tx, bulk_room=room, redeliver_after_s=settings.dispatch_redeliver_after
             )
@@ -127,6 +128,25 @@ def window_for(settings: Settings, session: Tx) -> int:
     latency = recent_latency_s(session, settings.read_timeout)
     in_flight = math.ceil(round(settings.rpm * latency / 60.0, 6))
     return max(low, min(high, settings.rpm + in_flight))
+
+
+#: The window of the last full sweep, per database and limits. The latency it follows
+#: moves over minutes, while jobs end many times a second: the sweeps a job's end
+#: starts (``requeue=False``) reuse it rather than query the ledger each time.
+_last_window: dict[tuple[str | None, int, int, int], int] = {}
+
+
+def _window(settings: Settings, session: Tx, *, fresh: bool) -> int:
+    key = (
+        settings.database_url,
+        settings.rpm,
+        settings.dispatch_window,
+        settings.dispatch_window_max,
+    )
+    window = None if fresh else _last_window.get(key)
+    if window is None:
+        window = _last_window[key] = window_for(settings, session)
+    return window
 
 
 #: Finished calls the latency percentile is taken over.

@@ -280,6 +280,9 @@ def test_the_dispatch_window_follows_the_calls_latency(clean_db: str, redis_url:
         # A call in flight for 90 s would need 150: the window stops at its maximum.
         _attempt(s, ids[22], age_s=90.0, latency_s=None)
         assert window_for(settings, s) == 120
+    # A sweep started by a job's end keeps the last full sweep's window; the next
+    # full sweep reads the ledger again.
+    assert dispatch(settings, app, requeue=False) == 0
     assert dispatch(settings, app) == 120 - 60
     fixed = settings.replace(dispatch_window_max=10)
     with session_scope(clean_db) as s:
