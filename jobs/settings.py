@@ -295,13 +295,10 @@ class Settings:
         concurrency = _int(e, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", d.read_timeout)
         window = _int(e, "DISPATCH_WINDOW", rpm + 50, minimum=1)
-        follows = rpm * (1.0 + LONG_CALL_S / 60.0) if not e.get("DISPATCH_WINDOW") else 0
-        window_max = _int(
-            e,
-            "DISPATCH_WINDOW_MAX",
-            max(window, min(round(follows), concurrency - INTERACTIVE_THREADS)),
-            minimum=window,
-        )
+        # A DISPATCH_WINDOW set alone fixes the window; else it may grow for long calls.
+        follows = min(round(rpm * (1.0 + LONG_CALL_S / 60.0)), concurrency - INTERACTIVE_THREADS)
+        grows_to = window if e.get("DISPATCH_WINDOW") else max(window, follows)
+        window_max = _int(e, "DISPATCH_WINDOW_MAX", grows_to, minimum=window)
         horizon = _float(e, "INFERENCE_BOOKING_HORIZON", d.booking_horizon_s, zero_ok=True)
         if horizon >= 60.0:
             raise ConfigError(f"INFERENCE_BOOKING_HORIZON must be under 60 s, got {horizon}")
