@@ -7,6 +7,7 @@ each 200 body as an ``openai.types.chat.ChatCompletion``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import time
@@ -193,23 +194,31 @@ def test_a_purged_output_file_still_reads_as_chat_completions(
     assert all(r["response"]["body"]["usage"]["total_tokens"] > 0 for r in rows)
 
 
-def _held_by_a_slow_worker(settings: Settings, tmp_path: Path) -> WorkerProcess:
-    # Three calls a window: the worker holds the other jobs, waiting for their slots.
+@contextlib.contextmanager
+def _on_a_slow_worker(
+    client: openai.OpenAI, settings: Settings, tmp_path: Path, ids: list[str], window: str
+) -> Iterator[Batch]:
+    """A batch of ``ids`` created through the SDK, run by a worker that holds its jobs.
+
+    Three calls a window: the worker holds the other jobs, waiting for their slots.
+    """
+    created = upload(client, tmp_path, jsonl(*(line(i) for i in ids)))
     slow = settings.replace(rpm=3, dispatch_window=30, window_margin_s=0.0)
     worker = WorkerProcess(slow, tmp_path / "worker.log", concurrency=40)
     worker.wait_ready()
-    return worker
+    try:
+        yield client.batches.create(
+            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window=window
+        )
+    finally:
+        worker.stop()
 
 
 def test_a_cancel_through_the_sdk_ends_cancelled_with_both_files(
     settings: Settings, simulator: Simulator, client: openai.OpenAI, tmp_path: Path
 ) -> None:
-    created = upload(client, tmp_path, jsonl(*(line(f"x{i}") for i in range(12))))
-    worker = _held_by_a_slow_worker(settings, tmp_path)
-    try:
-        batch = client.batches.create(
-            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
+    ids = [f"x{i}" for i in range(12)]
+    with _on_a_slow_worker(client, settings, tmp_path, ids, "24h") as batch:
         wait_for(client, batch.id, {"in_progress"}, 30)
         deadline = time.monotonic() + 30
         while simulator.stats().calls < 3:
@@ -219,31 +228,23 @@ def test_a_cancel_through_the_sdk_ends_cancelled_with_both_files(
         Batch.model_validate(cancelling.model_dump())
         assert cancelling.status in ("cancelling", "cancelled")
         done = wait_for(client, batch.id, {"cancelled"}, 30)
-    finally:
-        worker.stop()
     assert done.cancelling_at is not None and done.cancelled_at is not None
     assert done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 9)
     output, errors = download(client, done.output_file_id), download(client, done.error_file_id)
     assert len(output) == 3 and {r["error"]["code"] for r in errors} == {"batch_cancelled"}
-    assert sorted(r["custom_id"] for r in output + errors) == sorted(f"x{i}" for i in range(12))
+    assert sorted(r["custom_id"] for r in output + errors) == sorted(ids)
     assert simulator.stats().calls == 3
 
 
 def test_a_short_completion_window_through_the_sdk_ends_expired(
     settings: Settings, simulator: Simulator, client: openai.OpenAI, tmp_path: Path
 ) -> None:
-    created = upload(client, tmp_path, jsonl(*(line(f"y{i}") for i in range(8))))
-    worker = _held_by_a_slow_worker(settings, tmp_path)
-    try:
-        batch = client.batches.create(
-            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="4s"
-        )
+    ids = [f"y{i}" for i in range(8)]
+    with _on_a_slow_worker(client, settings, tmp_path, ids, "4s") as batch:
         assert batch.expires_at is not None and batch.expires_at - batch.created_at == 4
         done = wait_for(client, batch.id, {"expired", "completed"}, 40)
-    finally:
-        worker.stop()
     assert done.status == "expired" and done.expired_at is not None
     output, errors = download(client, done.output_file_id), download(client, done.error_file_id)
     assert len(output) == 3 and {r["error"]["code"] for r in errors} == {"batch_expired"}
-    assert sorted(r["custom_id"] for r in output + errors) == sorted(f"y{i}" for i in range(8))
+    assert sorted(r["custom_id"] for r in output + errors) == sorted(ids)
