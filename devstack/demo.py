@@ -159,8 +159,9 @@ def run_demo(*, requests: int, out: TextIO) -> int:
             f"elapsed: {elapsed:.1f} s from submission to the last result\n"
             f"achieved: {paced.max_in_window} calls started in the busiest 60 s window = "
             f"{100.0 * paced.max_in_window / settings.rpm:.1f}% of the {settings.rpm} "
-            f"requests/min limit ({paced.calls} calls over {paced.span_s:.1f} s; a sliding "
-            "window admits a full minute's quota at once, then the next as the window rolls)\n"
+            f"requests/min limit ({paced.calls} calls over {paced.span_s:.1f} s; bulk calls "
+            f"take turns, {settings.interactive_reserve} requests a minute stay free for "
+            "interactive jobs)\n"
         )
         if simulated:
             out.write("(simulated results: the simulator answered, not Kimi K2.5)\n")

@@ -36,8 +36,15 @@ REDBEAT_LOCK_KEY = REDBEAT_PREFIX + "lock"
 
 
 def throttle_log_key(bucket: str) -> str:
-    """Sorted set of admissions: member ``<id>:<tokens>``, score = admit time (ms)."""
+    """Sorted set of the calls admitted in the window: member = call id, score = admit
+    time (ms of Redis time). The throttle's keys are described in
+    :mod:`worker.throttle_scripts`."""
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:log"
+
+
+def throttle_costs_key(bucket: str) -> str:
+    """Hash of the logged calls' costs: call id -> tokens."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:costs"
 
 
 def throttle_pause_key(bucket: str) -> str:
@@ -50,11 +57,14 @@ def throttle_init_key(bucket: str) -> str:
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:init"
 
 
-def throttle_interactive_key(bucket: str) -> str:
-    """Sorted set of the bucket's recent interactive admissions and external phantoms
-    (5 windows), scored by Redis time (ms): how much of each window bulk leaves free
-    for them."""
-    return f"{KEY_PREFIX}throttle:{{{bucket}}}:interactive"
+def throttle_pace_key(bucket: str) -> str:
+    """Redis-time (ms) of the bucket's next bulk admission."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:pace"
+
+
+def throttle_room_key(bucket: str) -> str:
+    """Hash of the room learnt for other clients of the key: requests, tokens, at."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:room"
 
 
 def circuit_key(fingerprint: str) -> str:

@@ -101,17 +101,12 @@ class Settings:
     #: the provider before the earlier call's slot has left its window. Default 1.
     window_margin_s: float = 1.0
     #: INFERENCE_INTERACTIVE_RESERVE. Requests of every window that bulk jobs leave
-    #: free for interactive ones even before any interactive job was seen (and the
-    #: same share of tpm). Beyond it the throttle holds back what the interactive
-    #: rate of the last five minutes needs. Default 0: bulk fills an idle key's
-    #: windows, and the first interactive jobs may wait for a bulk slot to free.
+    #: free for bursts of interactive ones (and the same share of tpm). Must be below
+    #: the rpm. Default 0: interactive jobs take turns ahead of bulk ones anyway.
     interactive_reserve: int = 0
-    #: INFERENCE_BOOKING_HORIZON, seconds: a bulk job books its throttle slot only
-    #: when the slot is this close, and is priced with the calibrated estimate of
-    #: that moment. Booked further ahead, a slot keeps the tokens that earlier calls
-    #: settle below their reservations from being used. Must be shorter than the
-    #: window. Default 2: far above how late a sleeping thread wakes.
-    booking_horizon_s: float = 2.0
+    #: INFERENCE_HEADROOM, a share of each limit (0 to 0.5) always left to other
+    #: clients of the key, below the room the throttle learns they use. Default 0.
+    headroom: float = 0.0
     #: INFERENCE_DEFAULT_MAX_TOKENS. Completion tokens reserved for a request
     #: that sets no max_tokens (the body itself is sent unchanged). Default 4096.
     default_max_tokens: int = 4096
@@ -299,9 +294,14 @@ class Settings:
         follows = min(round(rpm * (1.0 + LONG_CALL_S / 60.0)), concurrency - INTERACTIVE_THREADS)
         grows_to = window if e.get("DISPATCH_WINDOW") else max(window, follows)
         window_max = _int(e, "DISPATCH_WINDOW_MAX", grows_to, minimum=window)
-        horizon = _float(e, "INFERENCE_BOOKING_HORIZON", d.booking_horizon_s, zero_ok=True)
-        if horizon >= 60.0:
-            raise ConfigError(f"INFERENCE_BOOKING_HORIZON must be under 60 s, got {horizon}")
+        reserve = _int(e, "INFERENCE_INTERACTIVE_RESERVE", d.interactive_reserve, minimum=0)
+        if reserve >= rpm:
+            raise ConfigError(
+                f"INFERENCE_INTERACTIVE_RESERVE must be below the rpm ({rpm}), got {reserve}"
+            )
+        headroom = _float(e, "INFERENCE_HEADROOM", d.headroom, zero_ok=True)
+        if headroom > 0.5:
+            raise ConfigError(f"INFERENCE_HEADROOM must be at most 0.5, got {headroom}")
         database_url = e.get("DATABASE_URL") or None
         from_env = tuple(
             name
@@ -320,10 +320,8 @@ class Settings:
             context_tokens=context,
             tpm_charge="actual" if charge == "actual" else "reserve",
             window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", d.window_margin_s, zero_ok=True),
-            interactive_reserve=_int(
-                e, "INFERENCE_INTERACTIVE_RESERVE", d.interactive_reserve, minimum=0
-            ),
-            booking_horizon_s=horizon,
+            interactive_reserve=reserve,
+            headroom=headroom,
             default_max_tokens=_int(
                 e, "INFERENCE_DEFAULT_MAX_TOKENS", d.default_max_tokens, minimum=1
             ),

@@ -70,6 +70,11 @@ def make_settings(
         "max_attempts": 3,
         "dispatch_interval": 0.2,
         "window_margin_s": 0.0,
+        # Far above what the tests' batches need, so that the throttle's pace (one bulk
+        # call every window / rpm) does not set their speed; tests of the limits set
+        # their own.
+        "rpm": 6000,
+        "tpm": 80_000_000,
     }
     values.update(overrides)
     return Settings(**values)

@@ -250,7 +250,7 @@ class Runner:
                 except ModelError as exc:
                     latency_ms = int((time.monotonic() - started) * 1000)
                     # A 429 is not the job's fault: it waits for the reset, never gives up.
-                    slot.failed(exc, self._pause_s(exc))
+                    slot.failed(exc)
                     self._record_error(job.id, number, exc, latency_ms)
                     failures += not isinstance(exc, RateLimited)
                     delay = self._next_try(
@@ -383,11 +383,6 @@ class Runner:
         if self.settings.tpm_charge == "actual":
             return usage.prompt_tokens + usage.completion_tokens
         return usage.prompt_tokens + max_tokens
-
-    def _pause_s(self, exc: ModelError) -> float:
-        """How long a 429 pauses the bucket: the provider's reset, else the policy's."""
-        given = exc.retry_after if isinstance(exc, RateLimited) else None
-        return given or self.policy.rate_limit_fallback
 
     def _record_error(self, job_id: int, number: int, exc: ModelError, latency_ms: int) -> None:
         usage = getattr(exc, "usage", None)

@@ -88,13 +88,12 @@ class Runtime:
                     bucket,
                     rpm=rpm,
                     tpm=tpm,
-                    window_s=window_s,
+                    margin_s=self.settings.window_margin_s,
                     interactive_reserve=self.settings.interactive_reserve,
+                    floor=self.settings.headroom,
                     # A call up to this late still lands outside the next window's
                     # calls; the other half of the margin is left to network jitter.
-                    # Moving an entry costs a pass over the booked log, so not sooner.
                     late_start_ms=round(self.settings.window_margin_s * 500),
-                    booking_horizon_s=self.settings.booking_horizon_s,
                     seed=self._seed_for(model, window_s),
                 )
                 self._throttles[model] = throttle

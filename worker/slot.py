@@ -8,7 +8,7 @@ The runner holds a :class:`Slot` around the ledger row and the HTTP call::
         slot.sending()           # the call starts now (again once its bytes are out)
         ...                      # then exactly one of:
         slot.answered(charge, limits)      # settle at what the provider charged
-        slot.failed(exc, pause_s)          # a 429 pauses the bucket, a 401 gives back
+        slot.failed(exc)                   # a 429 pauses the bucket, a 401 gives back
 
 Every step after the grant is bookkeeping: with Redis away it is skipped and logged
 (:func:`worker.outages.quietly`), never allowed to undo a call already made.
@@ -24,7 +24,7 @@ from types import TracebackType
 from worker.errors import AuthFailed, ModelError, RateLimited
 from worker.outages import quietly
 from worker.reported import RateLimitInfo
-from worker.throttle import Reservation, Throttle
+from worker.throttle import Admission, Throttle
 
 
 def take(
@@ -40,23 +40,23 @@ def take(
     Raises what :meth:`Throttle.acquire` raises: RequestTooLarge, ThrottleTimeout,
     ThrottleInterrupted, or a Redis error.
     """
-    reservation = throttle.acquire(price, max_wait=max_wait, stop=stop, priority=priority)
-    return Slot(throttle, reservation)
+    admission = throttle.acquire(price, max_wait=max_wait, stop=stop, priority=priority)
+    return Slot(throttle, admission)
 
 
 class Slot:
     """A granted slot; see the module docstring for the order of its steps."""
 
-    def __init__(self, throttle: Throttle, reservation: Reservation) -> None:
+    def __init__(self, throttle: Throttle, admission: Admission) -> None:
         self.throttle = throttle
-        self.reservation = reservation
+        self.admission = admission
         self._sent = False
         self._done = False
 
     @property
     def tokens(self) -> int:
         """Tokens reserved for the call."""
-        return self.reservation.tokens
+        return self.admission.tokens
 
     def __enter__(self) -> Slot:
         return self
@@ -69,48 +69,51 @@ class Slot:
     ) -> None:
         if not self._sent and not self._done:
             self._done = True
-            quietly("release", partial(self.throttle.release, self.reservation))
+            quietly("release", partial(self.throttle.release, self.admission))
 
     def sending(self) -> None:
-        """The call starts now: a slot whose call is late moves to now
-        (:meth:`Throttle.starting`), since the provider counts a call from its arrival.
-
-        Called before the request and again once its bytes are out: with a whole
-        window's calls starting in one process, a thread can wait for the CPU between.
-        """
+        """The call starts now; called again once its bytes are out. A call that starts
+        late is logged at its real start (:meth:`Throttle.starting`), since the
+        provider counts it from its arrival: before the send it admits itself again,
+        after it it is moved there at once."""
+        late = quietly("restamp", partial(self.throttle.starting, self.admission, sent=self._sent))
         self._sent = True
-        moved = quietly("restamp", partial(self.throttle.starting, self.reservation))
-        self.reservation = moved or self.reservation
+        self.admission = late or self.admission
 
     def answered(self, charge: int, limits: RateLimitInfo | None) -> None:
         """The provider answered and charged ``charge`` tokens; it reported ``limits``."""
         self._done = True
-        quietly("settle", partial(self.throttle.settle, self.reservation, charge))
-        quietly("observe", partial(_observe, self.throttle, limits))
+        quietly("settle", partial(self.throttle.settle, self.admission, charge))
+        quietly("observe", partial(_observe, self.throttle, self.admission, limits))
 
-    def failed(self, exc: ModelError, pause_s: float) -> None:
+    def failed(self, exc: ModelError) -> None:
         """The call failed with ``exc``.
 
-        A 429: somebody else took our place in the provider's window, so the slot
-        stays taken in ours and every worker on the bucket waits ``pause_s``. A
-        rejected key: the provider counted nothing, so the slot is given back. Any
-        other error keeps the whole reservation (the provider may have charged it).
+        A 429: somebody else took our place in the provider's window, so the call
+        stays logged in ours, every worker on the bucket waits for the reset the
+        provider gave, and the room for others grows. A rejected key: the provider
+        counted nothing, so the call leaves the log. Any other error keeps the whole
+        reservation (the provider may have charged it).
         """
         self._done = True
+        limits = exc.rate_limits or RateLimitInfo()
         if isinstance(exc, RateLimited):
-            quietly("refused", partial(self.throttle.refused, self.reservation))
-            quietly("pause", partial(self.throttle.pause, pause_s))
-        elif isinstance(exc, AuthFailed):
-            quietly("release", partial(self.throttle.release, self.reservation))
-        quietly("observe", partial(_observe, self.throttle, exc.rate_limits))
+            refused = partial(
+                self.throttle.refused,
+                self.admission,
+                exc.retry_after,
+                limits.remaining_requests,
+                limits.remaining_tokens,
+            )
+            quietly("refused", refused)
+            return
+        if isinstance(exc, AuthFailed):
+            quietly("release", partial(self.throttle.release, self.admission))
+        quietly("observe", partial(_observe, self.throttle, self.admission, limits))
 
 
-def _observe(throttle: Throttle, limits: RateLimitInfo | None) -> None:
-    """Let the bucket see what the provider says is left (someone else may share the key)."""
-    if limits is not None:
-        throttle.observe(
-            limits.remaining_requests,
-            limits.remaining_tokens,
-            limits.reset_requests_s,
-            limits.reset_tokens_s,
-        )
+def _observe(throttle: Throttle, admission: Admission, limits: RateLimitInfo | None) -> None:
+    """Let the bucket see what the provider says is left (someone else may share the key);
+    an answer without headers still lets a room grown by 429s shrink."""
+    limits = limits or RateLimitInfo()
+    throttle.observe(admission, limits.remaining_requests, limits.remaining_tokens)

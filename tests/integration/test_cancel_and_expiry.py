@@ -22,7 +22,7 @@ from tests.support import WorkerProcess, jsonl, line, run_cli, wait_until
 pytestmark = pytest.mark.integration
 
 #: Calls the throttle lets through in the first window; the rest wait in the worker.
-RPM = 3
+RPM = 1
 JOBS = 20
 
 

@@ -200,10 +200,10 @@ def _on_a_slow_worker(
 ) -> Iterator[Batch]:
     """A batch of ``ids`` created through the SDK, run by a worker that holds its jobs.
 
-    Three calls a window: the worker holds the other jobs, waiting for their slots.
+    One call a window: the worker holds the other jobs, waiting for their turns.
     """
     created = upload(client, tmp_path, jsonl(*(line(i) for i in ids)))
-    slow = settings.replace(rpm=3, dispatch_window=30, window_margin_s=0.0)
+    slow = settings.replace(rpm=1, dispatch_window=30, window_margin_s=0.0)
     worker = WorkerProcess(slow, tmp_path / "worker.log", concurrency=40)
     worker.wait_ready()
     try:
@@ -221,8 +221,8 @@ def test_a_cancel_through_the_sdk_ends_cancelled_with_both_files(
     with _on_a_slow_worker(client, settings, tmp_path, ids, "24h") as batch:
         wait_for(client, batch.id, {"in_progress"}, 30)
         deadline = time.monotonic() + 30
-        while simulator.stats().calls < 3:
-            assert time.monotonic() < deadline, "the first window's calls"
+        while simulator.stats().calls < 1:
+            assert time.monotonic() < deadline, "the first window's call"
             time.sleep(0.1)
         cancelling = client.batches.cancel(batch.id)
         Batch.model_validate(cancelling.model_dump())
@@ -230,11 +230,11 @@ def test_a_cancel_through_the_sdk_ends_cancelled_with_both_files(
         done = wait_for(client, batch.id, {"cancelled"}, 30)
     assert done.cancelling_at is not None and done.cancelled_at is not None
     assert done.request_counts is not None
-    assert (done.request_counts.completed, done.request_counts.failed) == (3, 9)
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 11)
     output, errors = download(client, done.output_file_id), download(client, done.error_file_id)
-    assert len(output) == 3 and {r["error"]["code"] for r in errors} == {"batch_cancelled"}
+    assert len(output) == 1 and {r["error"]["code"] for r in errors} == {"batch_cancelled"}
     assert sorted(r["custom_id"] for r in output + errors) == sorted(ids)
-    assert simulator.stats().calls == 3
+    assert simulator.stats().calls == 1
 
 
 def test_a_short_completion_window_through_the_sdk_ends_expired(
@@ -246,5 +246,5 @@ def test_a_short_completion_window_through_the_sdk_ends_expired(
         done = wait_for(client, batch.id, {"expired", "completed"}, 40)
     assert done.status == "expired" and done.expired_at is not None
     output, errors = download(client, done.output_file_id), download(client, done.error_file_id)
-    assert len(output) == 3 and {r["error"]["code"] for r in errors} == {"batch_expired"}
+    assert len(output) == 1 and {r["error"]["code"] for r in errors} == {"batch_expired"}
     assert sorted(r["custom_id"] for r in output + errors) == sorted(ids)

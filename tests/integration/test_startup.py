@@ -95,7 +95,11 @@ LOGFMT_LINE = re.compile(
 def test_on_a_dyno_every_line_is_logfmt_with_the_dyno_and_one_start_up_line(
     settings: Settings, tmp_path: Path
 ) -> None:
-    env = settings_env(settings) | {"DYNO": "worker.7", "INFERENCE_RPM": "120"}
+    env = settings_env(settings) | {
+        "DYNO": "worker.7",
+        "INFERENCE_RPM": "120",
+        "INFERENCE_TPM": "800000",
+    }
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(

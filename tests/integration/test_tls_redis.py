@@ -27,6 +27,7 @@ from devstack.simulator import Simulator
 from jobs import api
 from jobs.connections import celery_config, redis_client
 from jobs.constants import QUEUE_BULK, REDBEAT_PREFIX, throttle_log_key
+from jobs.models import Priority
 from jobs.settings import Settings
 from tests.support import (
     ROOT,
@@ -171,8 +172,9 @@ def test_redis_client_over_tls(tls_conn: redis.Redis) -> None:
 
 def test_throttle_over_tls(tls_conn: redis.Redis) -> None:
     throttle = Throttle(tls_conn, BUCKET, rpm=10, tpm=10_000, window_s=60.0, seed=no_history)
-    first = throttle.acquire(300, max_wait=0)
-    second = throttle.acquire(200, max_wait=0)
+    # Interactive calls are not paced: both are admitted at once.
+    first = throttle.acquire(300, max_wait=0, priority=Priority.INTERACTIVE)
+    second = throttle.acquire(200, max_wait=0, priority=Priority.INTERACTIVE)
     assert throttle.usage() == WindowUsage(requests=2, tokens=500)
     throttle.settle(first, 120)
     throttle.release(second)

@@ -17,8 +17,8 @@ def test_defaults_come_from_the_model_table() -> None:
     assert settings.tpm_charge == "reserve"
     assert settings.interactive_reserve == 0
     assert Settings.from_env({"INFERENCE_INTERACTIVE_RESERVE": "15"}).interactive_reserve == 15
-    assert settings.booking_horizon_s == 2.0
-    assert Settings.from_env({"INFERENCE_BOOKING_HORIZON": "0"}).booking_horizon_s == 0.0
+    assert settings.headroom == 0.0
+    assert Settings.from_env({"INFERENCE_HEADROOM": "0.2"}).headroom == 0.2
     assert settings.simulated
     assert settings.database_url is None and settings.redis_url is None
 
@@ -85,8 +85,9 @@ def test_database_url_is_rewritten_for_psycopg(raw: str, expected: str) -> None:
         ("INFERENCE_READ_TIMEOUT", "-1", "INFERENCE_READ_TIMEOUT must be positive"),
         ("INFERENCE_TPM_CHARGE", "later", "INFERENCE_TPM_CHARGE must be"),
         ("INFERENCE_INTERACTIVE_RESERVE", "-1", "INFERENCE_INTERACTIVE_RESERVE must be at least 0"),
-        ("INFERENCE_BOOKING_HORIZON", "-1", "INFERENCE_BOOKING_HORIZON must be zero or more"),
-        ("INFERENCE_BOOKING_HORIZON", "60", "INFERENCE_BOOKING_HORIZON must be under 60 s"),
+        ("INFERENCE_INTERACTIVE_RESERVE", "150", "INFERENCE_INTERACTIVE_RESERVE must be below"),
+        ("INFERENCE_HEADROOM", "-0.1", "INFERENCE_HEADROOM must be zero or more"),
+        ("INFERENCE_HEADROOM", "0.6", "INFERENCE_HEADROOM must be at most 0.5"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:

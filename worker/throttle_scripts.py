@@ -1,0 +1,391 @@
+"""The throttle's storage: one bucket's keys in Redis and the scripts that change them.
+
+:mod:`worker.throttle` decides when to ask and what to do with the answer; this
+module only stores. Each script is one constant with its KEYS/ARGV contract and
+reads the clock with Redis ``TIME``, so workers on different machines never
+compare their own clocks. Redis errors propagate unchanged.
+
+A bucket's keys (names in :mod:`jobs.constants`), all sharing one hash tag:
+
+=========  ======  ====================================================================
+log        zset    one member per admitted call (its id), scored by Redis time (ms)
+costs      hash    id -> tokens charged for that call (reserved, then settled)
+pause      string  Redis time (ms) until which nothing is admitted (after a 429)
+init       string  present while the log is whole; missing: the log must be seeded
+pace       hash    turn: Redis time (ms) of the next bulk turn; wanted: until when an
+                   interactive call waits for room
+room       hash    the room learnt for other clients of the key: requests, tokens, at
+=========  ======  ====================================================================
+
+The log, the costs and the init marker expire together one window after the last
+admission; so does the pace. The room lives longer (see :mod:`worker.throttle`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import redis
+from redis.commands.core import Script
+
+from jobs.constants import (
+    throttle_costs_key,
+    throttle_init_key,
+    throttle_log_key,
+    throttle_pace_key,
+    throttle_pause_key,
+    throttle_room_key,
+)
+
+#: How :data:`ADMIT` treats a call: a new one, one admitted before that starts late and
+#: asks again, or one already sent.
+Mode = Literal["new", "again", "sent"]
+NEW: Final = "new"
+AGAIN: Final = "again"
+SENT: Final = "sent"
+
+#: Helpers every script starts with.
+_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Forget the calls that left the window: the log's members and their costs.
+local function prune(log, costs, now, window)
+  local gone = redis.call('ZRANGEBYSCORE', log, '-inf', now - window)
+  for i = 1, #gone, 1000 do
+    redis.call('HDEL', costs, unpack(gone, i, math.min(i + 999, #gone)))
+  end
+  redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
+end
+
+local function tokens_of(costs, ids)
+  if #ids == 0 then return {} end
+  local out = redis.call('HMGET', costs, unpack(ids))
+  for i = 1, #out do out[i] = tonumber(out[i]) or 0 end
+  return out
+end
+"""
+
+#: Admit a call now, or say how long until it could be.
+#:
+#: KEYS: log, costs, pause, init, pace, room.
+#: ARGV: id, tokens, window ms, rpm, tpm, reserved requests, reserved tokens, floor
+#: requests, floor tokens, bulk (1 or 0), mode (:data:`NEW`, :data:`AGAIN` or
+#: :data:`SENT`), the provider's window ms.
+#:
+#: The call fits when the window ending now, with it, holds at most ``rpm`` less the
+#: room (the larger of the learnt room and the floor) requests and ``tpm`` less the
+#: room tokens; a bulk call also leaves the reserve free. Where requests bind (the
+#: window holds a larger share of them than of tokens), calls take turns one window /
+#: that many requests apart: a bulk call waits for its turn, an interactive one
+#: takes the next turn without waiting for it. While an interactive call waits for
+#: room, bulk calls wait too, so that room coming free goes to it. An id already in
+#: the log is taken out first: a late call admits itself AGAIN at the time it really
+#: starts (it has had its turn: only the room counts), and one already SENT is
+#: logged at once, whatever the limits say.
+#:
+#: Returns ``{0, now, requests, tokens}`` admitted, with our calls in the provider's
+#: window ending now (this one included); ``{1, ms}`` try again in ms; ``{2, 0}`` the
+#: log must be seeded first (nothing changed).
+ADMIT = (
+    _COMMON
+    + """
+local log, costs, pause, init, pace, room = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local id, cost, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpm, tpm = tonumber(ARGV[4]), tonumber(ARGV[5])
+local reserve_r, reserve_t = tonumber(ARGV[6]), tonumber(ARGV[7])
+local floor_r, floor_t, bulk = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10] == '1'
+local mode, span = ARGV[11], tonumber(ARGV[12])
+local now = now_ms()
+if redis.call('EXISTS', init) == 0 then return {2, 0} end
+prune(log, costs, now, window)
+if redis.call('ZSCORE', log, id) then
+  redis.call('ZREM', log, id)
+  redis.call('HDEL', costs, id)
+end
+-- The log oldest first: ids, their times and their costs.
+local raw = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+local ids, at = {}, {}
+for i = 1, #raw, 2 do
+  ids[#ids + 1] = raw[i]
+  at[#at + 1] = tonumber(raw[i + 1])
+end
+local spent = tokens_of(costs, ids)
+local function log_it()
+  redis.call('ZADD', log, now, id)
+  redis.call('HSET', costs, id, cost)
+  redis.call('PEXPIRE', log, window)
+  redis.call('PEXPIRE', costs, window)
+  redis.call('SET', init, '1', 'PX', window)
+  local requests, tokens = 1, cost
+  for i = #ids, 1, -1 do
+    if at[i] <= now - span then break end
+    requests, tokens = requests + 1, tokens + spent[i]
+  end
+  return {0, now, requests, tokens}
+end
+if mode == 'sent' then return log_it() end
+local paused = tonumber(redis.call('GET', pause) or '0')
+if paused > now then return {1, paused - now} end
+local learnt = redis.call('HMGET', room, 'requests', 'tokens')
+local open_r = rpm - math.max(floor_r, tonumber(learnt[1]) or 0)
+local open_t = tpm - math.max(floor_t, tonumber(learnt[2]) or 0)
+local limit_r, limit_t = open_r, open_t
+if bulk then
+  limit_r, limit_t = limit_r - reserve_r, limit_t - reserve_t
+end
+if limit_r < 1 or cost > limit_t then return {1, window} end
+local wait = 0
+if #ids + 1 > limit_r then
+  wait = at[#ids - limit_r + 1] + window - now
+end
+local total = cost
+for i = 1, #spent do total = total + spent[i] end
+-- Requests bind when the window's share of them is the larger: only then are turns kept.
+local paced = (#ids + 1) * open_t >= total * open_r
+local i = 0
+while total > limit_t and i < #ids do
+  i = i + 1
+  total = total - spent[i]
+end
+if i > 0 and total <= limit_t then
+  wait = math.max(wait, at[i] + window - now)
+end
+local turns = redis.call('HMGET', pace, 'turn', 'wanted')
+local turn, wanted = tonumber(turns[1]) or 0, tonumber(turns[2]) or 0
+if mode == 'again' then paced = false end
+if bulk and paced and turn > now then wait = math.max(wait, turn - now) end
+if bulk and mode == 'new' and wanted > now then wait = math.max(wait, wanted - now) end
+if wait > 0 then
+  if not bulk and mode == 'new' then redis.call('HSET', pace, 'wanted', now + wait + 100) end
+  redis.call('PEXPIRE', pace, window)
+  return {1, wait}
+end
+if not bulk then redis.call('HDEL', pace, 'wanted') end
+if paced then
+  -- A turn taken a little late keeps the schedule; after an idle spell it starts anew.
+  local gap = math.floor(window / open_r)
+  if turn < now - math.floor(gap / 2) then turn = now end
+  redis.call('HSET', pace, 'turn', turn + gap)
+  redis.call('PEXPIRE', pace, window)
+end
+return log_it()
+"""
+)
+
+#: Charge a logged call another amount, or take it out of the log.
+#:
+#: KEYS: log, costs.  ARGV: id, tokens (-1: take the call out).
+#: A call already gone from the window is left alone. Returns 1 if it was there.
+SETTLE = """
+local log, costs, id, tokens = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
+if not redis.call('ZSCORE', log, id) then return 0 end
+if tokens < 0 then
+  redis.call('ZREM', log, id)
+  redis.call('HDEL', costs, id)
+else
+  redis.call('HSET', costs, id, tokens)
+end
+return 1
+"""
+
+#: Rebuild a lost log from the caller's history, once.
+#:
+#: KEYS: log, costs, init.  ARGV: window ms, then (age ms, tokens) pairs.
+#: Only while the init marker is missing, so two seeders never log a history twice.
+#: Returns 1 if this call seeded the log.
+SEED = (
+    _COMMON
+    + """
+local log, costs, init, window = KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1])
+if redis.call('EXISTS', init) == 1 then return 0 end
+local now = now_ms()
+for i = 2, #ARGV, 2 do
+  local id = 's.' .. (i / 2)
+  redis.call('ZADD', log, now - tonumber(ARGV[i]), id)
+  redis.call('HSET', costs, id, ARGV[i + 1])
+end
+prune(log, costs, now, window)
+redis.call('PEXPIRE', log, window)
+redis.call('PEXPIRE', costs, window)
+redis.call('SET', init, '1', 'PX', window)
+return 1
+"""
+)
+
+#: Admit nothing for a while; a longer pause already set stays.
+#:
+#: KEYS: pause.  ARGV: ms.  Returns the pause's end in Redis time (ms).
+PAUSE = (
+    _COMMON
+    + """
+local ends = now_ms() + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current >= ends then return current end
+redis.call('SET', KEYS[1], ends, 'PX', ARGV[1])
+return ends
+"""
+)
+
+#: What the bucket holds now: the calls of the last ``span`` ms and the learnt room.
+#:
+#: KEYS: log, costs, room, pause.  ARGV: span ms.
+#: Returns ``{now, requests, tokens, room requests, room tokens, room at, pause left}``.
+LOOK = (
+    _COMMON
+    + """
+local log, costs, room, pause = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = now_ms()
+local ids = redis.call('ZRANGEBYSCORE', log, '(' .. (now - tonumber(ARGV[1])), '+inf')
+local tokens = 0
+for _, t in ipairs(tokens_of(costs, ids)) do tokens = tokens + t end
+local learnt = redis.call('HMGET', room, 'requests', 'tokens', 'at')
+local paused = tonumber(redis.call('GET', pause) or '0')
+return {now, #ids, tokens, tonumber(learnt[1]) or 0, tonumber(learnt[2]) or 0,
+        tonumber(learnt[3]) or 0, math.max(0, paused - now)}
+"""
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :data:`ADMIT` said: admitted (at Redis time ``at_ms``, with ``ours``: our
+    requests and tokens in the provider's window then), wait ``wait_ms``, or the log
+    must be seeded first."""
+
+    admitted: bool
+    at_ms: int = 0
+    wait_ms: int = 0
+    unseeded: bool = False
+    ours: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class Room:
+    """Requests and tokens of every window left to other clients of the key, and the
+    Redis time (ms) they were last grown or shrunk."""
+
+    requests: int = 0
+    tokens: int = 0
+    at_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Look:
+    """:data:`LOOK`'s answer."""
+
+    now_ms: int
+    requests: int
+    tokens: int
+    room: Room
+    pause_ms: int
+
+
+@dataclass(frozen=True)
+class _Scripts:
+    admit: Script
+    settle: Script
+    seed: Script
+    pause: Script
+    look: Script
+
+
+_registered: weakref.WeakKeyDictionary[redis.Redis, _Scripts] = weakref.WeakKeyDictionary()
+_registered_lock = threading.Lock()
+
+
+def _scripts_for(client: redis.Redis) -> _Scripts:
+    """Register the scripts once per client; the client reloads them after a flush."""
+    with _registered_lock:
+        scripts = _registered.get(client)
+        if scripts is None:
+            scripts = _Scripts(
+                *(client.register_script(s) for s in (ADMIT, SETTLE, SEED, PAUSE, LOOK))
+            )
+            _registered[client] = scripts
+        return scripts
+
+
+class BucketStore:
+    """One bucket's keys; every method is one Redis round trip."""
+
+    def __init__(self, client: redis.Redis, bucket: str, *, window_ms: int) -> None:
+        self._client = client
+        self._scripts = _scripts_for(client)
+        self.window_ms = window_ms
+        self.log = throttle_log_key(bucket)
+        self.costs = throttle_costs_key(bucket)
+        self.pause_key = throttle_pause_key(bucket)
+        self.init = throttle_init_key(bucket)
+        self.pace = throttle_pace_key(bucket)
+        self.room_key = throttle_room_key(bucket)
+        self._lock = threading.Lock()
+        self._round_trips = 0
+
+    @property
+    def round_trips(self) -> int:
+        """Commands sent so far by every thread."""
+        return self._round_trips
+
+    def _run(self, script: Script, keys: list[str], args: Sequence[Any]) -> Any:
+        with self._lock:
+            self._round_trips += 1
+        return script(keys=keys, args=list(args))
+
+    def admit(
+        self,
+        rid: str,
+        tokens: int,
+        *,
+        rpm: int,
+        tpm: int,
+        reserve: tuple[int, int],
+        floor: tuple[int, int],
+        bulk: bool,
+        span_ms: int,
+        mode: Mode = "new",
+    ) -> Verdict:
+        keys = [self.log, self.costs, self.pause_key, self.init, self.pace, self.room_key]
+        args = (rid, tokens, self.window_ms, rpm, tpm, *reserve, *floor, int(bulk), mode)
+        status, value, *ours = self._run(self._scripts.admit, keys, (*args, span_ms))
+        if status == 0:
+            return Verdict(admitted=True, at_ms=int(value), ours=(int(ours[0]), int(ours[1])))
+        return Verdict(admitted=False, wait_ms=int(value), unseeded=status == 2)
+
+    def settle(self, rid: str, tokens: int) -> bool:
+        """Charge ``tokens`` for the call, or with ``-1`` take it out of the log."""
+        return bool(self._run(self._scripts.settle, [self.log, self.costs], (rid, tokens)))
+
+    def seed(self, history: Sequence[tuple[int, int]]) -> bool:
+        """Log ``(age ms, tokens)`` pairs if the log is still lost."""
+        args = [self.window_ms, *(v for pair in history for v in pair)]
+        return bool(self._run(self._scripts.seed, [self.log, self.costs, self.init], args))
+
+    def pause(self, pause_ms: int) -> int:
+        return int(self._run(self._scripts.pause, [self.pause_key], (pause_ms,)))
+
+    def look(self, span_ms: int) -> Look:
+        keys = [self.log, self.costs, self.room_key, self.pause_key]
+        now, requests, tokens, room_r, room_t, at, paused = self._run(
+            self._scripts.look, keys, (span_ms,)
+        )
+        room = Room(requests=int(room_r), tokens=int(room_t), at_ms=int(at))
+        return Look(int(now), int(requests), int(tokens), room, int(paused))
+
+    def set_room(self, room: Room, *, keep_ms: int) -> None:
+        """Store the learnt room; it is forgotten ``keep_ms`` after its last change."""
+        with self._lock:
+            self._round_trips += 1
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self.room_key,
+                mapping={"requests": room.requests, "tokens": room.tokens, "at": room.at_ms},
+            )
+            pipe.pexpire(self.room_key, keep_ms)
+            pipe.execute()
