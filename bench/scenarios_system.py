@@ -34,6 +34,7 @@ from bench.stack import Run, SimSpec, SimulatorProcess, StackSpec
 from devstack.procs import WebProcess
 from jobs import api
 from jobs.models import Priority
+from jobs.settings import Settings
 
 #: What the system is told when the simulator has no limits at all.
 LIFTED_RPM = 1_000_000
@@ -49,7 +50,7 @@ def _round_opt(value: float | None, digits: int = 2) -> float | None:
 
 
 def priority(run: Run, workers: int) -> Row:
-    """Interactive jobs over a bulk backlog, with only the hold the throttle learns."""
+    """Interactive jobs over a bulk backlog, with the default settings."""
     return _priority(run, f"priority-w{workers}", workers, reserve_share=0.0)
 
 
@@ -85,12 +86,11 @@ def _priority(
     row.description = (
         f"A {backlog:,}-job bulk batch (250-token prompts) saturates the limit; an interactive "
         f"job is enqueued every {every:g} s for {duration:g} s, from the start. "
-        f"INFERENCE_INTERACTIVE_RESERVE={reserve}: "
+        f"INFERENCE_INTERACTIVE_RESERVE={reserve}"
         + (
-            "bulk leaves room only once interactive jobs were seen, so the first ones wait "
-            "for the next roll of the window. "
-            if reserve == 0
-            else "bulk leaves that many requests of every window free from the start. "
+            " (the default). "
+            if reserve == Settings().interactive_reserve
+            else ": bulk leaves that many requests of every window free. "
         )
         + "Wait = first call start - job creation (ledger); the steady-state figures leave "
         f"out jobs enqueued in the first {steady_after:g} s. Bulk waits cover only the bulk "
