@@ -146,12 +146,13 @@ def next_room(
     ``seen`` is the others' usage in the provider's window, as its headers on one of
     our answers showed it (its count less ours), or ``None`` without headers;
     ``refused``: our call was answered 429; ``idle_ms``: time since ``room`` last
-    changed. While the others use all the room we leave (at least one unit), it grows
-    to a step above their use, so that they can go on growing into it; when they use
-    less, it shrinks one unit per answer towards that (towards nothing once they are
-    gone). A 429 means someone took our place: grow two steps. Without headers
-    nothing shows the others leaving, so a grown room shrinks a step per
-    :data:`ROOM_DECAY_MS`.
+    changed. Less than half a step counts as nothing: our reservation of a call
+    can fall a few tokens short of the provider's count. While the others use all
+    the room we leave, it grows to a step above their use, so that they can go on
+    growing into it; when they use less, it shrinks a step per answer towards that
+    (towards nothing once they are gone). A 429 means someone took our place: grow
+    two steps. Without headers nothing shows the others leaving, so a grown room
+    shrinks a step per :data:`ROOM_DECAY_MS`.
     """
     step = max(1, math.ceil(limit * ROOM_STEP))
     most = math.floor(limit * ROOM_MAX)
@@ -159,10 +160,12 @@ def next_room(
         return min(most, room + 2 * step)
     if seen is None:
         return max(0, room - step) if room and idle_ms >= ROOM_DECAY_MS else None
+    seen = seen if 2 * seen >= step else 0
     if seen >= max(1, room):
         return min(most, seen + step)
-    if room > (seen + step if seen else 0):
-        return room - 1
+    target = seen + step if seen else 0
+    if room > target:
+        return max(target, room - step)
     return None
 
 
@@ -413,7 +416,8 @@ class Throttle:
         *,
         refused: bool,
     ) -> None:
-        look = self._store.look(self._provider_window_ms)
+        # Our calls admitted just after this one may have reached the provider first.
+        look = self._store.look(self._provider_window_ms, admission.at_ms, self._late_start_ms)
         room, idle_ms = look.room, look.now_ms - look.room.at_ms
 
         def learn(current: int, limit: int, remaining: int | None, ours: int) -> int | None:
@@ -424,8 +428,9 @@ class Throttle:
                 current, limit=limit, seen=seen, refused=refused and used_up, idle_ms=idle_ms
             )
 
-        requests = learn(room.requests, self.rpm, remaining_r, admission.ours[0])
-        tokens = learn(room.tokens, self.tpm, remaining_t, admission.ours[1])
+        ours_r, ours_t = (a + b for a, b in zip(admission.ours, look.later, strict=True))
+        requests = learn(room.requests, self.rpm, remaining_r, ours_r)
+        tokens = learn(room.tokens, self.tpm, remaining_t, ours_t)
         if requests is None and tokens is None:
             return
         grown = Room(

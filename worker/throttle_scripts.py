@@ -235,20 +235,30 @@ return ends
 
 #: What the bucket holds now: the calls of the last ``span`` ms and the learnt room.
 #:
-#: KEYS: log, costs, room, pause.  ARGV: span ms.
-#: Returns ``{now, requests, tokens, room requests, room tokens, room at, pause left}``.
+#: KEYS: log, costs, room, pause.  ARGV: span ms, after ms (Redis time), within ms.
+#: Returns ``{now, requests, tokens, room requests, room tokens, room at, pause left,
+#: later requests, later tokens}``, the last two for our calls admitted in
+#: ``(after, after + within]``: they may have reached the provider before the call
+#: admitted at ``after``.
 LOOK = (
     _COMMON
     + """
 local log, costs, room, pause = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now = now_ms()
+local now, after, within = now_ms(), tonumber(ARGV[2]), tonumber(ARGV[3])
+local function sum(ids)
+  local tokens = 0
+  for _, t in ipairs(tokens_of(costs, ids)) do tokens = tokens + t end
+  return tokens
+end
 local ids = redis.call('ZRANGEBYSCORE', log, '(' .. (now - tonumber(ARGV[1])), '+inf')
-local tokens = 0
-for _, t in ipairs(tokens_of(costs, ids)) do tokens = tokens + t end
+local later = {}
+if within > 0 then
+  later = redis.call('ZRANGEBYSCORE', log, '(' .. after, after + within)
+end
 local learnt = redis.call('HMGET', room, 'requests', 'tokens', 'at')
 local paused = tonumber(redis.call('GET', pause) or '0')
-return {now, #ids, tokens, tonumber(learnt[1]) or 0, tonumber(learnt[2]) or 0,
-        tonumber(learnt[3]) or 0, math.max(0, paused - now)}
+return {now, #ids, sum(ids), tonumber(learnt[1]) or 0, tonumber(learnt[2]) or 0,
+        tonumber(learnt[3]) or 0, math.max(0, paused - now), #later, sum(later)}
 """
 )
 
@@ -285,6 +295,7 @@ class Look:
     tokens: int
     room: Room
     pause_ms: int
+    later: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -370,13 +381,14 @@ class BucketStore:
     def pause(self, pause_ms: int) -> int:
         return int(self._run(self._scripts.pause, [self.pause_key], (pause_ms,)))
 
-    def look(self, span_ms: int) -> Look:
+    def look(self, span_ms: int, after_ms: int = 0, within_ms: int = 0) -> Look:
         keys = [self.log, self.costs, self.room_key, self.pause_key]
-        now, requests, tokens, room_r, room_t, at, paused = self._run(
-            self._scripts.look, keys, (span_ms,)
+        now, requests, tokens, room_r, room_t, at, paused, later_r, later_t = self._run(
+            self._scripts.look, keys, (span_ms, after_ms, within_ms)
         )
         room = Room(requests=int(room_r), tokens=int(room_t), at_ms=int(at))
-        return Look(int(now), int(requests), int(tokens), room, int(paused))
+        later = (int(later_r), int(later_t))
+        return Look(int(now), int(requests), int(tokens), room, int(paused), later)
 
     def set_room(self, room: Room, *, keep_ms: int) -> None:
         """Store the learnt room; it is forgotten ``keep_ms`` after its last change."""
