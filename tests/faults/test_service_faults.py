@@ -48,10 +48,12 @@ def test_redis_restart_with_its_data_lost_mid_batch(
             recovered_s = time.monotonic() - restarted
             assert all(w.proc.poll() is None for w in f.workers), "no worker died"
             assert "event=republishing" in f.logs()
-        # The limit bound: the throttle filled a window right up to it, the window the
-        # restart fell in, and the provider refused none of our calls.
+        # The limit bound: the throttle filled windows close to it (its turns, one every
+        # 61 s / 400, hold about 393 calls in any 60 s), never past it, and the
+        # provider refused none of our calls.
         stats = sim.stats()
-        assert (stats.max_requests_in_window, stats.rate_limited) == (rpm, 0), stats
+        assert rpm * 60 // 61 - 5 <= stats.max_requests_in_window <= rpm, stats
+        assert stats.rate_limited == 0, stats
         # The provider still counts every call it admitted before the crash, so the
         # rebuilt bucket holds them all (each had its ledger row before it was sent),
         # priced no lower than the provider charged them.
