@@ -159,9 +159,8 @@ def run_demo(*, requests: int, out: TextIO) -> int:
             f"elapsed: {elapsed:.1f} s from submission to the last result\n"
             f"achieved: {paced.max_in_window} calls started in the busiest 60 s window = "
             f"{100.0 * paced.max_in_window / settings.rpm:.1f}% of the {settings.rpm} "
-            f"requests/min limit ({paced.calls} calls over {paced.span_s:.1f} s; bulk calls "
-            f"take turns, {settings.interactive_reserve} requests a minute stay free for "
-            "interactive jobs)\n"
+            f"requests/min limit ({paced.calls} calls over {paced.span_s:.1f} s; calls take "
+            f"turns, one every {(60.0 + settings.window_margin_s) / settings.rpm:.2f} s)\n"
         )
         if simulated:
             out.write("(simulated results: the simulator answered, not Kimi K2.5)\n")
