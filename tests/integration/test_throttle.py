@@ -150,7 +150,7 @@ def test_room_freed_while_interactive_uses_the_reserve_goes_to_interactive_first
     r: CountingRedis,
 ) -> None:
     throttle = make(r, rpm=4, tpm=10_000, window_s=1.0, interactive_reserve=2)  # bulk: 2
-    throttle.acquire(1, max_wait=0)  # b1
+    b1 = throttle.acquire(1, max_wait=0)
     i1 = throttle.acquire(1, max_wait=0, priority=INTERACTIVE)
     time.sleep(0.3)
     throttle.acquire(1, max_wait=0, priority=INTERACTIVE)  # i2
@@ -161,9 +161,11 @@ def test_room_freed_while_interactive_uses_the_reserve_goes_to_interactive_first
         waiting = [pool.submit(throttle.acquire, 1, priority=INTERACTIVE) for _ in range(2)]
         late_bulk = b2.result(timeout=10)
         waited = [f.result(timeout=10) for f in waiting]
-    # b1 and i1 leave together: both places go to the waiting interactive calls ...
-    for admission in waited:
-        assert i1.at_ms + 1000 <= admission.at_ms <= i1.at_ms + 1000 + LATE_MS
+    # b1 and i1 leave (a few ms apart on a busy machine): both places go to the
+    # waiting interactive calls, one each ...
+    first, second = sorted(a.at_ms for a in waited)
+    assert b1.at_ms + 1000 <= first <= b1.at_ms + 1000 + LATE_MS
+    assert i1.at_ms + 1000 <= second <= i1.at_ms + 1000 + LATE_MS
     # ... and bulk gets in only once the window holds less than its share again: not
     # as i2 or i3 leave, but once the two interactive calls it waited with leave too.
     assert i3.at_ms + 1000 < min(a.at_ms for a in waited) + 1000 <= late_bulk.at_ms
