@@ -6,13 +6,15 @@ lock's next renewal raises (and beat would exit), and with no schedule nothing
 would ever fire. :class:`Scheduler` checks both before every tick, takes the
 lock back (waiting while another beat holds it) and writes the schedule again.
 A run fired twice across such a restart is harmless: scheduled batches carry an
-idempotency key per slot.
+idempotency key per slot. A tick that finds Redis unreachable (it is restarting)
+is skipped and tried again a second later, rather than ending beat.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import redis
 from redbeat import RedBeatScheduler
 from redbeat.schedulers import get_redis
 
@@ -24,7 +26,17 @@ class Scheduler(RedBeatScheduler):  # type: ignore[misc]
 
     lock: Any
 
+    #: Seconds before a tick that found Redis unreachable is tried again.
+    RETRY_S = 1.0
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
+        try:
+            return self._tick(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log_event("beat_redis_unreachable", error=type(exc).__name__, retry_s=self.RETRY_S)
+            return self.RETRY_S
+
+    def _tick(self, *args: Any, **kwargs: Any) -> float:
         client = get_redis(self.app)
         if self.lock_key and self.lock is not None and not client.exists(self.lock_key):
             log_event("beat_lock_lost", action="waiting for the lock again")

@@ -63,7 +63,8 @@ def test_beat_keeps_firing_after_redis_lost_its_data(
     try:
         wait_until(lambda: nightly_messages(private_redis.url) == 1, 90, "the first run")
         private_redis.crash()  # schedule, lock, queue: all gone
-        time.sleep(1)
+        # Down for longer than beat's longest loop (5 s): at least one tick finds it gone.
+        time.sleep(6)
         private_redis.start()
         assert nightly_messages(private_redis.url) == 0
         wait_until(lambda: nightly_messages(private_redis.url) >= 1, 90, "a run after the restart")
@@ -77,6 +78,7 @@ def test_beat_keeps_firing_after_redis_lost_its_data(
         log.close()
     beat_log = (tmp_path / "beat.log").read_text()
     assert "event=beat_schedule_lost" in beat_log and "event=beat_lock_lost" in beat_log
+    assert "event=beat_redis_unreachable" in beat_log
     print("fault=beat-redis-restart fired=1")
 
 
