@@ -344,9 +344,13 @@ class BucketStore:
         """Commands sent so far by every thread."""
         return self._round_trips
 
-    def _run(self, script: Script, keys: list[str], args: Sequence[Any]) -> Any:
+    def _sent(self) -> None:
+        """Count one command sent to Redis (script or pipeline)."""
         with self._lock:
             self._round_trips += 1
+
+    def _run(self, script: Script, keys: list[str], args: Sequence[Any]) -> Any:
+        self._sent()
         return script(keys=keys, args=list(args))
 
     def admit(
@@ -392,8 +396,7 @@ class BucketStore:
 
     def set_room(self, room: Room, *, keep_ms: int) -> None:
         """Store the learnt room; it is forgotten ``keep_ms`` after its last change."""
-        with self._lock:
-            self._round_trips += 1
+        self._sent()
         with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(
                 self.room_key,
