@@ -10,8 +10,10 @@ the ``prompt_tokens`` the provider reports.
 The factor is the *largest* actual/raw ratio among the last
 :data:`SAMPLES` calls of that model and script, plus a margin as wide as those
 ratios are spread (between :data:`MIN_MARGIN` and :data:`MAX_MARGIN`; the widest
-until :data:`TRUSTED_SAMPLES` calls were seen): it tracks the tokenizer closely
-but errs high, so a reservation rarely falls short of what the provider charges.
+until the samples are trusted: :data:`TRUSTED_SAMPLES` calls, or two calls of
+:data:`TRUSTED_TOKENS` between them, since a long prompt's ratio averages over all
+its text): it tracks the tokenizer closely but errs high, so a reservation rarely
+falls short of what the provider charges.
 Every point of margin is a point of throughput lost when tokens bind, so text
 that the tokenizer counts consistently gets the narrowest.
 
@@ -19,7 +21,9 @@ The samples are the ledger's own rows: each call's attempt row carries the raw
 estimate it was priced from and the prompt's script, and gets the provider's
 ``prompt_tokens`` when its answer is recorded. So the calibration is shared by
 every worker and dyno, survives a Redis flush and a new deployment, and costs no
-write of its own; each process caches the factor for :data:`CACHE_S` seconds.
+write of its own; each process caches the factor for :data:`CACHE_S` seconds, and
+for :data:`LEARNING_CACHE_S` while its samples are not trusted: the first answers of a
+batch reprice the rest of its first window at once.
 """
 
 from __future__ import annotations
@@ -44,10 +48,12 @@ SAMPLES = 64
 #: Headroom on the largest recent ratio, as a share of it: the spread of the
 #: ratios ((largest - smallest) / largest), clamped to these bounds.
 MIN_MARGIN, MAX_MARGIN = 0.01, 0.05
-#: Samples below which the spread says too little and MAX_MARGIN applies.
-TRUSTED_SAMPLES = 8
-#: Seconds a process reuses a factor before reading Redis again.
-CACHE_S = 10.0
+#: Samples below which the spread says too little and MAX_MARGIN applies, unless at
+#: least two of them count TRUSTED_TOKENS prompt tokens between them.
+TRUSTED_SAMPLES, TRUSTED_TOKENS = 8, 100_000
+#: Seconds a process reuses a factor before reading the ledger again; while its
+#: samples are not yet trusted, every answer counts.
+CACHE_S, LEARNING_CACHE_S = 10.0, 0.5
 #: Bounds of the factor: the raw estimate is never trusted below a tenth of
 #: itself, nor inflated more than threefold.
 MIN_FACTOR, MAX_FACTOR = 0.1, 3.0
@@ -80,10 +86,18 @@ def dominant_script(body: Mapping[str, Any]) -> Script:
     return "cjk" if total and cjk / total >= CJK_SHARE else "latin"
 
 
-def margin(ratios: list[float]) -> float:
-    """Headroom on the largest of ``ratios`` (actual/raw prompt tokens), as a share."""
-    if len(ratios) < TRUSTED_SAMPLES:
+def trusted(samples: list[tuple[int, int]]) -> bool:
+    """Whether ``(actual, raw)`` samples are enough for their spread to mean something."""
+    return len(samples) >= TRUSTED_SAMPLES or (
+        len(samples) >= 2 and sum(actual for actual, _ in samples) >= TRUSTED_TOKENS
+    )
+
+
+def margin(samples: list[tuple[int, int]]) -> float:
+    """Headroom on the largest actual/raw ratio of ``samples``, as a share."""
+    if not trusted(samples):
         return MAX_MARGIN
+    ratios = [actual / raw for actual, raw in samples]
     spread = (max(ratios) - min(ratios)) / max(ratios)
     return min(MAX_MARGIN, max(MIN_MARGIN, spread))
 
@@ -103,18 +117,20 @@ class Calibrator:
         now = self._clock()
         with self._lock:
             cached = self._cache.get(key)
-            if cached is not None and now - cached[1] < CACHE_S:
+            if cached is not None and now < cached[1]:
                 return cached[0]
-        ratios = self.ratios(model, script)
-        value = (
-            min(MAX_FACTOR, max(MIN_FACTOR, max(ratios) * (1 + margin(ratios)))) if ratios else 1.0
-        )
+        samples = self.samples(model, script)
+        value = 1.0
+        if samples:
+            largest = max(actual / raw for actual, raw in samples)
+            value = min(MAX_FACTOR, max(MIN_FACTOR, largest * (1 + margin(samples))))
+        keep = CACHE_S if trusted(samples) else LEARNING_CACHE_S
         with self._lock:
-            self._cache[key] = (value, now)
+            self._cache[key] = (value, now + keep)
         return value
 
-    def ratios(self, model: str, script: Script) -> list[float]:
-        """actual/raw prompt tokens of the last :data:`SAMPLES` answered calls, newest first."""
+    def samples(self, model: str, script: Script) -> list[tuple[int, int]]:
+        """(actual, raw) prompt tokens of the last :data:`SAMPLES` answered calls, newest first."""
         a = _attempts.c
         query = (
             select(a.prompt_tokens, a.est_prompt_tokens)
@@ -130,7 +146,7 @@ class Calibrator:
         )
         with transaction(self._database_url) as tx:
             rows = tx.execute(query).all()
-        return [actual / raw for actual, raw in rows]
+        return [(int(actual), int(raw)) for actual, raw in rows]
 
     def estimate(self, model: str, body: Mapping[str, Any], raw_tokens: int) -> int:
         """The prompt tokens to reserve for ``body``, whose raw estimate is ``raw_tokens``."""

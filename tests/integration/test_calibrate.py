@@ -16,9 +16,12 @@ from jobs.models import Priority
 from jobs.tokens import estimate_prompt_tokens
 from jobs.validation import CheckedRequest
 from worker.calibrate import (
+    CACHE_S,
+    LEARNING_CACHE_S,
     MAX_MARGIN,
     MIN_MARGIN,
     TRUSTED_SAMPLES,
+    TRUSTED_TOKENS,
     Calibrator,
     Script,
     dominant_script,
@@ -98,6 +101,46 @@ def test_factor_follows_the_largest_recent_ratio(clean_db: str) -> None:
     assert Calibrator(clean_db).estimate("kimi-k2-5", prompt, raw) >= int(raw * 0.8)
 
 
+def test_first_answers_reprice_at_once_then_the_factor_is_cached(clean_db: str) -> None:
+    clock = FakeClock()
+    cal = Calibrator(clean_db, clock=clock)
+    prompt = body("word " * 400)
+    raw = estimate_prompt_tokens(prompt)
+    assert cal.factor("kimi-k2-5", "latin") == 1.0
+    answered(clean_db, prompt, raw, raw // 2)
+    # While learning, a new answer is read within LEARNING_CACHE_S, not CACHE_S.
+    clock.now += LEARNING_CACHE_S
+    assert cal.factor("kimi-k2-5", "latin") < 0.6
+    for _ in range(TRUSTED_SAMPLES):
+        answered(clean_db, prompt, raw, raw // 2)
+    clock.now += LEARNING_CACHE_S
+    learnt = cal.factor("kimi-k2-5", "latin")
+    answered(clean_db, prompt, raw, raw)  # counted twice as high: the factor must rise
+    clock.now += CACHE_S / 2
+    assert cal.factor("kimi-k2-5", "latin") == learnt  # trusted: cached for CACHE_S
+    clock.now += CACHE_S / 2
+    assert cal.factor("kimi-k2-5", "latin") > 1.0
+
+
+def test_two_long_prompts_are_trusted_like_many_short_ones(clean_db: str) -> None:
+    """A long prompt's ratio averages over all its text: two that count TRUSTED_TOKENS
+    between them narrow the margin to their spread, one alone does not."""
+    clock = FakeClock()
+    cal = Calibrator(clean_db, clock=clock)
+    prompt = body("word " * 400)
+    raw = TRUSTED_TOKENS
+    answered(clean_db, prompt, raw, raw // 2)
+    assert cal.factor("kimi-k2-5", "latin") == pytest.approx(0.5 * (1 + MAX_MARGIN))
+    answered(clean_db, prompt, raw, raw // 2)
+    clock.now += LEARNING_CACHE_S
+    assert cal.factor("kimi-k2-5", "latin") == pytest.approx(0.5 * (1 + MIN_MARGIN))
+    # Two short ones are not enough.
+    cjk = body("漢字" * 300)
+    answered(clean_db, cjk, 1000, 500)
+    answered(clean_db, cjk, 1000, 500)
+    assert cal.factor("kimi-k2-5", "cjk") == pytest.approx(0.5 * (1 + MAX_MARGIN))
+
+
 def test_the_calibration_outlives_redis(clean_db: str, redis_conn: redis.Redis) -> None:
     prompt = body("word " * 400)
     raw = estimate_prompt_tokens(prompt)
@@ -113,7 +156,7 @@ def test_tiny_prompts_and_unanswered_calls_teach_nothing(clean_db: str) -> None:
     answered(clean_db, body("hi"), 10, 3)
     prompt = body("word " * 400)
     answered(clean_db, prompt, estimate_prompt_tokens(prompt), 0)  # no usage reported
-    assert cal.ratios("kimi-k2-5", "latin") == []
+    assert cal.samples("kimi-k2-5", "latin") == []
     assert cal.factor("kimi-k2-5", "latin") == 1.0
 
 
