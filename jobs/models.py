@@ -243,6 +243,13 @@ class Attempt(Base):
             "id",
             postgresql_where=text("est_prompt_tokens IS NOT NULL"),
         ),
+        # The completion share's read: the last answered calls of one model.
+        Index(
+            "ix_attempts_completion_share",
+            "model",
+            "id",
+            postgresql_where=text("max_tokens IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -265,6 +272,9 @@ class Attempt(Base):
     #: samples (:mod:`worker.calibrate`).
     est_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     script: Mapped[str | None] = mapped_column(String(8))
+    #: The completion budget the call was sent with: with ``completion_tokens``, the
+    #: samples of the share of it that answers use (:mod:`worker.calibrate`).
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
 
 
 class File(Base):

@@ -1,4 +1,5 @@
-"""Learn how the provider counts prompt tokens, per model and script.
+"""Learn how the provider counts prompt tokens, per model and script, and how much of
+``max_tokens`` the answers use.
 
 :func:`jobs.tokens.estimate_prompt_tokens` over-estimates on purpose (it must
 never be why a tokens/min limit is crossed), but by how much depends on the
@@ -17,11 +18,16 @@ falls short of what the provider charges.
 Every point of margin is a point of throughput lost when tokens bind, so text
 that the tokenizer counts consistently gets the narrowest.
 
+Where the provider charges what a call used (``INFERENCE_TPM_CHARGE=actual``), a call
+reserves its answer at the share of ``max_tokens`` that recent answers used
+(:meth:`Calibrator.completion_share`) instead of all of it, and is settled at its
+real count: an answer that runs longer than that is charged in full when it settles.
+
 The samples are the ledger's own rows: each call's attempt row carries the raw
-estimate it was priced from and the prompt's script, and gets the provider's
-``prompt_tokens`` when its answer is recorded. So the calibration is shared by
+estimate it was priced from, the prompt's script and ``max_tokens``, and gets the
+provider's usage when its answer is recorded. So the calibration is shared by
 every worker and dyno, survives a Redis flush and a new deployment, and costs no
-write of its own; each process caches the factor for :data:`CACHE_S` seconds, and
+write of its own; each process caches what it read for :data:`CACHE_S` seconds, and
 for :data:`LEARNING_CACHE_S` while its samples are not trusted: the first answers of a
 batch reprice the rest of its first window at once.
 """
@@ -32,7 +38,7 @@ import math
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, cast
 
 from sqlalchemy import Table, select
@@ -103,30 +109,53 @@ def margin(samples: list[tuple[int, int]]) -> float:
 
 
 class Calibrator:
-    """Shared per-model, per-script correction of the prompt-token estimate."""
+    """Shared per-model corrections: of the prompt-token estimate, per script, and of the
+    completion budget to reserve where the provider charges actual usage."""
 
     def __init__(self, database_url: str, *, clock: Any = time.monotonic) -> None:
         self._database_url = database_url
         self._clock = clock
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str], tuple[float, float]] = {}
+        self._cache: dict[tuple[str, ...], tuple[float, float]] = {}
 
     def factor(self, model: str, script: Script) -> float:
         """The current factor; 1.0 until the provider has reported anything."""
-        key = (model, script)
+
+        def read() -> tuple[float, bool]:
+            samples = self.samples(model, script)
+            if not samples:
+                return 1.0, False
+            largest = max(actual / raw for actual, raw in samples)
+            value = min(MAX_FACTOR, max(MIN_FACTOR, largest * (1 + margin(samples))))
+            return value, trusted(samples)
+
+        return self._cached(("prompt", model, script), read)
+
+    def completion_share(self, model: str) -> float:
+        """The share of ``max_tokens`` to reserve for an answer: the largest share that
+        the last :data:`SAMPLES` answers of ``model`` used, plus :data:`MAX_MARGIN`;
+        all of it (1.0) until :data:`TRUSTED_SAMPLES` answers were seen."""
+
+        def read() -> tuple[float, bool]:
+            samples = self.completion_samples(model)
+            if len(samples) < TRUSTED_SAMPLES:
+                return 1.0, False
+            largest = max(used / budget for used, budget in samples)
+            return min(1.0, largest * (1 + MAX_MARGIN)), True
+
+        return self._cached(("completion", model), read)
+
+    def _cached(self, key: tuple[str, ...], read: Callable[[], tuple[float, bool]]) -> float:
+        """``read()``'s value, read again after :data:`CACHE_S` once its samples are trusted
+        and after :data:`LEARNING_CACHE_S` before."""
         now = self._clock()
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None and now < cached[1]:
                 return cached[0]
-        samples = self.samples(model, script)
-        value = 1.0
-        if samples:
-            largest = max(actual / raw for actual, raw in samples)
-            value = min(MAX_FACTOR, max(MIN_FACTOR, largest * (1 + margin(samples))))
-        keep = CACHE_S if trusted(samples) else LEARNING_CACHE_S
+        value, sure = read()
         with self._lock:
-            self._cache[key] = (value, now + keep)
+            self._cache[key] = (value, now + (CACHE_S if sure else LEARNING_CACHE_S))
         return value
 
     def samples(self, model: str, script: Script) -> list[tuple[int, int]]:
@@ -147,6 +176,19 @@ class Calibrator:
         with transaction(self._database_url) as tx:
             rows = tx.execute(query).all()
         return [(int(actual), int(raw)) for actual, raw in rows]
+
+    def completion_samples(self, model: str) -> list[tuple[int, int]]:
+        """(completion tokens, max_tokens) of the last :data:`SAMPLES` answered calls."""
+        a = _attempts.c
+        query = (
+            select(a.completion_tokens, a.max_tokens)
+            .where(a.model == model, a.max_tokens > 0, a.http_status == 200)
+            .order_by(a.id.desc())
+            .limit(SAMPLES)
+        )
+        with transaction(self._database_url) as tx:
+            rows = tx.execute(query).all()
+        return [(int(used), int(budget)) for used, budget in rows]
 
     def estimate(self, model: str, body: Mapping[str, Any], raw_tokens: int) -> int:
         """The prompt tokens to reserve for ``body``, whose raw estimate is ``raw_tokens``."""

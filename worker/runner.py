@@ -19,6 +19,7 @@ Outcomes, each logged as one logfmt line:
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -200,8 +201,8 @@ class Runner:
         script = dominant_script(job.request)
 
         def price() -> int:
-            # Priced again each time the throttle books: calibration keeps learning.
-            return self._estimate(job, raw_prompt) + max_tokens
+            # Priced again each time the throttle asks: calibration keeps learning.
+            return self._estimate(job, raw_prompt) + self._answer_budget(job, max_tokens)
 
         throttle = self.throttle_for(job.model)
         failures = 0
@@ -227,6 +228,7 @@ class Runner:
                         lease_s=self._lease_s(),
                         est_prompt_tokens=raw_prompt,
                         script=script,
+                        max_tokens=max_tokens,
                     )
                 )
                 if number is None:
@@ -373,6 +375,15 @@ class Runner:
         if calibrator is None:
             return raw_prompt
         return self._through_outage(lambda: calibrator.estimate(job.model, job.request, raw_prompt))
+
+    def _answer_budget(self, job: store.ClaimedJob, max_tokens: int) -> int:
+        """Completion tokens to reserve: all of ``max_tokens`` where the provider charges
+        it, else the share recent answers used (``max_tokens`` until that is known)."""
+        calibrator = self.calibrator
+        if self.settings.tpm_charge != "actual" or calibrator is None:
+            return max_tokens
+        share = self._through_outage(lambda: calibrator.completion_share(job.model))
+        return min(max_tokens, math.ceil(max_tokens * share))
 
     def _body(self, body: dict[str, Any]) -> str | None:
         """A body for the log only when LOG_BODIES is set (``None`` fields are dropped)."""

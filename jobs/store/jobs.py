@@ -132,13 +132,14 @@ def begin_attempt(
     lease_s: float,
     est_prompt_tokens: int | None = None,
     script: str | None = None,
+    max_tokens: int | None = None,
 ) -> int | None:
     """Write the ledger row for a call about to be made; returns its attempt number.
 
     Returns ``None`` when the job is no longer running (cancelled meanwhile).
     The row exists before the call, so a worker killed mid-call still leaves a
-    trace of a call the provider may have charged. ``est_prompt_tokens`` and
-    ``script`` are what the calibration learns from once the answer is recorded.
+    trace of a call the provider may have charged. ``est_prompt_tokens``, ``script``
+    and ``max_tokens`` are what the calibration learns from once the answer is recorded.
     """
     j = _jobs.c
     number = session.execute(
@@ -161,6 +162,7 @@ def begin_attempt(
             started_at=func.now(),
             est_prompt_tokens=est_prompt_tokens,
             script=script,
+            max_tokens=max_tokens,
         )
     )
     return int(number.attempts)

@@ -35,8 +35,17 @@ def body(text: str, model: str = "kimi-k2-5") -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}]}
 
 
-def answered(db: str, request: dict[str, Any], raw: int, actual: int) -> None:
-    """One call through the ledger's own writes: priced from ``raw``, charged ``actual``."""
+def answered(
+    db: str,
+    request: dict[str, Any],
+    raw: int,
+    actual: int,
+    *,
+    completion: int = 1,
+    max_tokens: int | None = None,
+) -> None:
+    """One call through the ledger's own writes: priced from ``raw``, charged ``actual``
+    prompt tokens and ``completion`` of its ``max_tokens``."""
     checked = CheckedRequest(
         body=request, model=request["model"], max_tokens=None, est_prompt_tokens=raw
     )
@@ -49,11 +58,12 @@ def answered(db: str, request: dict[str, Any], raw: int, actual: int) -> None:
     script: Script = dominant_script(request)
     with transaction(db) as tx:
         assert store.claim(tx, job_id, lease_s=60) is not None
-        number = store.begin_attempt(tx, job_id, lease_s=60, est_prompt_tokens=raw, script=script)
-        assert number is not None
-        store.finish_attempt(
-            tx, job_id, number, latency_ms=5, http_status=200, usage=(actual, 1, actual + 1)
+        number = store.begin_attempt(
+            tx, job_id, lease_s=60, est_prompt_tokens=raw, script=script, max_tokens=max_tokens
         )
+        assert number is not None
+        usage = (actual, completion, actual + completion)
+        store.finish_attempt(tx, job_id, number, latency_ms=5, http_status=200, usage=usage)
 
 
 class FakeClock:
@@ -177,3 +187,24 @@ def test_margin_narrows_as_consistent_samples_come_in(clean_db: str) -> None:
     clock.now += 60
     high, low = round(raw / 2 * 1.03) / raw, (raw // 2) / raw
     assert cal.factor("kimi-k2-5", "latin") == pytest.approx(high * (1 + (high - low) / high))
+
+
+def test_the_completion_share_follows_the_longest_recent_answer(clean_db: str) -> None:
+    """Where the provider charges actual usage, an answer is reserved at the share of
+    max_tokens recent answers used: all of it until TRUSTED_SAMPLES answers were seen,
+    and all of it again once one answer used all its budget."""
+    clock = FakeClock()
+    cal = Calibrator(clean_db, clock=clock)
+    prompt = body("word " * 400)
+    for used in range(1, TRUSTED_SAMPLES):
+        answered(clean_db, prompt, 1000, 500, completion=10 * used, max_tokens=1000)
+    assert cal.completion_share("kimi-k2-5") == 1.0
+    answered(clean_db, prompt, 1000, 500, completion=40, max_tokens=1000)
+    answered(clean_db, prompt, 1000, 500, completion=5)  # no budget recorded: not a sample
+    clock.now += LEARNING_CACHE_S
+    longest = 10 * (TRUSTED_SAMPLES - 1) / 1000
+    assert cal.completion_share("kimi-k2-5") == pytest.approx(longest * (1 + MAX_MARGIN))
+    assert cal.completion_share("other-model") == 1.0
+    answered(clean_db, prompt, 1000, 500, completion=200, max_tokens=200)  # cut at max_tokens
+    clock.now += CACHE_S
+    assert cal.completion_share("kimi-k2-5") == 1.0

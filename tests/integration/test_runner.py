@@ -24,7 +24,7 @@ from jobs.settings import Settings
 from jobs.validation import CheckedRequest
 from tests.integration.throttle_helpers import entries, redis_now_ms, wait_until
 from tests.support import TEST_KEY, backoff_range, backoff_waits, make_settings
-from worker.calibrate import Calibrator
+from worker.calibrate import TRUSTED_SAMPLES, Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
 from worker.runtime import Runtime
@@ -436,6 +436,37 @@ def test_calibrated_reservation_learns_from_the_provider(
         assert reserved[0] > reserved[-1] >= charged + 10
     finally:
         h.close()
+
+
+def test_where_the_provider_charges_actual_usage_answers_are_reserved_at_their_share(
+    clean_db: str, redis_url: str, simulator: Simulator, events: Callable[[], list[str]]
+) -> None:
+    """Under INFERENCE_TPM_CHARGE=actual a call reserves all of max_tokens until enough
+    answers were seen, then the share of it they used; under ``reserve`` it always
+    reserves all of it."""
+    reserved: dict[str, list[int]] = {}
+    for charge in ("actual", "reserve"):
+        settings = make_settings(clean_db, redis_url, simulator.url, tpm_charge=charge)
+        h = Harness(settings, simulator)
+        h.runner.calibrator = Calibrator(clean_db, clock=lambda: 1e9 * len(events()))
+        try:
+            prompt = body("word " * 400, max_tokens=500)
+            for _ in range(TRUSTED_SAMPLES + 1):
+                assert h.runner.run(store_job(clean_db, prompt)) == "succeeded"
+                line = next(x for x in reversed(events()) if "event=attempt" in x)
+                reserved.setdefault(charge, []).append(
+                    int(line.split("reserved_tokens=")[1].split()[0])
+                )
+        finally:
+            h.close()
+    actual, reserve = reserved["actual"], reserved["reserve"]
+    # The same body every time: the simulator gives each the same counts.
+    stats, calls = simulator.stats(), 2 * (TRUSTED_SAMPLES + 1)
+    prompt_tokens, used = stats.prompt_tokens // calls, stats.completion_tokens // calls
+    assert used < 100
+    assert actual[0] >= prompt_tokens + 500
+    assert prompt_tokens + used <= actual[-1] <= prompt_tokens + used * 1.1 + 10
+    assert min(reserve) >= prompt_tokens + 500
 
 
 def test_brief_outages_are_retried_not_fatal(
