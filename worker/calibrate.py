@@ -190,6 +190,7 @@ class Calibrator:
             rows = tx.execute(query).all()
         return [(int(used), int(budget)) for used, budget in rows]
 
-    def estimate(self, model: str, body: Mapping[str, Any], raw_tokens: int) -> int:
-        """The prompt tokens to reserve for ``body``, whose raw estimate is ``raw_tokens``."""
-        return max(1, math.ceil(raw_tokens * self.factor(model, dominant_script(body))))
+    def estimate(self, model: str, script: Script, raw_tokens: int) -> int:
+        """The prompt tokens to reserve for a prompt in ``script`` whose raw estimate is
+        ``raw_tokens``."""
+        return max(1, math.ceil(raw_tokens * self.factor(model, script)))

@@ -36,7 +36,7 @@ from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.validation import RequestLimits, ValidationError, check_request
-from worker.calibrate import Calibrator, dominant_script
+from worker.calibrate import Calibrator, Script, dominant_script
 from worker.client import ModelClient
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.outages import OUTAGES
@@ -202,7 +202,7 @@ class Runner:
 
         def price() -> int:
             # Priced again each time the throttle asks: calibration keeps learning.
-            return self._estimate(job, raw_prompt) + self._answer_budget(job, max_tokens)
+            return self._estimate(job, script, raw_prompt) + self._answer_budget(job, max_tokens)
 
         throttle = self.throttle_for(job.model)
         failures = 0
@@ -369,12 +369,12 @@ class Runner:
         self.stops.forget(waiter)
         return self.stops.watch(batch_id)
 
-    def _estimate(self, job: store.ClaimedJob, raw_prompt: int) -> int:
+    def _estimate(self, job: store.ClaimedJob, script: Script, raw_prompt: int) -> int:
         """Prompt tokens to reserve: the raw estimate, corrected by calibration if any."""
         calibrator = self.calibrator
         if calibrator is None:
             return raw_prompt
-        return self._through_outage(lambda: calibrator.estimate(job.model, job.request, raw_prompt))
+        return self._through_outage(lambda: calibrator.estimate(job.model, script, raw_prompt))
 
     def _answer_budget(self, job: store.ClaimedJob, max_tokens: int) -> int:
         """Completion tokens to reserve: all of ``max_tokens`` where the provider charges

@@ -84,6 +84,7 @@ class Slot:
         """The provider answered and charged ``charge`` tokens; it reported ``limits``."""
         self._done = True
         quietly("settle", partial(self.throttle.settle, self.admission, charge))
+        quietly("reprice", self.throttle.reprice)
         quietly("observe", partial(_observe, self.throttle, self.admission, limits))
 
     def failed(self, exc: ModelError) -> None:

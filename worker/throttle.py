@@ -11,8 +11,9 @@ sliding 60 s window. The throttle is built from these concepts, and no others:
    admission still lies inside it.
 3. **Admit now.** One script either admits a call at once or says how long to wait.
    Nothing is booked ahead, so nothing has to be moved later.
-4. **Price at admission.** A call is priced (``price()``, the calibrated estimate)
-   each time it asks, so it always uses what the first answers have taught.
+4. **Price.** A call is priced (``price()``, the calibrated estimate) each time it
+   asks, and the calls in flight are priced again after each answer, so that every
+   reservation follows what the answers have taught so far.
 5. **Pace.** Where requests bind, calls take turns one window / limit apart,
    shared by every process: a bulk call waits for its turn, an interactive call
    takes the next one without waiting. The window then fills evenly, the first
@@ -218,8 +219,11 @@ class Throttle:
         self._store = BucketStore(redis, bucket, window_ms=window_ms + round(margin_s * 1000))
         # One thread per priority asks Redis at a time (see the module docstring).
         self._turnstiles = {False: threading.Lock(), True: threading.Lock()}
+        # This process's calls in flight: id -> (tokens charged, price), and one thread
+        # at a time pricing them again.
+        self._held: dict[str, tuple[int, Callable[[], int]]] = {}
+        self._holding, self._repricing = threading.Lock(), threading.Lock()
         self._seeding = threading.Lock()
-        self._counting = threading.Lock()
         self._admitted = 0
 
     def stats(self) -> ThrottleStats:
@@ -259,7 +263,9 @@ class Throttle:
         if late_ms <= self._late_start_ms:
             return admission
         kind, rid = admission.id[:2], admission.id[2:]
-        again = self._ask(kind, rid, lambda: admission.tokens, SENT if sent else AGAIN)
+        with self._holding:
+            tokens = self._held.get(admission.id, (admission.tokens,))[0]
+        again = self._ask(kind, rid, lambda: tokens, SENT if sent else AGAIN)
         # None: the log was lost meanwhile, and the seed counts the call already sent.
         return admission if again is None else again
 
@@ -281,8 +287,9 @@ class Throttle:
         finally:
             turnstile.release()
         assert admission is not None
-        with self._counting:
+        with self._holding:
             self._admitted += 1
+            self._held[admission.id] = (admission.tokens, price)
         return admission
 
     def _ask(
@@ -366,11 +373,37 @@ class Throttle:
         """Charge ``tokens`` for an answered call instead of what it reserved."""
         if tokens < 0:
             raise ValueError(f"settled tokens must not be negative, got {tokens}")
+        self._let_go(admission)
         self._store.settle(admission.id, tokens)
 
     def release(self, admission: Admission) -> None:
         """Take a call that was never sent out of the log."""
+        self._let_go(admission)
         self._store.settle(admission.id, -1)
+
+    def _let_go(self, admission: Admission) -> None:
+        with self._holding:
+            self._held.pop(admission.id, None)
+
+    def reprice(self) -> None:
+        """Charge this process's calls in flight their price now: an answer just taught the
+        calibration, and a first window priced from the raw estimate fills at once."""
+        if not self._repricing.acquire(blocking=False):
+            return  # another thread is at it, with the same answers to go by
+        try:
+            with self._holding:
+                held = list(self._held.items())
+            prices = [(rid, was, min(price(), self.tpm)) for rid, (was, price) in held]
+            changed = [(rid, was, now) for rid, was, now in prices if now != was]
+            if not changed:
+                return
+            self._store.reprice(changed)
+            with self._holding:
+                for rid, _, now in changed:
+                    if rid in self._held:
+                        self._held[rid] = (now, self._held[rid][1])
+        finally:
+            self._repricing.release()
 
     def refused(
         self,
@@ -384,6 +417,7 @@ class Throttle:
         grows in each limit that the 429's headers show used up (in both without
         headers; see :func:`next_room`), and the bucket pauses until the provider's
         reset; without one, for the turns that the grown room takes to come free."""
+        self._let_go(admission)
         if reset_s is None:
             reset_s = 2 * max(1, math.ceil(self.rpm * ROOM_STEP)) * self.window_s / self.rpm
         self.pause(reset_s)

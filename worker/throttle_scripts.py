@@ -179,20 +179,27 @@ return log_it()
 """
 )
 
-#: Charge a logged call another amount, or take it out of the log.
+#: Charge logged calls another amount, or take them out of the log.
 #:
-#: KEYS: log, costs.  ARGV: id, tokens (-1: take the call out).
-#: A call already gone from the window is left alone. Returns 1 if it was there.
+#: KEYS: log, costs.  ARGV: (id, tokens, was) triples; tokens -1 takes the call out;
+#: ``was`` not empty: only if the call is still charged exactly that (a new price for a
+#: call in flight never overwrites its settlement). A call already gone from the window
+#: is left alone. Returns how many calls were changed.
 SETTLE = """
-local log, costs, id, tokens = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
-if not redis.call('ZSCORE', log, id) then return 0 end
-if tokens < 0 then
-  redis.call('ZREM', log, id)
-  redis.call('HDEL', costs, id)
-else
-  redis.call('HSET', costs, id, tokens)
+local log, costs, changed = KEYS[1], KEYS[2], 0
+for i = 1, #ARGV, 3 do
+  local id, tokens, was = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  if redis.call('ZSCORE', log, id) and (was == '' or redis.call('HGET', costs, id) == was) then
+    if tokens < 0 then
+      redis.call('ZREM', log, id)
+      redis.call('HDEL', costs, id)
+    else
+      redis.call('HSET', costs, id, tokens)
+    end
+    changed = changed + 1
+  end
 end
-return 1
+return changed
 """
 
 #: Rebuild a lost log from the caller's history, once.
@@ -375,7 +382,12 @@ class BucketStore:
 
     def settle(self, rid: str, tokens: int) -> bool:
         """Charge ``tokens`` for the call, or with ``-1`` take it out of the log."""
-        return bool(self._run(self._scripts.settle, [self.log, self.costs], (rid, tokens)))
+        return bool(self._run(self._scripts.settle, [self.log, self.costs], (rid, tokens, "")))
+
+    def reprice(self, prices: Sequence[tuple[str, int, int]]) -> int:
+        """Charge ``(id, was, now)`` calls ``now`` where they are still charged ``was``."""
+        args = [v for rid, was, now in prices for v in (rid, now, was)]
+        return int(self._run(self._scripts.settle, [self.log, self.costs], args))
 
     def seed(self, history: Sequence[tuple[int, int]]) -> bool:
         """Log ``(age ms, tokens)`` pairs if the log is still lost."""

@@ -85,19 +85,21 @@ def test_factor_starts_at_one_and_learns_per_script(clean_db: str) -> None:
     cal = Calibrator(clean_db, clock=clock)
     latin, cjk = body("word " * 400), body("漢字" * 300)
     raw_latin, raw_cjk = estimate_prompt_tokens(latin), estimate_prompt_tokens(cjk)
-    assert cal.estimate("kimi-k2-5", latin, raw_latin) == raw_latin
+    assert cal.estimate("kimi-k2-5", dominant_script(latin), raw_latin) == raw_latin
     # The provider counts Latin text at about half our raw estimate, CJK at 90 %.
     for _ in range(5):
         answered(clean_db, latin, raw_latin, raw_latin // 2)
         answered(clean_db, cjk, raw_cjk, int(raw_cjk * 0.9))
-    assert cal.estimate("kimi-k2-5", latin, raw_latin) == raw_latin  # cached for a while
+    assert (
+        cal.estimate("kimi-k2-5", dominant_script(latin), raw_latin) == raw_latin
+    )  # cached for a while
     clock.now += 60
-    latin_est = cal.estimate("kimi-k2-5", latin, raw_latin)
-    cjk_est = cal.estimate("kimi-k2-5", cjk, raw_cjk)
+    latin_est = cal.estimate("kimi-k2-5", dominant_script(latin), raw_latin)
+    cjk_est = cal.estimate("kimi-k2-5", dominant_script(cjk), raw_cjk)
     assert raw_latin // 2 <= latin_est <= raw_latin // 2 * (1 + MAX_MARGIN) + 2
     assert int(raw_cjk * 0.9) <= cjk_est <= raw_cjk * 0.9 * (1 + MAX_MARGIN) + 2
     # Another model learns nothing from these.
-    assert cal.estimate("other-model", latin, raw_latin) == raw_latin
+    assert cal.estimate("other-model", dominant_script(latin), raw_latin) == raw_latin
 
 
 def test_factor_follows_the_largest_recent_ratio(clean_db: str) -> None:
@@ -106,9 +108,11 @@ def test_factor_follows_the_largest_recent_ratio(clean_db: str) -> None:
     raw = estimate_prompt_tokens(prompt)
     answered(clean_db, prompt, raw, raw // 2)
     answered(clean_db, prompt, raw, int(raw * 0.8))  # one call counted higher
-    assert cal.estimate("kimi-k2-5", prompt, raw) >= int(raw * 0.8)
+    assert cal.estimate("kimi-k2-5", dominant_script(prompt), raw) >= int(raw * 0.8)
     # Shared: a second worker process sees the same samples.
-    assert Calibrator(clean_db).estimate("kimi-k2-5", prompt, raw) >= int(raw * 0.8)
+    assert Calibrator(clean_db).estimate("kimi-k2-5", dominant_script(prompt), raw) >= int(
+        raw * 0.8
+    )
 
 
 def test_first_answers_reprice_at_once_then_the_factor_is_cached(clean_db: str) -> None:
@@ -158,7 +162,7 @@ def test_the_calibration_outlives_redis(clean_db: str, redis_conn: redis.Redis) 
         answered(clean_db, prompt, raw, raw // 2)
     redis_conn.flushdb()
     # A new deployment: a new process, nothing cached, Redis empty.
-    assert Calibrator(clean_db).estimate("kimi-k2-5", prompt, raw) < raw * 0.55
+    assert Calibrator(clean_db).estimate("kimi-k2-5", dominant_script(prompt), raw) < raw * 0.55
 
 
 def test_tiny_prompts_and_unanswered_calls_teach_nothing(clean_db: str) -> None:

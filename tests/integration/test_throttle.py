@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -251,6 +252,43 @@ def test_each_try_is_priced_again(r: CountingRedis) -> None:
     assert admission.tokens == priced[-1]
     assert a.at_ms + 1000 <= admission.at_ms <= a.at_ms + 1000 + LATE_MS
     assert costs(r)[admission.id] == priced[-1]
+
+
+def test_calls_in_flight_are_priced_again_after_an_answer(r: CountingRedis) -> None:
+    """An answer teaches the calibration: the calls still in flight are charged their
+    price now, so a window priced from the raw estimate fills at once. A call answered
+    meanwhile keeps its settlement, and one with an unchanged price costs no command."""
+    throttle = make(r, rpm=10, tpm=300, window_s=5.0)
+    factor = [1.0]
+
+    def price() -> int:
+        return round(100 * factor[0])
+
+    a, b, c = (throttle.acquire(price, max_wait=0, priority=INTERACTIVE) for _ in range(3))
+    with pytest.raises(ThrottleTimeout):
+        throttle.acquire(price, max_wait=0, priority=INTERACTIVE)  # 300 of 300 tokens
+    factor[0] = 0.5  # the first answer: the provider counts half the raw estimate
+    throttle.settle(a, 50)
+    sent = throttle.stats().redis_round_trips
+    throttle.reprice()
+    assert throttle.stats().redis_round_trips == sent + 1
+    assert costs(r) == {a.id: 50, b.id: 50, c.id: 50}
+    d = throttle.acquire(price, max_wait=0, priority=INTERACTIVE)  # fits only thanks to it
+    # Another thread settles b between the pricing and the script: its charge stays.
+    factor[0] = 0.6
+    store, reprice = throttle._store, throttle._store.reprice
+
+    def settled_meanwhile(prices: Sequence[tuple[str, int, int]]) -> int:
+        store.settle(b.id, 7)
+        return reprice(prices)
+
+    store.reprice = settled_meanwhile  # type: ignore[method-assign]
+    throttle.reprice()
+    assert costs(r) == {a.id: 50, b.id: 7, c.id: 60, d.id: 60}
+    throttle.settle(b, 7)
+    sent = throttle.stats().redis_round_trips
+    throttle.reprice()  # nothing new to learn: nothing sent
+    assert throttle.stats().redis_round_trips == sent
 
 
 def test_bad_costs_are_refused_before_asking_redis(r: CountingRedis) -> None:
