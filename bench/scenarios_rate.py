@@ -55,6 +55,8 @@ class Load:
     windows: int
     #: WORKER_CONCURRENCY of each worker process; None: the default.
     concurrency: int | None = None
+    #: DISPATCH_WINDOW (fixed there); None: the default, which follows the latency.
+    dispatch_window: int | None = None
     #: Characters a token in the simulator's count (CJK text below 2).
     chars_per_token: float = 4.0
     #: Batch time allowed, as a multiple of the ideal.
@@ -83,7 +85,13 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
         latency=load.latency,
         chars_per_token=load.chars_per_token,
     )
-    spec = StackSpec(sim, rpm=load.rpm, tpm=load.tpm, concurrency=load.concurrency)
+    spec = StackSpec(
+        sim,
+        rpm=load.rpm,
+        tpm=load.tpm,
+        concurrency=load.concurrency,
+        dispatch_window=load.dispatch_window,
+    )
     with run.stack(name, spec) as st:
         st.start_workers(load.workers)
         payload = bodies(
@@ -144,11 +152,17 @@ def _describe(load: Load, count: int) -> str:
         if load.concurrency is not None
         else f"the default WORKER_CONCURRENCY ({defaults.worker_concurrency})"
     )
+    window = (
+        f"DISPATCH_WINDOW={load.dispatch_window}"
+        if load.dispatch_window is not None
+        else f"the default DISPATCH_WINDOW ({defaults.dispatch_window}, growing with the "
+        f"latency up to DISPATCH_WINDOW_MAX {defaults.dispatch_window_max})"
+    )
     text = (
         f"{count:,} jobs of ~{load.prompt_tokens:,} prompt tokens, max_tokens "
         f"{load.max_tokens:,}, charge={load.charge}, latency {load.latency[0]:g}-"
         f"{load.latency[1]:g} s, submitted at once to {load.workers} worker process(es) "
-        f"with {threads} and the default DISPATCH_WINDOW ({defaults.dispatch_window})."
+        f"with {threads} and {window}."
     )
     if load.chars_per_token != 4.0:
         script = "CJK" if load.chars_per_token < CJK_BELOW else "English"
@@ -260,6 +274,34 @@ def long_calls(run: Run, workers: int) -> Row:
     load = replace(_rpm_load(run, workers, 1), latency=run.latency(*LONG_CALL_S), windows=4)
     title = f"Long calls of {LONG_CALL_S[0]:g}-{LONG_CALL_S[1]:g} s, {processes(workers)}"
     return saturate(run, f"long-calls-w{workers}", title, load)
+
+
+#: Calls near the default read timeout (INFERENCE_READ_TIMEOUT, 300 s).
+NEAR_TIMEOUT_S = (285.0, 295.0)
+#: Threads and dispatch window that hold the whole limit times such calls in flight:
+#: 150 RPM x 295 s / 60 = 738 calls, plus a minute's requests waiting their turn.
+WIDE_CONCURRENCY, WIDE_WINDOW = 950, 900
+
+
+def near_timeout(run: Run, workers: int, wide: bool = False) -> Row:
+    """An RPM-bound batch whose calls take 285-295 s. With the defaults the dispatch
+    window (DISPATCH_WINDOW_MAX) caps the calls in flight, and so the rate; ``wide``
+    raises the threads and the window to what the limit times the latency needs, to
+    measure the memory that takes."""
+    load = replace(
+        _rpm_load(run, workers, 1),
+        latency=run.latency(*NEAR_TIMEOUT_S),
+        windows=4,
+        # The default's rate is capped by its window, not paced by the limit.
+        slack=1.03 if wide else 3.0,
+        concurrency=WIDE_CONCURRENCY if wide else None,
+        dispatch_window=WIDE_WINDOW if wide else None,
+    )
+    name = f"near-timeout{'-wide' if wide else ''}-w{workers}"
+    title = f"Calls of {NEAR_TIMEOUT_S[0]:g}-{NEAR_TIMEOUT_S[1]:g} s, " + (
+        f"{WIDE_CONCURRENCY} threads and a window of {WIDE_WINDOW}, " if wide else "defaults, "
+    )
+    return saturate(run, name, title + processes(workers), load)
 
 
 def _wait_first_admission(database_url: str, deadline: float) -> float | None:
