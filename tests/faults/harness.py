@@ -40,7 +40,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,10 +144,17 @@ class Fleet:
     def alive(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w.proc.poll() is None]
 
-    def kill(self, worker: WorkerProcess) -> Kill:
-        """``kill -9``: no handler runs, in-flight calls are cut."""
+    def kill(self, worker: WorkerProcess, *, grace_s: float | None = None) -> Kill:
+        """``kill -9``: no handler runs, in-flight calls are cut. With ``grace_s``, the way
+        Heroku stops a dyno: SIGTERM, and the SIGKILL ``grace_s`` later if it still runs
+        (``signalled_at`` is then the SIGKILL's moment, or the exit's)."""
+        if grace_s is not None:
+            worker.proc.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(grace_s)
         signalled_at = time.monotonic()
-        worker.proc.send_signal(signal.SIGKILL)
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGKILL)
         worker.proc.wait(10)
         dead_at = time.monotonic()
         # The log is unbuffered: every job the worker claimed and every call it sent is in it.

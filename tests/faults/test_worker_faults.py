@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from devstack.simulator import Simulator
+from devstack.simulator import Simulator, SimulatorConfig
 from jobs.db import session_scope
 from jobs.models import Attempt
 from jobs.settings import Settings
-from tests.faults.conftest import LEASE_S
+from tests.faults.conftest import LEASE_S, RPM, TPM, fault_settings
 from tests.faults.harness import Kill, check_invariants, fleet, submit, wait_finished
+from tests.support import TEST_KEY
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -83,8 +84,6 @@ def test_kill_9_mid_call_five_times_in_a_1000_job_batch(
 def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_half_a_lease(
     clean_db: str, redis_url: str, strict_sim: Simulator, tmp_path: Path
 ) -> None:
-    from tests.faults.conftest import fault_settings
-
     # Slow calls and backoff sleeps, so the stopped worker has jobs mid-call and mid-wait.
     # The production lease: a job the worker did not hand back waits for it to expire,
     # 45 to 60 s after the exit (renewed every 15 s), and restarts later than this
@@ -128,5 +127,65 @@ def test_sigterm_hands_back_within_30_s_and_the_jobs_restart_within_half_a_lease
             exit_s=round(exit_s, 1),
             handed_back=len(handed),
             max_restart_s=round(max(restart.values()), 1),
+        )
+    )
+
+
+#: Heroku's SIGTERM-to-SIGKILL grace (30 s), scaled down like the suite's leases.
+GRACE_S = 3.0
+
+
+@pytest.mark.timeout(300)
+def test_calls_longer_than_the_sigterm_grace_are_cut_by_the_sigkill_and_called_again(
+    clean_db: str, redis_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM, then SIGKILL a grace later, with calls longer than the grace: the worker
+    cannot end before the SIGKILL, the calls still running then are cut (the provider
+    counted them: their rows stay ``abandoned``) and their jobs are called again once
+    their leases run out, while the calls that ended within the grace are recorded."""
+    latency = (2.0 * GRACE_S, 2.5 * GRACE_S)
+    sim = Simulator(
+        SimulatorConfig(
+            key=TEST_KEY, rpm=RPM, tpm=TPM, latency_min=latency[0], latency_max=latency[1], seed=3
+        )
+    ).start()
+    try:
+        settings = fault_settings(clean_db, redis_url, sim.url, read_timeout=4 * GRACE_S)
+        with fleet(settings, tmp_path, concurrency=40) as f:
+            stopping, other = f.start(2)
+            batch = submit(settings, 160, tag="grace")
+            # Both workers' threads in calls: the first answers are still seconds away.
+            deadline = time.monotonic() + 30
+            while sim.stats().calls < 80 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            sigterm_at = db_now(settings)
+            kill = f.kill(stopping, grace_s=GRACE_S)
+            killed_at = db_now(settings)
+            f.start(1, wait=False)  # the platform starts a replacement
+            progress = wait_finished(batch, 180, f)
+            assert other.proc.poll() is None
+        found = check_invariants(settings, sim, batch, kills=[kill])
+    finally:
+        sim.stop()
+    assert progress.succeeded == 160, progress
+    assert (killed_at - sigterm_at).total_seconds() >= GRACE_S, "it ended before the SIGKILL"
+    assert found.cut > 0, "calls longer than the grace were meant to be running at the SIGKILL"
+    assert settings.database_url is not None
+    with session_scope(settings.database_url) as s:
+        lost = (
+            s.execute(select(Attempt.job_id).where(Attempt.error_kind == "abandoned"))
+            .scalars()
+            .all()
+        )
+    assert len(lost) == found.cut + found.extra_paid
+    recovery = restarts_after(settings, set(lost), killed_at)
+    assert set(recovery) == set(lost)
+    assert max(recovery.values()) < LEASE_S + 20
+    print(
+        found.line(
+            "sigterm-long-calls",
+            grace_s=GRACE_S,
+            cut_at_sigkill=found.cut,
+            max_recovery_s=round(max(recovery.values()), 1),
         )
     )
