@@ -23,7 +23,6 @@ with skewed clocks agree on ``retry_at``.
 from __future__ import annotations
 
 import datetime as dt
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,21 +120,6 @@ class _Scripts:
     close: Script
 
 
-_registered: weakref.WeakKeyDictionary[redis.Redis, _Scripts] = weakref.WeakKeyDictionary()
-
-
-def _scripts(client: redis.Redis) -> _Scripts:
-    scripts = _registered.get(client)
-    if scripts is None:
-        scripts = _Scripts(
-            client.register_script(OPEN),
-            client.register_script(CLAIM_PROBE),
-            client.register_script(CLOSE),
-        )
-        _registered[client] = scripts
-    return scripts
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -151,7 +135,7 @@ class KeyCircuit:
         self.client = client
         self.key = circuit_key(fingerprint)
         self.first_wait_s = first_wait_s
-        self._scripts = _scripts(client)
+        self._scripts = _Scripts(*(client.register_script(s) for s in (OPEN, CLAIM_PROBE, CLOSE)))
 
     def gate(self, job_id: int) -> Gate:
         """May the worker holding ``job_id`` call now? One Redis command."""

@@ -41,8 +41,15 @@ calibration can learn a per-model ratio from the ledger's estimate-versus-usage 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+import unicodedata
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+#: The prompt's dominant script: tokenizers count Latin and CJK text very differently per
+#: byte, so the calibration learns one ratio for each (:mod:`worker.calibrate`).
+Script = Literal["latin", "cjk"]
+#: Share of CJK characters above which a prompt counts as CJK.
+CJK_SHARE = 0.3
 
 BYTES_PER_TOKEN = 3
 MESSAGE_OVERHEAD = 6
@@ -158,3 +165,24 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
         if value is not None:
             total += text_tokens(_compact_json(value))
     return total
+
+
+def _is_cjk(char: str) -> bool:
+    return unicodedata.east_asian_width(char) in ("W", "F")
+
+
+def dominant_script(body: Mapping[str, Any]) -> Script:
+    """``cjk`` when enough of the prompt's characters are wide East Asian ones."""
+    messages = body.get("messages")
+    texts: Iterable[str] = (
+        (text_of_content(m.get("content")) for m in messages if isinstance(m, dict))
+        if isinstance(messages, list)
+        else ()
+    )
+    total = cjk = 0
+    for text in texts:
+        for char in text[:20_000]:
+            if not char.isspace():
+                total += 1
+                cjk += _is_cjk(char)
+    return "cjk" if total and cjk / total >= CJK_SHARE else "latin"

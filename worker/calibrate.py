@@ -37,17 +37,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-import unicodedata
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from sqlalchemy import Table, select
 
 from jobs.db import transaction
 from jobs.models import Attempt
-from jobs.tokens import text_of_content
-
-Script = Literal["latin", "cjk"]
+from jobs.tokens import Script
 
 #: Ratios kept per model and script.
 SAMPLES = 64
@@ -63,33 +60,10 @@ CACHE_S, LEARNING_CACHE_S = 10.0, 0.5
 #: Bounds of the factor: the raw estimate is never trusted below a tenth of
 #: itself, nor inflated more than threefold.
 MIN_FACTOR, MAX_FACTOR = 0.1, 3.0
-#: Share of CJK characters above which a prompt counts as CJK.
-CJK_SHARE = 0.3
 #: Calls too small to say anything about the tokenizer (fixed overheads dominate).
 MIN_RAW_TOKENS = 32
 
 _attempts = cast(Table, Attempt.__table__)
-
-
-def _is_cjk(char: str) -> bool:
-    return unicodedata.east_asian_width(char) in ("W", "F")
-
-
-def dominant_script(body: Mapping[str, Any]) -> Script:
-    """``cjk`` when enough of the prompt's characters are wide East Asian ones."""
-    messages = body.get("messages")
-    texts: Iterable[str] = (
-        (text_of_content(m.get("content")) for m in messages if isinstance(m, dict))
-        if isinstance(messages, list)
-        else ()
-    )
-    total = cjk = 0
-    for text in texts:
-        for char in text[:20_000]:
-            if not char.isspace():
-                total += 1
-                cjk += _is_cjk(char)
-    return "cjk" if total and cjk / total >= CJK_SHARE else "latin"
 
 
 def trusted(samples: list[tuple[int, int]]) -> bool:

@@ -24,7 +24,6 @@ admission; so does the pace. The room lives longer (see :mod:`worker.throttle`).
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -314,28 +313,14 @@ class _Scripts:
     look: Script
 
 
-_registered: weakref.WeakKeyDictionary[redis.Redis, _Scripts] = weakref.WeakKeyDictionary()
-_registered_lock = threading.Lock()
-
-
-def _scripts_for(client: redis.Redis) -> _Scripts:
-    """Register the scripts once per client; the client reloads them after a flush."""
-    with _registered_lock:
-        scripts = _registered.get(client)
-        if scripts is None:
-            scripts = _Scripts(
-                *(client.register_script(s) for s in (ADMIT, SETTLE, SEED, PAUSE, LOOK))
-            )
-            _registered[client] = scripts
-        return scripts
-
-
 class BucketStore:
     """One bucket's keys; every method is one Redis round trip."""
 
     def __init__(self, client: redis.Redis, bucket: str, *, window_ms: int) -> None:
         self._client = client
-        self._scripts = _scripts_for(client)
+        # Registering only hashes the source; the client loads it again after a flush.
+        scripts = (ADMIT, SETTLE, SEED, PAUSE, LOOK)
+        self._scripts = _Scripts(*(client.register_script(script) for script in scripts))
         self.window_ms = window_ms
         self.log = throttle_log_key(bucket)
         self.costs = throttle_costs_key(bucket)

@@ -13,7 +13,7 @@ from jobs import intake, store
 from jobs.batchfile import BatchItem
 from jobs.db import session_scope, transaction
 from jobs.models import Priority
-from jobs.tokens import estimate_prompt_tokens
+from jobs.tokens import Script, dominant_script, estimate_prompt_tokens
 from jobs.validation import CheckedRequest
 from worker.calibrate import (
     CACHE_S,
@@ -23,8 +23,6 @@ from worker.calibrate import (
     TRUSTED_SAMPLES,
     TRUSTED_TOKENS,
     Calibrator,
-    Script,
-    dominant_script,
 )
 
 pytestmark = pytest.mark.integration
