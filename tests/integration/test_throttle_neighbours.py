@@ -116,6 +116,22 @@ def test_the_room_follows_the_others_down_and_counts_ours_out(r: CountingRedis) 
     assert learnt(throttle) == (0, 0)
 
 
+def test_our_calls_admitted_just_after_are_not_taken_for_others(r: CountingRedis) -> None:
+    """A call of ours admitted within the late-start allowance after another may reach
+    the provider first, so the headers on the first one's answer may count it: it is
+    ours, not another client's. A call admitted later than that is not."""
+    throttle = make(r, rpm=20, tpm=2000, window_s=1.0, late_start_ms=200)
+    a = throttle.acquire(1, max_wait=0, priority=INTERACTIVE)
+    b = throttle.acquire(1, max_wait=0, priority=INTERACTIVE)
+    assert a.ours == (1, 1) and b.at_ms - a.at_ms <= 200
+    throttle.observe(a, 18, 1998)  # b arrived first: the provider counted both
+    assert learnt(throttle) == (0, 0)
+    time.sleep(0.3)
+    throttle.acquire(1, max_wait=0, priority=INTERACTIVE)  # past the allowance
+    throttle.observe(a, 17, 1997)  # a third call counted at a's arrival: somebody else's
+    assert learnt(throttle) == (2, 0)  # its token is less than half a step: noise
+
+
 def test_a_refused_call_grows_the_room_and_pauses_the_bucket(r: CountingRedis) -> None:
     throttle = make(r, rpm=20, tpm=2000, window_s=1.0)
     refused = throttle.acquire(1, priority=INTERACTIVE)
