@@ -38,6 +38,7 @@ from jobs.environment import Needs, ServiceError
 from jobs.handles import Which
 from jobs.logfmt import configure as configure_logging
 from jobs.logfmt import log_event
+from jobs.pricing import NO_PRICE, dollars
 from jobs.progress import ProgressPrinter, progress_line
 from jobs.settings import ConfigError, Settings
 from jobs.validation import ValidationError
@@ -138,12 +139,20 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
             paused = batch.calls_paused()
         except redis.RedisError:
             paused = "(Redis is unreachable: whether calls are paused is unknown)"
+    ctx = api.context()
+    spent = shapes.batch_usage(ctx.database_url, [progress.id], ctx.settings.price_for)
+    usage, usd = spent[progress.id]["usage"], spent[progress.id]["usd"]
     if args.json:
-        json.dump(_progress_dict(progress) | {"paused": paused}, out)
+        json.dump(
+            _progress_dict(progress) | {"paused": paused, "usage": usage, "usage_usd": usd}, out
+        )
         out.write("\n")
     else:
         out.write(f"batch {progress.id} ({progress.name}, {progress.source}): {progress.status}\n")
         out.write(progress_line(progress) + "\n")
+        prompt, completion = usage["input_tokens"], usage["output_tokens"]
+        cost = dollars(usd) if usd is not None else f"({NO_PRICE})"
+        out.write(f"usage: {prompt:,} prompt + {completion:,} completion tokens, {cost}\n")
         if paused:
             out.write(paused + "\n")
     return 0
@@ -201,23 +210,31 @@ def cmd_usage(args: argparse.Namespace, out: TextIO) -> int:
     ctx = api.context()
     if args.batch is not None:
         api.get_batch(args.batch)
-    rows = reports.usage(ctx.database_url, since=args.since, batch_id=args.batch)
+    rows = reports.usage(
+        ctx.database_url, since=args.since, batch_id=args.batch, price_for=ctx.settings.price_for
+    )
     if args.json:
         json.dump([row.as_dict() for row in rows], out)
         out.write("\n")
         return 0
     header = f"{'day':<10}  {'batch':>7}  {'model':<14} {'calls':>7} {'ok':>7} "
-    header += f"{'prompt':>12} {'completion':>12} {'total':>12}\n"
+    header += f"{'prompt':>12} {'completion':>12} {'total':>12} {'usd':>12}\n"
     out.write(header)
     for row in rows:
         batch = str(row.batch_id) if row.batch_id is not None else "-"
         out.write(
             f"{row.day.isoformat():<10}  {batch:>7}  {row.model:<14} {row.calls:>7} "
             f"{row.ok_calls:>7} {row.prompt_tokens:>12} {row.completion_tokens:>12} "
-            f"{row.total_tokens:>12}\n"
+            f"{row.total_tokens:>12} {dollars(row.usd):>12}\n"
         )
     total = sum(row.total_tokens for row in rows)
-    out.write(f"{len(rows)} rows, {sum(r.calls for r in rows)} calls, {total} tokens\n")
+    summary = f"{len(rows)} rows, {sum(r.calls for r in rows)} calls, {total} tokens"
+    unpriced = sorted({row.model for row in rows if row.usd is None})
+    if rows and not unpriced:
+        summary += f", {dollars(sum(row.usd or 0.0 for row in rows))}"
+    out.write(summary + "\n")
+    if unpriced:
+        out.write(f"{', '.join(unpriced)}: {NO_PRICE}\n")
     return 0
 
 

@@ -1,9 +1,10 @@
-"""Reports from the attempts ledger: calls and tokens by day, batch and model, and the
-calls of the last window (to re-seed a lost throttle bucket)."""
+"""Reports from the attempts ledger: calls, tokens and dollars by day, batch and model, and
+the calls of the last window (to re-seed a lost throttle bucket)."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from jobs.db import session_scope
 from jobs.models import Attempt, Job
+from jobs.pricing import Price
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    #: What those tokens cost, ``None`` where the model has no price.
+    usd: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -34,9 +38,14 @@ class UsageRow:
 
 
 def usage(
-    database_url: str, *, since: dt.date | None = None, batch_id: int | None = None
+    database_url: str,
+    *,
+    since: dt.date | None = None,
+    batch_id: int | None = None,
+    price_for: Callable[[str], Price | None] = lambda _model: None,
 ) -> list[UsageRow]:
-    """Every call the ledger holds, summed by UTC day, batch and model."""
+    """Every call the ledger holds, summed by UTC day, batch and model, priced by
+    ``price_for(model)``."""
     day = cast(func.timezone("UTC", Attempt.started_at), Date).label("day")
     stmt = (
         select(
@@ -58,19 +67,25 @@ def usage(
     if batch_id is not None:
         stmt = stmt.where(Job.batch_id == batch_id)
     with session_scope(database_url) as session:
-        return [
+        rows = session.execute(stmt).all()
+    found = []
+    for row in rows:
+        price = price_for(row.model)
+        prompt, completion = int(row.prompt_tokens), int(row.completion_tokens)
+        found.append(
             UsageRow(
                 day=row.day,
                 batch_id=row.batch_id,
                 model=row.model,
                 calls=int(row.calls),
                 ok_calls=int(row.ok_calls),
-                prompt_tokens=int(row.prompt_tokens),
-                completion_tokens=int(row.completion_tokens),
+                prompt_tokens=prompt,
+                completion_tokens=completion,
                 total_tokens=int(row.total_tokens),
+                usd=price.usd(prompt, completion) if price else None,
             )
-            for row in session.execute(stmt)
-        ]
+        )
+    return found
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,15 @@ import binascii
 import dataclasses
 import hashlib
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+
+from jobs.pricing import Price
 
 
 class ConfigError(ValueError):
@@ -25,11 +28,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """Provider limits for one model on one key."""
+    """Provider limits for one model on one key, and its price where one is published."""
 
     rpm: int
     tpm: int
     context_tokens: int
+    price: Price | None = None
 
 
 #: The longest call latency, in seconds, for which the default dispatch window and
@@ -41,6 +45,8 @@ INTERACTIVE_THREADS = 50
 
 #: Known limits per model id. A model not listed here needs INFERENCE_RPM and
 #: INFERENCE_TPM (and optionally INFERENCE_CONTEXT_TOKENS) set explicitly.
+#: A price is listed only with its published source and date: Heroku's Kimi K2.5 page
+#: (last updated 2026-02-18, read 2026-12-06) gives limits and no per-token price.
 MODEL_LIMITS: dict[str, ModelLimits] = {
     "kimi-k2-5": ModelLimits(rpm=150, tpm=800_000, context_tokens=262_144),
 }
@@ -96,6 +102,10 @@ class Settings:
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     #: INFERENCE_TPM_CHARGE: ``reserve`` (prompt + max_tokens, default) or ``actual``.
     tpm_charge: TpmCharge = "reserve"
+    #: INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT, USD per million prompt and
+    #: completion tokens of the configured model, both or neither. Default from
+    #: MODEL_LIMITS (none for kimi-k2-5): reports then show tokens only.
+    price: Price | None = None
     #: INFERENCE_WINDOW_MARGIN, seconds added to the 60 s window the throttle
     #: enforces, so that a call admitted exactly one window later cannot reach
     #: the provider before the earlier call's slot has left its window. Default 1.
@@ -262,6 +272,14 @@ class Settings:
     def bucket_name(self) -> str:
         return f"{self.model_id}:{self.key_fingerprint}"
 
+    def price_for(self, model: str) -> Price | None:
+        """The price of ``model``'s calls: the configured one's from INFERENCE_PRICE_*, any
+        other's from MODEL_LIMITS; ``None`` where none is known."""
+        if model == self.model_id:
+            return self.price
+        known = MODEL_LIMITS.get(model)
+        return known.price if known else None
+
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
@@ -284,6 +302,7 @@ class Settings:
             known.context_tokens if known else DEFAULT_CONTEXT_TOKENS,
             minimum=1,
         )
+        price = _price(e, known.price if known else None)
         charge = e.get("INFERENCE_TPM_CHARGE", d.tpm_charge)
         if charge not in ("reserve", "actual"):
             raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
@@ -315,6 +334,7 @@ class Settings:
             inference_url=(e.get("INFERENCE_URL") or "").rstrip("/") or None,
             inference_key=e.get("INFERENCE_KEY", ""),
             model_id=model,
+            price=price,
             rpm=rpm,
             tpm=tpm,
             context_tokens=context,
@@ -391,6 +411,31 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _price(env: Mapping[str, str], default: Price | None) -> Price | None:
+    """INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT, both or neither."""
+    names = ("INFERENCE_PRICE_INPUT", "INFERENCE_PRICE_OUTPUT")
+    given = [name for name in names if env.get(name)]
+    if not given:
+        return default
+    if len(given) == 1:
+        missing = next(name for name in names if name not in given)
+        raise ConfigError(
+            f"{given[0]} is set but {missing} is not: set both (USD per million tokens), or neither"
+        )
+
+    def usd(name: str) -> float:
+        raw = env[name]
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be a price in USD per million tokens, got {raw!r}")
+        return value
+
+    return Price(input=usd(names[0]), output=usd(names[1]))
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, zero_ok: bool = False) -> float:

@@ -9,12 +9,14 @@ comes from the attempts ledger (every call the provider answered, retries includ
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select
 
 from jobs.db import session_scope
 from jobs.models import Attempt, Batch, File, Job
+from jobs.pricing import Price
 
 #: A batch's public id is this prefix and its number.
 BATCH_PREFIX = "batch_"
@@ -53,7 +55,9 @@ def file_object(file: File) -> dict[str, Any]:
     }
 
 
-def batch_object(batch: Batch, *, model: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+def batch_object(
+    batch: Batch, *, model: str | None, usage: dict[str, Any], usd: float | None = None
+) -> dict[str, Any]:
     errors = {"object": "list", "data": [_error(e) for e in batch.errors]} if batch.errors else None
     return {
         "id": batch_public_id(batch.id),
@@ -83,6 +87,8 @@ def batch_object(batch: Batch, *, model: str | None, usage: dict[str, Any]) -> d
         "metadata": {str(k): str(v) for k, v in batch.meta.items()} or None,
         "model": model,
         "usage": usage,
+        # Not OpenAI's: what the usage cost, from the configured price (null: no price).
+        "usage_usd": usd,
     }
 
 
@@ -95,10 +101,15 @@ def _error(error: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def batch_usage(database_url: str, batch_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Ledger usage and model of each batch: ``{id: {"usage": {...}, "model": ...}}``."""
+def batch_usage(
+    database_url: str,
+    batch_ids: list[int],
+    price_for: Callable[[str], Price | None] = lambda _model: None,
+) -> dict[int, dict[str, Any]]:
+    """Ledger usage, its cost and the model of each batch, priced by ``price_for(model)``:
+    ``{id: {"usage": {...}, "model": ..., "usd": ...}}`` (``usd`` ``None``: no price)."""
     found: dict[int, dict[str, Any]] = {
-        i: {"usage": usage_object(0, 0), "model": None} for i in batch_ids
+        i: {"usage": usage_object(0, 0), "model": None, "usd": None} for i in batch_ids
     }
     if not batch_ids:
         return found
@@ -106,21 +117,33 @@ def batch_usage(database_url: str, batch_ids: list[int]) -> dict[int, dict[str, 
         rows = session.execute(
             select(
                 Job.batch_id,
+                Attempt.model,
                 func.coalesce(func.sum(Attempt.prompt_tokens), 0),
                 func.coalesce(func.sum(Attempt.completion_tokens), 0),
                 func.min(Job.model),
             )
             .outerjoin(Attempt, Attempt.job_id == Job.id)
             .where(Job.batch_id.in_(batch_ids))
-            .group_by(Job.batch_id)
-        )
-        for batch_id, prompt, completion, model in rows:
-            if batch_id is None:
-                continue
-            found[batch_id] = {
-                "usage": usage_object(int(prompt), int(completion)),
-                "model": model,
-            }
+            .group_by(Job.batch_id, Attempt.model)
+        ).all()
+    tokens: dict[int, tuple[int, int]] = {}
+    cost: dict[int, float] = {}
+    unpriced: set[int] = set()
+    for row in rows:
+        batch_id, called, prompt, completion, model = row
+        assert batch_id is not None  # the jobs of these batches
+        found[batch_id]["model"] = found[batch_id]["model"] or model
+        before = tokens.get(batch_id, (0, 0))
+        tokens[batch_id] = (before[0] + int(prompt), before[1] + int(completion))
+        # Each call is priced as the model it called; a batch without calls as its own.
+        price = price_for(called or model)
+        if price is None:
+            unpriced.add(batch_id)
+        else:
+            cost[batch_id] = cost.get(batch_id, 0.0) + price.usd(int(prompt), int(completion))
+    for batch_id, (prompt, completion) in tokens.items():
+        found[batch_id]["usage"] = usage_object(prompt, completion)
+        found[batch_id]["usd"] = None if batch_id in unpriced else cost[batch_id]
     return found
 
 

@@ -108,6 +108,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         WORKER_CONCURRENCY=str(settings.worker_concurrency),
         PYTHONUNBUFFERED="1",
     )
+    if settings.price is not None:
+        env.update(
+            INFERENCE_PRICE_INPUT=str(settings.price.input),
+            INFERENCE_PRICE_OUTPUT=str(settings.price.output),
+        )
     if settings.webhook_url is not None:
         env.update(
             WEBHOOK_URL=settings.webhook_url,

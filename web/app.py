@@ -180,7 +180,7 @@ class Api:
             return api_error(404, str(exc), param="input_file_id", code="not_found")
         except ValidationError as exc:
             return api_error(400, str(exc), param=exc.field, code="invalid_request")
-        return JSONResponse(batch_objects(self.url, [handle.id])[0])
+        return JSONResponse(batch_objects(self.settings, [handle.id])[0])
 
     def list_batches(self, request: Request) -> Response:
         limit = _limit(request)
@@ -193,12 +193,12 @@ class Api:
             if after_id is not None:
                 query = query.where(Batch.id < after_id)
             ids = list(session.execute(query).scalars())
-        data = batch_objects(self.url, ids[:limit])
+        data = batch_objects(self.settings, ids[:limit])
         return JSONResponse(_page(data, len(ids) > limit))
 
     def get_batch(self, request: Request) -> Response:
         batch_id = shapes.parse_batch_id(request.path_params["batch_id"])
-        found = batch_objects(self.url, [batch_id]) if batch_id is not None else []
+        found = batch_objects(self.settings, [batch_id]) if batch_id is not None else []
         return JSONResponse(found[0]) if found else not_found("batch")
 
     def cancel_batch(self, request: Request) -> Response:
@@ -209,7 +209,7 @@ class Api:
             api.BatchHandle(batch_id, self.ctx).cancel()
         except api.NotFoundError:
             return not_found("batch")
-        return JSONResponse(batch_objects(self.url, [batch_id])[0])
+        return JSONResponse(batch_objects(self.settings, [batch_id])[0])
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -243,15 +243,17 @@ async def _wrong_method(request: Request, exc: Exception) -> Response:
     return api_error(405, f"{request.method} is not allowed on {request.url.path}")
 
 
-def batch_objects(database_url: str, batch_ids: list[int]) -> list[dict[str, Any]]:
+def batch_objects(settings: Settings, batch_ids: list[int]) -> list[dict[str, Any]]:
     """OpenAI batch objects of these batches, in the order given (unknown ones left out)."""
-    with session_scope(database_url) as session:
+    assert settings.database_url is not None
+    with session_scope(settings.database_url) as session:
         rows = {
             b.id: b for b in session.execute(select(Batch).where(Batch.id.in_(batch_ids))).scalars()
         }
-    extra = shapes.batch_usage(database_url, [i for i in batch_ids if i in rows])
+    known = [i for i in batch_ids if i in rows]
+    extra = shapes.batch_usage(settings.database_url, known, settings.price_for)
     return [
-        shapes.batch_object(rows[i], model=extra[i]["model"], usage=extra[i]["usage"])
-        for i in batch_ids
-        if i in rows
+        shapes.batch_object(rows[i], model=e["model"], usage=e["usage"], usd=e["usd"])
+        for i in known
+        for e in (extra[i],)
     ]

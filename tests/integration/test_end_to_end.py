@@ -16,7 +16,7 @@ from jobs.connections import redis_client
 from jobs.db import session_scope
 from jobs.models import Attempt
 from jobs.settings import Settings
-from tests.support import WorkerProcess, run_cli
+from tests.support import WorkerProcess, run_cli, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -126,6 +126,30 @@ def test_cli_submit_wait_status_results_usage(
         "total_tokens": stats.total_tokens,
     }
     assert (stats.calls, stats.ok) == (12, 12)
+
+    # Without a price, tokens only, and the variables that would add dollars; with one,
+    # dollars from the ledger's tokens, in usage and status alike.
+    assert all(r["usd"] is None for r in rows)
+    text = run_cli(settings, "usage", "--batch", str(batch_id)).stdout
+    assert "kimi-k2-5: no price: set INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT" in text
+    status_text = run_cli(settings, "status", str(batch_id)).stdout
+    assert f"usage: {stats.prompt_tokens:,} prompt + {stats.completion_tokens:,} completion" in (
+        status_text
+    )
+    assert "no price: set INFERENCE_PRICE_INPUT" in status_text
+    priced = settings_env(settings) | {
+        "INFERENCE_PRICE_INPUT": "0.6",
+        "INFERENCE_PRICE_OUTPUT": "3",
+    }
+    usd = (stats.prompt_tokens * 0.6 + stats.completion_tokens * 3) / 1e6
+    rows = json.loads(
+        run_cli(settings, "usage", "--batch", str(batch_id), "--json", env=priced).stdout
+    )
+    assert sum(r["usd"] for r in rows) == pytest.approx(usd)
+    text = run_cli(settings, "usage", "--batch", str(batch_id), env=priced).stdout
+    assert text.splitlines()[-1].endswith(f" {stats.total_tokens} tokens, ${usd:,.4f}")
+    status = run_cli(settings, "status", str(batch_id), "--json", env=priced)
+    assert json.loads(status.stdout)["usage_usd"] == pytest.approx(usd)
     assert_key_nowhere(
         settings, *(p.stdout + p.stderr for p in (done, status, results, usage)),
         out.read_text(), worker_process.log(),

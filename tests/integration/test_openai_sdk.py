@@ -24,10 +24,13 @@ from openai.types.chat import ChatCompletion
 from devstack.procs import WebProcess
 from devstack.simulator import Simulator
 from jobs import retention
+from jobs.pricing import Price
 from jobs.settings import Settings
-from tests.support import WEB_KEY, WorkerProcess, jsonl, line
+from tests.support import WEB_KEY, WorkerProcess, jsonl, line, make_settings
 
 pytestmark = pytest.mark.integration
+
+PRICE = Price(input=0.6, output=3.0)
 
 #: OpenAI's batch output line, as its documentation describes it.
 OUTPUT_LINE_SCHEMA: dict[str, Any] = {
@@ -66,6 +69,12 @@ def check_line(row: dict[str, Any]) -> None:
         assert response["request_id"] != "None", row
         if response["status_code"] == 200:
             ChatCompletion.model_validate(response["body"])
+
+
+@pytest.fixture
+def settings(clean_db: str, redis_url: str, simulator: Simulator) -> Settings:
+    """Priced, so that the batches' usage comes with its dollars."""
+    return make_settings(clean_db, redis_url, simulator.url, price=PRICE)
 
 
 @pytest.fixture
@@ -140,6 +149,9 @@ def test_upload_create_poll_and_download_with_the_sdk(
     assert [r["custom_id"] for r in output] == [f"q{i}" for i in range(12) if i != 5]
     assert done.request_counts.completed == len(output) and done.request_counts.failed == 1
     assert done.usage is not None and done.usage.input_tokens > 0
+    # Not OpenAI's field: the usage's cost at the configured price, through the SDK.
+    usd = (done.usage.input_tokens * PRICE.input + done.usage.output_tokens * PRICE.output) / 1e6
+    assert (done.model_extra or {})["usage_usd"] == pytest.approx(usd)
     # The provider's refusal keeps its answer: a response with its status, no error.
     (refused,) = errors
     assert refused["custom_id"] == "q5" and refused["error"] is None

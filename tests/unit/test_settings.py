@@ -7,6 +7,7 @@ import ssl
 import pytest
 
 from jobs.connections import celery_config, redis_client
+from jobs.pricing import Price
 from jobs.settings import ConfigError, Settings, normalize_database_url
 
 
@@ -88,6 +89,8 @@ def test_database_url_is_rewritten_for_psycopg(raw: str, expected: str) -> None:
         ("INFERENCE_INTERACTIVE_RESERVE", "150", "INFERENCE_INTERACTIVE_RESERVE must be below"),
         ("INFERENCE_HEADROOM", "-0.1", "INFERENCE_HEADROOM must be zero or more"),
         ("INFERENCE_HEADROOM", "0.6", "INFERENCE_HEADROOM must be at most 0.5"),
+        ("INFERENCE_PRICE_INPUT", "0.6", "INFERENCE_PRICE_INPUT is set but INFERENCE_PRICE_OUTPUT"),
+        ("INFERENCE_PRICE_OUTPUT", "3", "INFERENCE_PRICE_OUTPUT is set but INFERENCE_PRICE_INPUT"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
@@ -162,3 +165,18 @@ def test_bad_result_retention_days_names_the_variable(raw: str, message: str) ->
 def test_purge_cron_default_and_override() -> None:
     assert Settings.from_env({}).purge_cron == "0 4 * * *"
     assert Settings.from_env({"PURGE_CRON": "15 1 * * 0"}).purge_cron == "15 1 * * 0"
+
+
+@pytest.mark.parametrize("value", ["cheap", "-0.5", "nan", "inf"])
+def test_a_price_must_be_a_number_of_dollars(value: str) -> None:
+    env = {"INFERENCE_PRICE_INPUT": value, "INFERENCE_PRICE_OUTPUT": "3"}
+    with pytest.raises(ConfigError, match="INFERENCE_PRICE_INPUT must be a price in USD"):
+        Settings.from_env(env)
+
+
+def test_prices_are_per_model_and_none_is_invented() -> None:
+    assert Settings.from_env({}).price is None  # Heroku publishes none for kimi-k2-5
+    settings = Settings.from_env({"INFERENCE_PRICE_INPUT": "0.6", "INFERENCE_PRICE_OUTPUT": "3"})
+    assert settings.price_for("kimi-k2-5") == Price(input=0.6, output=3.0)
+    assert settings.price_for("another-model") is None
+    assert Price(input=0.6, output=3.0).usd(1_000_000, 100_000) == pytest.approx(0.9)
