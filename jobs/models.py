@@ -269,11 +269,11 @@ class Attempt(Base):
     total_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The raw prompt estimate the call was priced from, and the prompt's dominant
     #: script (``latin``, ``cjk``): with ``prompt_tokens`` they are the calibration's
-    #: samples (:mod:`worker.calibrate`).
+    #: samples (:mod:`jobs.calibration`).
     est_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     script: Mapped[str | None] = mapped_column(String(8))
     #: The completion budget the call was sent with: with ``completion_tokens``, the
-    #: samples of the share of it that answers use (:mod:`worker.calibrate`).
+    #: samples of the share of it that answers use (:mod:`jobs.calibration`).
     max_tokens: Mapped[int | None] = mapped_column(Integer)
 
 

@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 #: The prompt's dominant script: tokenizers count Latin and CJK text very differently per
-#: byte, so the calibration learns one ratio for each (:mod:`worker.calibrate`).
+#: byte, so the calibration learns one ratio for each (:mod:`jobs.calibration`).
 Script = Literal["latin", "cjk"]
 #: Share of CJK characters above which a prompt counts as CJK.
 CJK_SHARE = 0.3

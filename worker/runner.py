@@ -31,13 +31,13 @@ from typing import Any, Literal, TypeVar, cast
 from sqlalchemy import Connection
 
 from jobs import store
+from jobs.calibration import Calibrator
 from jobs.circuit import Gate, KeyCircuit
 from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.tokens import Script, dominant_script
 from jobs.validation import RequestLimits, ValidationError, check_request
-from worker.calibrate import Calibrator
 from worker.client import ModelClient
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.outages import OUTAGES

@@ -16,13 +16,13 @@ from urllib.parse import urlsplit
 import redis
 
 from jobs import housekeeping, presence, reports, store
+from jobs.calibration import Calibrator
 from jobs.circuit import KeyCircuit
 from jobs.connections import celery_app, shared_redis
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.logfmt import log_event
 from jobs.settings import MODEL_LIMITS, Settings, is_loopback_host
-from worker.calibrate import Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
 from worker.throttle import Throttle, ThrottleStats

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from devstack.simulator import Simulator, SimulatorConfig
 from jobs import intake
 from jobs.batchfile import BatchItem
+from jobs.calibration import TRUSTED_SAMPLES, Calibrator
 from jobs.circuit import KeyCircuit
 from jobs.connections import redis_client
 from jobs.constants import throttle_pause_key
@@ -24,7 +25,6 @@ from jobs.settings import Settings
 from jobs.validation import CheckedRequest
 from tests.integration.throttle_helpers import entries, redis_now_ms, wait_until
 from tests.support import TEST_KEY, backoff_range, backoff_waits, make_settings
-from worker.calibrate import TRUSTED_SAMPLES, Calibrator
 from worker.client import ModelClient, default_timeout
 from worker.runner import Runner
 from worker.runtime import Runtime

@@ -11,11 +11,7 @@ import redis
 
 from jobs import intake, store
 from jobs.batchfile import BatchItem
-from jobs.db import session_scope, transaction
-from jobs.models import Priority
-from jobs.tokens import Script, dominant_script, estimate_prompt_tokens
-from jobs.validation import CheckedRequest
-from worker.calibrate import (
+from jobs.calibration import (
     CACHE_S,
     LEARNING_CACHE_S,
     MAX_MARGIN,
@@ -24,6 +20,10 @@ from worker.calibrate import (
     TRUSTED_TOKENS,
     Calibrator,
 )
+from jobs.db import session_scope, transaction
+from jobs.models import Priority
+from jobs.tokens import Script, dominant_script, estimate_prompt_tokens
+from jobs.validation import CheckedRequest
 
 pytestmark = pytest.mark.integration
 _ids = itertools.count()
