@@ -106,7 +106,8 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
         budget = 60.0 * (load.windows + 2) + 2 * load.latency[1]
         pids = [w.pid for w in st.workers]
         with procstats.PeakSampler(pids, lambda: sim_in_flight(st.simulator.stats())) as peak:
-            wait_batch(batch, budget, row)
+            # No job ends before the first calls return: a stall is longer than they take.
+            wait_batch(batch, budget, row, stall_s=max(180.0, load.latency[1] + 60.0))
         m["worker_peak_rss_mb"] = round(peak.peak_rss / MB, 1)
         m["sim_peak_calls_in_flight"] = peak.peak_in_flight
         record_sim(row, st.simulator)
