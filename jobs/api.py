@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from jobs import dashboard_data, files, housekeeping, intake
+from jobs import dashboard_data, dryrun, files, housekeeping, intake
 from jobs.batchfile import (
     BatchItem,
     check_batch_stream,
@@ -247,6 +247,32 @@ def submit_file(
             idempotency_key=idempotency_key,
             completion_window=completion_window,
         )
+
+
+def estimate_file(
+    path: str | os.PathLike[str], *, settings: Settings | None = None
+) -> dryrun.Estimate:
+    """A dry run of a batch file (:mod:`jobs.dryrun`): validated whole like
+    :func:`submit_file`, nothing stored and nothing sent. Raises what it raises."""
+    ctx = context(settings)
+    limits = request_limits(ctx.settings)
+    with open(path, "rb") as stream:
+        if stream.seekable():
+            check_batch_stream(stream, limits)
+            stream.seek(0)
+            return dryrun.estimate(iter_batch_stream(stream, limits), ctx.settings)
+        return dryrun.estimate(read_batch_stream(stream, limits), ctx.settings)
+
+
+def estimate_batch(
+    requests: Iterable[object], *, settings: Settings | None = None
+) -> dryrun.Estimate:
+    """A dry run of the requests :func:`submit_batch` would take; nothing stored."""
+    ctx = context(settings)
+    items = normalize_requests(
+        requests, request_limits(ctx.settings), default_model=ctx.settings.model_id
+    )
+    return dryrun.estimate(items, ctx.settings)
 
 
 def get_batch(batch_id: int, *, settings: Settings | None = None) -> BatchHandle:

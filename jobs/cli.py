@@ -32,7 +32,7 @@ from typing import Any, NoReturn, TextIO
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from jobs import api, environment, migrate, reports, retention, shapes
+from jobs import api, dryrun, environment, migrate, reports, retention, shapes
 from jobs.batchfile import write_output
 from jobs.environment import Needs, ServiceError
 from jobs.handles import Which
@@ -103,6 +103,8 @@ def _progress_dict(p: api.BatchProgress) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
+    if args.dry_run:
+        return _dry_run(args, out)
     if args.file == "-":
         # Standard input: how a local file reaches a one-off dyno (`heroku run ... < f`).
         batch = api.submit_file(
@@ -128,6 +130,18 @@ def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
         return INTERRUPTED
     out.write(progress_line(final) + "\n")
     return 0 if final.failed == 0 and final.cancelled == 0 else 1
+
+
+def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.file != "-" and not Path(args.file).is_file():
+        raise UsageError(f"no such file: {args.file}")
+    found = api.estimate_file(STDIN if args.file == "-" else Path(args.file))
+    if args.json:
+        json.dump(found.as_dict(), out)
+        out.write("\n")
+    else:
+        out.write("\n".join(dryrun.describe(found)) + "\n")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
@@ -316,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the JSONL file, or - for standard input")
     p.add_argument("--name", help="batch name (default: the file name, or stdin)")
     p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and price the file, and say when it would end; store nothing",
+    )
+    p.add_argument("--json", action="store_true", help="the dry run's figures as JSON")
     p.add_argument(
         "--completion-window",
         metavar="DURATION",

@@ -3,14 +3,9 @@ the ledger: each answered call's row holds its raw estimate, script and prompt_t
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
-
 import pytest
 import redis
 
-from jobs import intake, store
-from jobs.batchfile import BatchItem
 from jobs.calibration import (
     CACHE_S,
     LEARNING_CACHE_S,
@@ -20,48 +15,10 @@ from jobs.calibration import (
     TRUSTED_TOKENS,
     Calibrator,
 )
-from jobs.db import session_scope, transaction
-from jobs.models import Priority
-from jobs.tokens import Script, dominant_script, estimate_prompt_tokens
-from jobs.validation import CheckedRequest
+from jobs.tokens import dominant_script, estimate_prompt_tokens
+from tests.integration.ledger_helpers import answered, body
 
 pytestmark = pytest.mark.integration
-_ids = itertools.count()
-
-
-def body(text: str, model: str = "kimi-k2-5") -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": text}]}
-
-
-def answered(
-    db: str,
-    request: dict[str, Any],
-    raw: int,
-    actual: int,
-    *,
-    completion: int = 1,
-    max_tokens: int | None = None,
-) -> None:
-    """One call through the ledger's own writes: priced from ``raw``, charged ``actual``
-    prompt tokens and ``completion`` of its ``max_tokens``."""
-    checked = CheckedRequest(
-        body=request, model=request["model"], max_tokens=None, est_prompt_tokens=raw
-    )
-    with session_scope(db) as s:
-        job_id = intake.create_job(
-            s,
-            BatchItem(line=1, custom_id=f"c{next(_ids)}", request=checked),
-            priority=Priority.BULK,
-        )
-    script: Script = dominant_script(request)
-    with transaction(db) as tx:
-        assert store.claim(tx, job_id, lease_s=60) is not None
-        number = store.begin_attempt(
-            tx, job_id, lease_s=60, est_prompt_tokens=raw, script=script, max_tokens=max_tokens
-        )
-        assert number is not None
-        usage = (actual, completion, actual + completion)
-        store.finish_attempt(tx, job_id, number, latency_ms=5, http_status=200, usage=usage)
 
 
 class FakeClock:

@@ -1,0 +1,264 @@
+"""A dry run: what a batch file will cost and when it will be done, before it is stored.
+
+:func:`estimate` validates the requests as a submission does, then, storing nothing
+and never touching Redis, works out per model (each model is its own bucket):
+
+1. the requests, and the prompt tokens priced with the calibrated estimate
+   (:mod:`jobs.calibration`), or the raw one where the ledger has taught nothing yet;
+2. the tokens the throttle reserves: prompt + max_tokens each;
+3. the cost: the prompt at the input price plus 0 to all of max_tokens at the output
+   price, and an expected figure from the share of max_tokens that the ledger's
+   recent answers used;
+4. the tokens each call counts against tpm: prompt + max_tokens under
+   ``INFERENCE_TPM_CHARGE=reserve``, prompt + the expected answer under ``actual``;
+5. which limit binds and when the batch would end, behind the backlog already queued
+   or running on the model: the throttle paces calls one window / rpm apart where
+   requests bind, and admits a window's worth of tokens at every roll where tokens do,
+   so the last call starts then and ends a recent call's latency later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import Integer, func, select
+
+from jobs.batchfile import BatchItem
+from jobs.calibration import Calibrator
+from jobs.db import session_scope
+from jobs.models import Attempt, Job, JobStatus
+from jobs.pricing import NO_PRICE, Price, dollars
+from jobs.settings import MODEL_LIMITS, Settings
+from jobs.tokens import Script, dominant_script
+
+#: Recent answered calls whose latency stands for the last call's.
+LATENCY_SAMPLES = 200
+
+Limit = Literal["requests", "tokens"]
+
+
+@dataclass(frozen=True)
+class ModelEstimate:
+    """One model's share of a dry run (see the module docstring for each figure)."""
+
+    model: str
+    requests: int
+    prompt_tokens: int
+    #: The prompt's raw estimate, before calibration.
+    raw_prompt_tokens: int
+    #: Answered calls the calibration learnt from, in the least known script of the
+    #: requests (0: the raw estimate stands).
+    calibrated_on: int
+    max_tokens: int
+    reserved_tokens: int
+    #: Share of max_tokens recent answers used; None: none answered yet.
+    completion_share: float | None
+    #: USD: the least, the most and the expected; None without a price.
+    usd_min: float | None
+    usd_max: float | None
+    usd_expected: float | None
+    rpm: int | None
+    tpm: int | None
+    #: Requests and tokens (as counted against tpm) queued or running on the model.
+    backlog_requests: int
+    backlog_tokens: int
+    binding: Limit | None
+    #: Seconds from now until the last call ends; None where the limits are unknown.
+    finish_s: float | None
+    #: The recent calls' mean latency, which the finish includes; None: no calls yet.
+    latency_s: float | None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A dry run's figures, per model, at ``at`` (UTC)."""
+
+    at: dt.datetime
+    models: list[ModelEstimate] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return sum(m.requests for m in self.models)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "requests": self.requests,
+            "models": [asdict(m) for m in self.models],
+        }
+
+
+def estimate(items: Iterable[BatchItem], settings: Settings) -> Estimate:
+    """The dry run of already validated ``items`` (see the module docstring)."""
+    assert settings.database_url is not None
+    url = settings.database_url
+    per_model: dict[str, list[tuple[int, Script, int]]] = {}
+    for item in items:
+        request = item.request
+        max_tokens = request.max_tokens or settings.default_max_tokens
+        per_model.setdefault(request.model, []).append(
+            (request.est_prompt_tokens, dominant_script(request.body), max_tokens)
+        )
+    calibrator = Calibrator(url)
+    return Estimate(
+        at=dt.datetime.now(dt.UTC),
+        models=[
+            _model(model, calls, settings, calibrator) for model, calls in sorted(per_model.items())
+        ],
+    )
+
+
+def _model(
+    model: str, calls: list[tuple[int, Script, int]], settings: Settings, cal: Calibrator
+) -> ModelEstimate:
+    raw = sum(tokens for tokens, _, _ in calls)
+    prompt = sum(cal.estimate(model, script, tokens) for tokens, script, _ in calls)
+    scripts = {script for _, script, _ in calls}
+    calibrated_on = min(len(cal.samples(model, script)) for script in scripts)
+    max_tokens = sum(m for _, _, m in calls)
+    answers = cal.completion_samples(model)
+    share = sum(u for u, _ in answers) / sum(b for _, b in answers) if answers else None
+    price = settings.price_for(model)
+    rpm, tpm = _limits(model, settings)
+    expected_answers = max_tokens if share is None else round(max_tokens * share)
+    counted = prompt + (max_tokens if settings.tpm_charge == "reserve" else expected_answers)
+    backlog_requests, backlog_tokens = _backlog(settings, model, cal)
+    latency = _latency(settings, model)
+    binding: Limit | None = None
+    finish_s: float | None = None
+    if rpm is not None and tpm is not None:
+        window = 60.0 + settings.window_margin_s
+        requests, tokens = backlog_requests + len(calls), backlog_tokens + counted
+        binding = "requests" if requests / rpm >= tokens / tpm else "tokens"
+        if binding == "requests":
+            # Paced: one call every window / rpm, the first one at once.
+            last_start = (requests - 1) * window / rpm
+        else:
+            # A window's worth of tokens at every roll.
+            last_start = (math.ceil(tokens / tpm) - 1) * window
+        finish_s = last_start + (latency or 0.0)
+    return ModelEstimate(
+        model=model,
+        requests=len(calls),
+        prompt_tokens=prompt,
+        raw_prompt_tokens=raw,
+        calibrated_on=calibrated_on,
+        max_tokens=max_tokens,
+        reserved_tokens=prompt + max_tokens,
+        completion_share=share,
+        usd_min=price.usd(prompt, 0) if price else None,
+        usd_max=price.usd(prompt, max_tokens) if price else None,
+        usd_expected=_expected(price, prompt, max_tokens, share),
+        rpm=rpm,
+        tpm=tpm,
+        backlog_requests=backlog_requests,
+        backlog_tokens=backlog_tokens,
+        binding=binding,
+        finish_s=finish_s,
+        latency_s=latency,
+    )
+
+
+def _expected(
+    price: Price | None, prompt: int, max_tokens: int, share: float | None
+) -> float | None:
+    if price is None or share is None:
+        return None
+    return price.usd(prompt, round(max_tokens * share))
+
+
+def _limits(model: str, settings: Settings) -> tuple[int | None, int | None]:
+    """The model's bucket limits: the settings' for the configured model, else the table's."""
+    if model == settings.model_id:
+        return settings.rpm, settings.tpm
+    known = MODEL_LIMITS.get(model)
+    return (known.rpm, known.tpm) if known else (None, None)
+
+
+def _backlog(settings: Settings, model: str, cal: Calibrator) -> tuple[int, int]:
+    """Jobs of ``model`` queued or running: how many, and their tokens as tpm counts them
+    (their prompts at the Latin factor: a queued job's script is not stored)."""
+    assert settings.database_url is not None
+    max_tokens = func.coalesce(
+        Job.request["max_tokens"].as_string().cast(Integer), settings.default_max_tokens
+    )
+    with session_scope(settings.database_url) as session:
+        count, prompt, budget = session.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(Job.est_prompt_tokens), 0),
+                func.coalesce(func.sum(max_tokens), 0),
+            ).where(Job.model == model, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        ).one()
+    prompt = math.ceil(int(prompt) * cal.factor(model, "latin"))
+    if settings.tpm_charge == "actual":
+        answers = cal.completion_samples(model)
+        if answers:
+            budget = round(int(budget) * sum(u for u, _ in answers) / sum(b for _, b in answers))
+    return int(count), prompt + int(budget)
+
+
+def _latency(settings: Settings, model: str) -> float | None:
+    """Mean latency (s) of the model's last answered calls; None: none yet."""
+    assert settings.database_url is not None
+    recent = (
+        select(Attempt.latency_ms)
+        .where(Attempt.model == model, Attempt.http_status == 200, Attempt.latency_ms.is_not(None))
+        .order_by(Attempt.id.desc())
+        .limit(LATENCY_SAMPLES)
+        .subquery()
+    )
+    with session_scope(settings.database_url) as session:
+        mean = session.execute(select(func.avg(recent.c.latency_ms))).scalar_one()
+    return None if mean is None else float(mean) / 1000
+
+
+def describe(found: Estimate) -> list[str]:
+    """The dry run as lines of text, one figure each."""
+    lines = ["dry run: nothing stored, nothing sent"]
+    for m in found.models:
+        lines.append(f"{m.model}: {m.requests:,} requests")
+        source = (
+            f"calibrated on {m.calibrated_on} answered calls; raw estimate {m.raw_prompt_tokens:,}"
+            if m.calibrated_on
+            else "the raw estimate, which errs high: no answered calls to calibrate on yet"
+        )
+        lines.append(f"  prompt tokens: {m.prompt_tokens:,} ({source})")
+        lines.append(f"  reserved: {m.reserved_tokens:,} tokens (prompt + max_tokens)")
+        lines.append(f"  cost: {_cost(m)}")
+        lines.append(f"  {_finish(m, found.at)}")
+    return lines
+
+
+def _cost(m: ModelEstimate) -> str:
+    if m.usd_min is None or m.usd_max is None:
+        return NO_PRICE
+    text = f"{dollars(m.usd_min)} to {dollars(m.usd_max)}"
+    if m.usd_expected is not None and m.completion_share is not None:
+        text += (
+            f", expected {dollars(m.usd_expected)} (recent answers used "
+            f"{m.completion_share:.1%} of max_tokens)"
+        )
+    return text
+
+
+def _finish(m: ModelEstimate, at: dt.datetime) -> str:
+    if m.finish_s is None or m.rpm is None or m.tpm is None:
+        return f"finish: unknown: {m.model} has no known limits"
+    limit = f"{m.rpm:,} RPM" if m.binding == "requests" else f"{m.tpm:,} TPM"
+    behind = f"behind {m.backlog_requests:,} requests already queued or running"
+    ends = at + dt.timedelta(seconds=m.finish_s)
+    minutes, seconds = divmod(round(m.finish_s), 60)
+    latency = (
+        f"a recent call's {m.latency_s:.1f} s latency included"
+        if m.latency_s is not None
+        else "plus the calls' latency, not known yet"
+    )
+    return (
+        f"{m.binding} bind ({limit}), {behind}: expected to end in {minutes} min {seconds} s, "
+        f"at {ends:%Y-%m-%d %H:%M:%S} UTC ({latency})"
+    )

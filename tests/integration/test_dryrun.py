@@ -1,0 +1,158 @@
+"""``submit FILE --dry-run``: the file validated, priced with the calibrated estimate and
+timed against the limits and the backlog, with nothing stored and nothing sent: a full
+dump of the database and every Redis key are the same after it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import make_url
+
+from devstack.simulator import Simulator
+from jobs import api
+from jobs.calibration import MAX_MARGIN
+from jobs.settings import Settings
+from jobs.tokens import estimate_prompt_tokens
+from tests.integration.ledger_helpers import answered, body
+from tests.support import jsonl, line, make_settings, run_cli, settings_env
+
+pytestmark = pytest.mark.integration
+
+PRICED = {"INFERENCE_PRICE_INPUT": "0.6", "INFERENCE_PRICE_OUTPUT": "3"}
+
+
+@pytest.fixture
+def settings(clean_db: str, redis_url: str, simulator: Simulator) -> Settings:
+    """The real limits: what the dry run times a file against."""
+    return make_settings(clean_db, redis_url, simulator.url, rpm=150, tpm=800_000)
+
+
+def database_dump(database_url: str) -> str:
+    url = make_url(database_url).set(drivername="postgresql")
+    dump = subprocess.run(
+        ["pg_dump", "--no-owner", url.render_as_string(hide_password=False)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # pg_dump brackets its output with a random \restrict key: the rest is the data.
+    return "\n".join(
+        x for x in dump.stdout.splitlines() if not x.startswith(("\\restrict", "\\unrestrict"))
+    )
+
+
+def redis_state(client: redis.Redis) -> dict[bytes, bytes | None]:
+    return {key: client.dump(key) for key in client.scan_iter(count=1000)}
+
+
+def state(settings: Settings, client: redis.Redis) -> tuple[str, dict[bytes, bytes | None]]:
+    assert settings.database_url is not None
+    return database_dump(settings.database_url), redis_state(client)
+
+
+def requests(n: int, words: int, max_tokens: int) -> list[dict[str, Any]]:
+    """OpenAI Batch input lines with prompts of ``words`` words."""
+    return [
+        line(f"r{i}", body=body("word " * words) | {"max_tokens": max_tokens}) for i in range(n)
+    ]
+
+
+def dry_run(settings: Settings, path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = run_cli(settings, "submit", str(path), "--dry-run", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    found: dict[str, Any] = json.loads(done.stdout)
+    return found
+
+
+def test_a_dry_run_prices_and_times_a_file_and_changes_nothing(
+    settings: Settings, simulator: Simulator, redis_url: str, tmp_path: Path
+) -> None:
+    assert settings.database_url is not None
+    # The ledger has taught the calibration (the provider counts half the raw estimate,
+    # and answers use a tenth of max_tokens), and a batch of 30 waits on the model.
+    sample = body("word " * 400)
+    raw = estimate_prompt_tokens(sample)
+    for _ in range(8):
+        answered(
+            settings.database_url, sample, raw, raw // 2, completion=20, max_tokens=200,
+            latency_ms=4000,
+        )  # fmt: skip
+    api.submit_batch(requests(30, 100, 50), name="ahead", settings=settings)
+    client = redis.Redis.from_url(redis_url)
+    rows = requests(20, 60_000, 1000)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(jsonl(*rows))
+    before = state(settings, client)
+
+    found = dry_run(settings, path, settings_env(settings) | PRICED)
+    text = run_cli(settings, "submit", str(path), "--dry-run").stdout
+
+    assert state(settings, client) == before
+    assert simulator.stats().calls == 0
+    (m,) = found["models"]
+    raw_each = estimate_prompt_tokens(rows[0]["body"])
+    factor = (raw // 2) / raw * (1 + MAX_MARGIN)  # eight samples: trusted, yet spread-free
+    prompt_each = math.ceil(raw_each * factor)
+    assert (m["requests"], m["raw_prompt_tokens"]) == (20, 20 * raw_each)
+    assert m["prompt_tokens"] == pytest.approx(20 * prompt_each, rel=0.05)
+    assert m["calibrated_on"] == 8
+    assert m["reserved_tokens"] == m["prompt_tokens"] + 20 * 1000
+    assert m["completion_share"] == pytest.approx(0.1)
+    prompt_usd = m["prompt_tokens"] * 0.6 / 1e6
+    assert m["usd_min"] == pytest.approx(prompt_usd)
+    assert m["usd_max"] == pytest.approx(prompt_usd + 20 * 1000 * 3 / 1e6)
+    assert m["usd_expected"] == pytest.approx(prompt_usd + 20 * 100 * 3 / 1e6)
+    assert m["backlog_requests"] == 30
+    assert m["latency_s"] == pytest.approx(4.0)
+    # 20 + 30 requests fit a window; their tokens take more than one: tokens bind, and
+    # the last call starts at the second roll.
+    assert m["binding"] == "tokens"
+    tokens = m["backlog_tokens"] + m["reserved_tokens"]
+    window = 60 + settings.window_margin_s
+    assert math.ceil(tokens / settings.tpm) == 2
+    assert m["finish_s"] == pytest.approx(window + 4.0)
+    assert "dry run: nothing stored, nothing sent" in text
+    assert "no price: set INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT" in text
+    assert "tokens bind (800,000 TPM), behind 30 requests already queued or running" in text
+
+
+def test_where_requests_bind_the_calls_take_turns_behind_the_backlog(
+    settings: Settings, tmp_path: Path
+) -> None:
+    rows = requests(300, 20, 50)
+    path = tmp_path / "small.jsonl"
+    path.write_bytes(jsonl(*rows))
+    api.submit_batch(requests(150, 20, 50), name="ahead", settings=settings)
+    (m,) = dry_run(settings, path)["models"]
+    # The same from Python, on the requests' bodies.
+    (same,) = api.estimate_batch([r["body"] for r in rows], settings=settings).models
+    assert (same.requests, same.reserved_tokens, same.finish_s) == (
+        300, m["reserved_tokens"], m["finish_s"],
+    )  # fmt: skip
+    assert (m["binding"], m["backlog_requests"], m["latency_s"]) == ("requests", 150, None)
+    window = 60 + settings.window_margin_s
+    assert m["finish_s"] == pytest.approx((450 - 1) * window / settings.rpm)
+    assert m["calibrated_on"] == 0 and m["prompt_tokens"] == m["raw_prompt_tokens"]
+    assert m["usd_min"] is None
+
+
+def test_a_bad_file_gets_its_line_and_nothing_is_stored(
+    settings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    rows = requests(5, 20, 50)
+    rows[3]["body"]["max_tokens"] = -1
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(jsonl(*rows))
+    client = redis.Redis.from_url(redis_url)
+    before = state(settings, client)
+    done = run_cli(settings, "submit", str(path), "--dry-run")
+    assert done.returncode != 0
+    (message,) = done.stderr.strip().splitlines()
+    assert "line 4" in message and "max_tokens" in message
+    assert state(settings, client) == before
