@@ -104,6 +104,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     *_both("long-calls", "Long calls (85-95 s)", rate.long_calls, quick=(1,), workers=(1,)),
     *_one("near-timeout", "Calls of 285-295 s, defaults", rate.near_timeout),
     *_one("near-timeout-wide", "Calls of 285-295 s, sized for them", rate.near_timeout, True),
+    *_one("eta-behind", "Dry run behind a queued batch", rate.eta_behind),
     *_one("tpm-reserve-c3", "TPM-bound, charge=reserve, 3 chars/token", rate.tpm, "reserve", 3.0),
     *_one("tpm-actual-c3", "TPM-bound, charge=actual, 3 chars/token", rate.tpm, "actual", 3.0),
     *_one("tpm-reserve-cjk", "TPM-bound, charge=reserve, CJK", rate.tpm, "reserve", 1.5),

@@ -31,6 +31,7 @@ from bench.measure import (
 from bench.rows import Row
 from bench.stack import Charge, Run, SimSpec, StackSpec
 from jobs import api
+from jobs.dryrun import ModelEstimate
 from jobs.settings import Settings
 
 BASE_RPM = 150
@@ -62,6 +63,23 @@ class Load:
     #: Batch time allowed, as a multiple of the ideal.
     slack: float = BATCH_TIME_SLACK
 
+    def stack_spec(self) -> StackSpec:
+        """The simulator and the system's settings this load runs on."""
+        sim = SimSpec(
+            rpm=self.rpm,
+            tpm=self.tpm,
+            charge=self.charge,
+            latency=self.latency,
+            chars_per_token=self.chars_per_token,
+        )
+        return StackSpec(
+            sim,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            concurrency=self.concurrency,
+            dispatch_window=self.dispatch_window,
+        )
+
     def calls_per_window(self) -> int:
         per_call = self.prompt_tokens + (
             self.max_tokens if self.charge == "reserve" else MEAN_COMPLETION
@@ -78,29 +96,15 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
     m = row.metrics
     m.update(workers=load.workers, limits=limits_text(load.rpm, load.tpm), requests=count)
     m.update(limit_rpm=load.rpm, limit_tpm=load.tpm)
-    sim = SimSpec(
-        rpm=load.rpm,
-        tpm=load.tpm,
-        charge=load.charge,
-        latency=load.latency,
-        chars_per_token=load.chars_per_token,
-    )
-    spec = StackSpec(
-        sim,
-        rpm=load.rpm,
-        tpm=load.tpm,
-        concurrency=load.concurrency,
-        dispatch_window=load.dispatch_window,
-    )
-    with run.stack(name, spec) as st:
+    with run.stack(name, load.stack_spec()) as st:
         st.start_workers(load.workers)
         payload = bodies(
             name, count, load.prompt_tokens, load.max_tokens, chars_per_token=load.chars_per_token
         )
+        before = api.estimate_batch(payload, settings=st.settings).models[0]
         t0 = time.perf_counter()
         batch = api.submit_batch(payload, name=name, settings=st.settings)
         m["submit_s"] = seconds(time.perf_counter() - t0)
-        del payload
         # Enough for a slow start plus the ideal schedule; a slower system is cut off
         # here (and misses its batch-time target) rather than stretching the run.
         budget = 60.0 * (load.windows + 2) + 2 * load.latency[1]
@@ -114,6 +118,9 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
         calls = ledger.calls(st.database_url)
         created, finished = ledger.batch_span(st.database_url, batch.id)
         counts = ledger.job_counts(st.database_url)
+        # The same dry run once the ledger has taught the calibration and the latency.
+        after = api.estimate_batch(payload, settings=st.settings).models[0]
+    record_dry_runs(row, before, after, finished - created if finished else None)
     adm = admissions(calls, load.charge, load.max_tokens, load.rpm, load.tpm)
     record_pace(row, adm, calls, load.rpm, load.tpm)
     ideal = ideal_batch_s(count, adm.binding_calls, calls, load.latency)
@@ -144,6 +151,23 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
     record_sim_targets(row)
     row.target("every job succeeded", counts.get("succeeded", 0) == count, str(counts))
     return row
+
+
+def record_dry_runs(
+    row: Row, before: ModelEstimate, after: ModelEstimate, elapsed: float | None
+) -> None:
+    """What ``submit --dry-run`` said of the batch on a fresh deployment (``before``) and
+    once its calls had taught the calibration (``after``), against what happened."""
+    m = row.metrics
+    charged = int(m.get("sim_prompt_tokens") or 0)
+    for when, found in (("fresh", before), ("calibrated", after)):
+        m[f"dryrun_{when}_prompt_tokens"] = found.prompt_tokens
+        if charged:
+            m[f"dryrun_{when}_prompt_vs_ledger"] = round(found.prompt_tokens / charged, 3)
+        if found.finish_s is not None:
+            m[f"dryrun_{when}_finish_s"] = round(found.finish_s, 1)
+            if elapsed:
+                m[f"dryrun_{when}_finish_vs_measured"] = round(found.finish_s / elapsed, 3)
 
 
 def _describe(load: Load, count: int) -> str:
@@ -303,6 +327,57 @@ def near_timeout(run: Run, workers: int, wide: bool = False) -> Row:
         f"{WIDE_CONCURRENCY} threads and a window of {WIDE_WINDOW}, " if wide else "defaults, "
     )
     return saturate(run, name, title + processes(workers), load)
+
+
+#: The dry run's finish time may miss the measured one by this share.
+DRY_RUN_SLACK = 0.10
+
+
+def eta_behind(run: Run, workers: int) -> Row:
+    """The dry run of a batch submitted behind another on the same key: its finish time
+    against the measured one. A small batch first teaches the ledger the calls' latency
+    and the calibration, as on a deployment already in use."""
+    load = _rpm_load(run, workers, 1)
+    ahead, count, warm = 2 * load.rpm, 2 * load.rpm, 20
+    row = Row(f"eta-behind-w{workers}", f"Dry run behind a queued batch, {processes(workers)}")
+    row.description = (
+        f"{warm} jobs first (latency and calibration in the ledger), then a batch of "
+        f"{ahead:,} and, right behind it, the measured batch of {count:,}, all RPM-bound "
+        f"(~{load.prompt_tokens:,} prompt tokens, max_tokens {load.max_tokens}, latency "
+        f"{load.latency[0]:g}-{load.latency[1]:g} s); the measured batch's dry run is taken "
+        "just before it is submitted."
+    )
+    m = row.metrics
+    m.update(workers=workers, limits=limits_text(load.rpm, load.tpm), requests=count)
+    with run.stack(row.name, load.stack_spec()) as st:
+        st.start_workers(workers)
+        size = (load.prompt_tokens, load.max_tokens)
+        first = api.submit_batch(bodies("warm", warm, *size), settings=st.settings)
+        wait_batch(first, 120.0 + 2 * load.latency[1], row)
+        api.submit_batch(bodies("ahead", ahead, *size), settings=st.settings)
+        payload = bodies("measured", count, *size)
+        found = api.estimate_batch(payload, settings=st.settings).models[0]
+        batch = api.submit_batch(payload, settings=st.settings)
+        budget = 60.0 * ((ahead + count) / load.rpm + 2) + 2 * load.latency[1]
+        wait_batch(batch, budget, row)
+        created, finished = ledger.batch_span(st.database_url, batch.id)
+        record_sim(row, st.simulator)
+    m["dryrun_backlog_requests"] = found.backlog_requests
+    m["dryrun_latency_s"] = None if found.latency_s is None else round(found.latency_s, 1)
+    m["dryrun_finish_s"] = None if found.finish_s is None else round(found.finish_s, 1)
+    if finished is None or found.finish_s is None:
+        row.target("batch finished, dry run timed it", False, f"finished {finished}")
+        return row
+    elapsed = finished - created
+    m["elapsed_s"] = round(elapsed, 1)
+    m["dryrun_finish_vs_measured"] = round(found.finish_s / elapsed, 3)
+    row.target(
+        f"dry run's finish within {DRY_RUN_SLACK:.0%} of the measured",
+        abs(found.finish_s / elapsed - 1) <= DRY_RUN_SLACK,
+        f"{found.finish_s:.1f} s said, {elapsed:.1f} s measured",
+    )
+    record_sim_targets(row)
+    return row
 
 
 def _wait_first_admission(database_url: str, deadline: float) -> float | None:

@@ -14,7 +14,8 @@ and never touching Redis, works out per model (each model is its own bucket):
 5. which limit binds and when the batch would end, behind the backlog already queued
    or running on the model: the throttle paces calls one window / rpm apart where
    requests bind, and admits a window's worth of tokens at every roll where tokens do,
-   so the last call starts then and ends a recent call's latency later.
+   (as many whole calls as fit), so the last call starts then and ends a recent call's
+   latency later.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ def _model(
             # Paced: one call every window / rpm, the first one at once.
             last_start = (requests - 1) * window / rpm
         else:
-            # A window's worth of tokens at every roll.
-            last_start = (math.ceil(tokens / tpm) - 1) * window
+            # A window's worth of tokens at every roll, in whole calls.
+            per_window = max(1, math.floor(tpm * requests / tokens))
+            last_start = (math.ceil(requests / per_window) - 1) * window
         finish_s = last_start + (latency or 0.0)
     return ModelEstimate(
         model=model,
