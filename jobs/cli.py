@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import redis
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from jobs import api, dryrun, environment, migrate, reports, retention, shapes
 from jobs.batchfile import write_output
@@ -119,7 +119,7 @@ def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
     out.flush()
     if not args.wait:
         return 0
-    printer = ProgressPrinter()
+    printer = ProgressPrinter(pace=lambda: _pace_text(batch.id))
     try:
         final = batch.wait(on_progress=printer, on_notice=printer.notice)
     except KeyboardInterrupt:
@@ -130,6 +130,15 @@ def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
         return INTERRUPTED
     out.write(progress_line(final) + "\n")
     return 0 if final.failed == 0 and final.cancelled == 0 else 1
+
+
+def _pace_text(batch_id: int) -> str:
+    """The batch's rate and expected end for a progress line; nothing while the database
+    is away (the wait rides the outage out and says so)."""
+    try:
+        return dryrun.pace(api.context().settings, batch_id).describe()
+    except SQLAlchemyError:
+        return ""
 
 
 def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
@@ -156,10 +165,12 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     ctx = api.context()
     spent = shapes.batch_usage(ctx.database_url, [progress.id], ctx.settings.price_for)
     usage, usd = spent[progress.id]["usage"], spent[progress.id]["usd"]
+    pace = None if progress.finished else dryrun.pace(ctx.settings, progress.id)
     if args.json:
-        json.dump(
-            _progress_dict(progress) | {"paused": paused, "usage": usage, "usage_usd": usd}, out
-        )
+        extra = {"paused": paused, "usage": usage, "usage_usd": usd}
+        if pace is not None:
+            extra["pace"] = {"per_minute": pace.per_minute, "finish_s": pace.finish_s}
+        json.dump(_progress_dict(progress) | extra, out)
         out.write("\n")
     else:
         out.write(f"batch {progress.id} ({progress.name}, {progress.source}): {progress.status}\n")
@@ -167,6 +178,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         prompt, completion = usage["input_tokens"], usage["output_tokens"]
         cost = dollars(usd) if usd is not None else f"({NO_PRICE})"
         out.write(f"usage: {prompt:,} prompt + {completion:,} completion tokens, {cost}\n")
+        if pace is not None:
+            out.write(f"pace: {pace.describe()}\n")
         if paused:
             out.write(paused + "\n")
     return 0

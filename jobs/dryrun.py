@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Integer, func, select
+from sqlalchemy import ColumnElement, Integer, func, select
 
 from jobs.batchfile import BatchItem
 from jobs.calibration import Calibrator
@@ -127,22 +127,11 @@ def _model(
     rpm, tpm = _limits(model, settings)
     expected_answers = max_tokens if share is None else round(max_tokens * share)
     counted = prompt + (max_tokens if settings.tpm_charge == "reserve" else expected_answers)
-    backlog_requests, backlog_tokens = _backlog(settings, model, cal)
+    backlog_requests, backlog_tokens = _queued(settings, cal, model)
     latency = _latency(settings, model)
-    binding: Limit | None = None
-    finish_s: float | None = None
-    if rpm is not None and tpm is not None:
-        window = 60.0 + settings.window_margin_s
-        requests, tokens = backlog_requests + len(calls), backlog_tokens + counted
-        binding = "requests" if requests / rpm >= tokens / tpm else "tokens"
-        if binding == "requests":
-            # Paced: one call every window / rpm, the first one at once.
-            last_start = (requests - 1) * window / rpm
-        else:
-            # A window's worth of tokens at every roll, in whole calls.
-            per_window = max(1, math.floor(tpm * requests / tokens))
-            last_start = (math.ceil(requests / per_window) - 1) * window
-        finish_s = last_start + (latency or 0.0)
+    binding, finish_s = _finish(
+        settings, model, backlog_requests + len(calls), backlog_tokens + counted, latency
+    )
     return ModelEstimate(
         model=model,
         requests=len(calls),
@@ -181,20 +170,40 @@ def _limits(model: str, settings: Settings) -> tuple[int | None, int | None]:
     return (known.rpm, known.tpm) if known else (None, None)
 
 
-def _backlog(settings: Settings, model: str, cal: Calibrator) -> tuple[int, int]:
-    """Jobs of ``model`` queued or running: how many, and their tokens as tpm counts them
-    (their prompts at the Latin factor: a queued job's script is not stored)."""
+def _finish(
+    settings: Settings, model: str, requests: int, tokens: int, latency: float | None
+) -> tuple[Limit | None, float | None]:
+    """Which limit binds ``requests`` calls of ``tokens`` on ``model``'s bucket, and the
+    seconds until the last one ends (None where its limits are unknown)."""
+    rpm, tpm = _limits(model, settings)
+    if rpm is None or tpm is None or requests == 0:
+        return None, None if requests else 0.0
+    window = 60.0 + settings.window_margin_s
+    if requests / rpm >= tokens / tpm:
+        # Paced: one call every window / rpm, the first one at once.
+        return "requests", (requests - 1) * window / rpm + (latency or 0.0)
+    # A window's worth of tokens at every roll, in whole calls.
+    per_window = max(1, math.floor(tpm * requests / tokens))
+    return "tokens", (math.ceil(requests / per_window) - 1) * window + (latency or 0.0)
+
+
+def _queued(
+    settings: Settings, cal: Calibrator, model: str, *where: ColumnElement[bool]
+) -> tuple[int, int]:
+    """Jobs of ``model`` queued or running (and matching ``where``): how many, and their
+    tokens as tpm counts them (prompts at the Latin factor: a job's script is not kept)."""
     assert settings.database_url is not None
     max_tokens = func.coalesce(
         Job.request["max_tokens"].as_string().cast(Integer), settings.default_max_tokens
     )
+    waiting = Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
     with session_scope(settings.database_url) as session:
         count, prompt, budget = session.execute(
             select(
                 func.count(),
                 func.coalesce(func.sum(Job.est_prompt_tokens), 0),
                 func.coalesce(func.sum(max_tokens), 0),
-            ).where(Job.model == model, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            ).where(Job.model == model, waiting, *where)
         ).one()
     prompt = math.ceil(int(prompt) * cal.factor(model, "latin"))
     if settings.tpm_charge == "actual":
@@ -232,7 +241,7 @@ def describe(found: Estimate) -> list[str]:
         lines.append(f"  prompt tokens: {m.prompt_tokens:,} ({source})")
         lines.append(f"  reserved: {m.reserved_tokens:,} tokens (prompt + max_tokens)")
         lines.append(f"  cost: {_cost(m)}")
-        lines.append(f"  {_finish(m, found.at)}")
+        lines.append(f"  {_finish_line(m, found.at)}")
     return lines
 
 
@@ -248,7 +257,7 @@ def _cost(m: ModelEstimate) -> str:
     return text
 
 
-def _finish(m: ModelEstimate, at: dt.datetime) -> str:
+def _finish_line(m: ModelEstimate, at: dt.datetime) -> str:
     if m.finish_s is None or m.rpm is None or m.tpm is None:
         return f"finish: unknown: {m.model} has no known limits"
     limit = f"{m.rpm:,} RPM" if m.binding == "requests" else f"{m.tpm:,} TPM"
@@ -264,3 +273,51 @@ def _finish(m: ModelEstimate, at: dt.datetime) -> str:
         f"{m.binding} bind ({limit}), {behind}: expected to end in {minutes} min {seconds} s, "
         f"at {ends:%Y-%m-%d %H:%M:%S} UTC ({latency})"
     )
+
+
+@dataclass(frozen=True)
+class Pace:
+    """A batch under way: its jobs that ended in the last minute, and the seconds until
+    its last call should end (None: unknown; 0.0: nothing left), at ``at`` (UTC)."""
+
+    per_minute: int
+    finish_s: float | None
+    at: dt.datetime
+
+    def describe(self) -> str:
+        rate = f"{self.per_minute:,} jobs in the last minute"
+        if self.finish_s is None:
+            return f"{rate}; end unknown (a model without known limits)"
+        ends = self.at + dt.timedelta(seconds=self.finish_s)
+        minutes, seconds = divmod(round(self.finish_s), 60)
+        return f"{rate}; expected to end in {minutes} min {seconds} s, at {ends:%H:%M:%S} UTC"
+
+
+def pace(settings: Settings, batch_id: int) -> Pace:
+    """The batch's jobs that ended in the last 60 s, and when its last call should end:
+    :func:`_finish` of its jobs left behind the jobs dispatched before them (lower ids)
+    still queued or running on the same model, plus a recent call's latency."""
+    assert settings.database_url is not None
+    now = dt.datetime.now(dt.UTC)
+    waiting = Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+    with session_scope(settings.database_url) as session:
+        done = session.execute(
+            select(func.count()).where(
+                Job.batch_id == batch_id, Job.finished_at >= now - dt.timedelta(seconds=60)
+            )
+        ).scalar_one()
+        left = session.execute(
+            select(Job.model, func.min(Job.id))
+            .where(Job.batch_id == batch_id, waiting)
+            .group_by(Job.model)
+        ).all()
+    cal = Calibrator(settings.database_url)
+    finish: float | None = 0.0
+    for model, first in left:
+        mine = _queued(settings, cal, model, Job.batch_id == batch_id)
+        ahead = _queued(settings, cal, model, Job.id < first)
+        _, ends = _finish(
+            settings, model, ahead[0] + mine[0], ahead[1] + mine[1], _latency(settings, model)
+        )
+        finish = None if finish is None or ends is None else max(finish, ends)
+    return Pace(per_minute=int(done), finish_s=finish, at=now)

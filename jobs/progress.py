@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from jobs.api import BatchProgress
@@ -22,19 +24,38 @@ def progress_line(p: BatchProgress, width: int = 30) -> str:
 class ProgressPrinter:
     """A progress bar on a terminal; a line every few seconds elsewhere (logs)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, every_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        stream: TextIO = sys.stderr,
+        every_s: float = 5.0,
+        pace: Callable[[], str] | None = None,
+    ) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.every_s = every_s
         self._last = 0.0
         self._last_line = ""
         self._bar_open = False
+        # The batch's rate and expected end (a few queries): read again every_s at most.
+        self._pace = pace
+        self._pace_text, self._pace_at = "", -math.inf
+        self._width = 0
+
+    def _paced(self, line: str, final: bool) -> str:
+        if self._pace is None or final:
+            return line
+        now = time.monotonic()
+        if now - self._pace_at >= self.every_s:
+            self._pace_text, self._pace_at = self._pace(), now
+        return f"{line}  {self._pace_text}" if self._pace_text else line
 
     def __call__(self, progress: BatchProgress) -> None:
-        line = progress_line(progress)
         final = progress.finished and progress.running == 0
+        line = self._paced(progress_line(progress), final)
         if self.tty:
-            self.stream.write("\r" + line)
+            # Padded: a shorter line must cover the one before it.
+            self._width = max(self._width, len(line))
+            self.stream.write("\r" + line.ljust(self._width))
             self._bar_open = not final
             if final:
                 self.stream.write("\n")
