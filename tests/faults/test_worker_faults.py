@@ -17,7 +17,7 @@ from jobs.models import Attempt
 from jobs.settings import Settings
 from tests.faults.conftest import LEASE_S, RPM, TPM, fault_settings
 from tests.faults.harness import Kill, check_invariants, fleet, submit, wait_finished
-from tests.support import TEST_KEY
+from tests.support import TEST_KEY, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -155,9 +155,7 @@ def test_calls_longer_than_the_sigterm_grace_are_cut_by_the_sigkill_and_called_a
             stopping, other = f.start(2)
             batch = submit(settings, 160, tag="grace")
             # Both workers' threads in calls: the first answers are still seconds away.
-            deadline = time.monotonic() + 30
-            while sim.stats().calls < 80 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: sim.stats().calls >= 80, 30, "80 calls in flight")
             sigterm_at = db_now(settings)
             kill = f.kill(stopping, grace_s=GRACE_S)
             killed_at = db_now(settings)
