@@ -289,8 +289,16 @@ class Pace:
         if self.finish_s is None:
             return f"{rate}; end unknown (a model without known limits)"
         ends = self.at + dt.timedelta(seconds=self.finish_s)
-        minutes, seconds = divmod(round(self.finish_s), 60)
-        return f"{rate}; expected to end in {minutes} min {seconds} s, at {ends:%H:%M:%S} UTC"
+        return f"{rate}; expected to end in {self._left()}, at {ends:%H:%M:%S} UTC"
+
+    def short(self) -> str:
+        """For a table cell: ``148/min, 3 min 20 s left``."""
+        left = "end unknown" if self.finish_s is None else f"{self._left()} left"
+        return f"{self.per_minute:,}/min, {left}"
+
+    def _left(self) -> str:
+        minutes, seconds = divmod(round(self.finish_s or 0.0), 60)
+        return f"{minutes} min {seconds} s"
 
 
 def pace(settings: Settings, batch_id: int) -> Pace:

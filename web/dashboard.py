@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from jobs import dashboard_data as data
+from jobs import dryrun
 from jobs.dashboard_data import BatchDetail, BatchSummary, LiveState, MinuteUsage
 from jobs.settings import Settings
 from jobs.shapes import batch_public_id, parse_batch_id
@@ -49,7 +50,7 @@ def _iso(moment: Any) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def batch_json(b: BatchSummary) -> dict[str, Any]:
+def batch_json(b: BatchSummary, pace: str = "") -> dict[str, Any]:
     return {
         "id": batch_public_id(b.id),
         "number": b.id,
@@ -66,6 +67,7 @@ def batch_json(b: BatchSummary) -> dict[str, Any]:
         "finished_at": _iso(b.finished_at),
         "elapsed_s": round(b.elapsed_s, 3),
         "elapsed": pages.duration(b.elapsed_s),
+        "pace": pace,
     }
 
 
@@ -125,18 +127,23 @@ class Dashboard:
         usage = data.throttle_minutes(self.url)
         return usage, throttle_svg(usage, rpm=self.settings.rpm, tpm=self.settings.tpm)
 
+    def _paces(self, batches: list[BatchSummary]) -> dict[int, str]:
+        """The pace of each batch under way (:func:`jobs.dryrun.pace`), as a cell's text."""
+        return {b.id: dryrun.pace(self.settings, b.id).short() for b in batches if not b.finished}
+
     def overview(self, request: Request) -> Response:
         batches = data.recent_batches(self.url)
         _, svg = self._chart()
-        html = pages.overview(batches, data.live_state(self.settings), svg)
+        html = pages.overview(batches, data.live_state(self.settings), svg, self._paces(batches))
         return HTMLResponse(html, headers=PAGE_HEADERS)
 
     def overview_state(self, request: Request) -> Response:
         batches = data.recent_batches(self.url)
         usage = data.throttle_minutes(self.url)
+        paces = self._paces(batches)
         body = {
             "version": pages.overview_version(batches),
-            "batches": [batch_json(b) for b in batches],
+            "batches": [batch_json(b, paces.get(b.id, "")) for b in batches],
             "throttle": throttle_json(data.live_state(self.settings), usage, self.settings),
         }
         return JSONResponse(body, headers=STATE_HEADERS)

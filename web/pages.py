@@ -130,7 +130,7 @@ def _count(field: str, value: int) -> str:
     return f'<span data-field="{field}">{value:,}</span>'
 
 
-def batch_row(b: BatchSummary) -> str:
+def batch_row(b: BatchSummary, pace: str = "") -> str:
     public = batch_public_id(b.id)
     return f"""<tr data-batch="{b.id}">
 <td><a href="/batches/{esc(public)}">{esc(public)}</a></td>
@@ -144,6 +144,7 @@ def batch_row(b: BatchSummary) -> str:
 <td class="num">{_count("failed", b.failed)}</td>
 <td class="num">{_count("cancelled", b.cancelled)}</td>
 <td class="num"><span data-field="elapsed">{esc(duration(b.elapsed_s))}</span></td>
+<td class="num"><span data-field="pace">{esc(pace)}</span></td>
 </tr>"""
 
 
@@ -172,16 +173,23 @@ tokens count once it is answered), against INFERENCE_RPM and INFERENCE_TPM.</p>
 </section>"""
 
 
-def overview(batches: list[BatchSummary], state: LiveState, chart_svg: str) -> str:
-    rows = "\n".join(batch_row(b) for b in batches) or (
-        '<tr><td colspan="11" class="muted">No batches yet.</td></tr>'
+def overview(
+    batches: list[BatchSummary],
+    state: LiveState,
+    chart_svg: str,
+    paces: dict[int, str] | None = None,
+) -> str:
+    paces = paces or {}
+    rows = "\n".join(batch_row(b, paces.get(b.id, "")) for b in batches) or (
+        '<tr><td colspan="12" class="muted">No batches yet.</td></tr>'
     )
     main = f"""<section id="batches">
 <h2>Batches</h2>
 <table class="batches">
 <thead><tr><th>Batch</th><th>Name</th><th>Status</th><th>Progress</th><th class="num">Done</th>
 <th class="num">Queued</th><th class="num">Running</th><th class="num">Succeeded</th>
-<th class="num">Failed</th><th class="num">Cancelled</th><th class="num">Elapsed</th></tr></thead>
+<th class="num">Failed</th><th class="num">Cancelled</th><th class="num">Elapsed</th>
+<th class="num">Pace</th></tr></thead>
 <tbody>
 {rows}
 </tbody>

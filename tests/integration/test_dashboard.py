@@ -21,7 +21,7 @@ from sqlalchemy import func, select, text, update
 
 from devstack.procs import WebProcess
 from devstack.simulator import Simulator
-from jobs import api
+from jobs import api, dryrun
 from jobs.connections import redis_client
 from jobs.constants import throttle_pause_key
 from jobs.db import session_scope
@@ -133,6 +133,11 @@ def test_the_list_and_its_state_match_the_database(
     assert throttle["workers"] == 0
     # The page says the same as its state.
     assert f'data-field="backlog">{queued:,}<' in page.text
+    # A batch under way shows its pace (jobs.dryrun.pace): none ended yet, and its end.
+    under_way = next(b for b in shown["batches"] if b["number"] == second.id)
+    pace = dryrun.pace(settings, second.id)
+    assert under_way["pace"] == pace.short() and pace.short().startswith("0/min, ")
+    assert f'data-field="pace">{pace.short()}<' in page.text
     assert 'data-field="in_flight">1<' in page.text
     assert "s left (the provider answered 429)" in page.text
 

@@ -9,6 +9,7 @@ it the test skips on a developer's machine and fails under ``CI=true``, where
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,12 +116,15 @@ def test_a_browser_watches_a_batch_run_to_completed(
             row.wait_for(timeout=30_000)  # the new batch appears without a reload
             done = row.locator('[data-field="done"]')
             status = row.locator('[data-field="status"]')
+            pace = row.locator('[data-field="pace"]')
             seen: list[int] = []  # each value the page showed, in order
+            paces: set[str] = set()  # the batch's pace as the page showed it
             deadline = time.monotonic() + 120
             while True:
                 value = int(done.inner_text().replace(",", ""))
                 if not seen or seen[-1] != value:
                     seen.append(value)
+                paces.add(pace.inner_text())
                 if status.inner_text() == "completed":
                     break
                 assert time.monotonic() < deadline, f"still {status.inner_text()}: {seen}"
@@ -135,6 +139,10 @@ def test_a_browser_watches_a_batch_run_to_completed(
             # The count moved while the page watched, up only, to the whole batch.
             assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] == REQUESTS, seen
             assert page.evaluate("window.__sameDocument") is True
+            # Under way it showed its pace ("12/min, 0 min 40 s left"), refreshed in place;
+            # once ended, none.
+            assert any(re.fullmatch(r"[\d,]+/min, \d+ min \d+ s left", p) for p in paces), paces
+            assert pace.inner_text() == ""
             width = row.locator('[data-part="succeeded"]').evaluate("e => e.style.width")
             assert float(width.removesuffix("%")) == 100.0, width
             # The chart, empty when the page loaded, comes to draw every call of the ledger.

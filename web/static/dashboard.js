@@ -29,6 +29,7 @@
       setText(root, field, number(b[field]));
     }
     setText(root, "elapsed", b.elapsed);
+    if (b.pace !== undefined) setText(root, "pace", b.pace);
     for (const el of root.querySelectorAll('[data-field="status"]')) {
       el.textContent = b.status;
       el.className = "status s-" + b.status;
