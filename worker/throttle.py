@@ -219,9 +219,9 @@ class Throttle:
         self._store = BucketStore(redis, bucket, window_ms=window_ms + round(margin_s * 1000))
         # One thread per priority asks Redis at a time (see the module docstring).
         self._turnstiles = {False: threading.Lock(), True: threading.Lock()}
-        # This process's calls in flight: id -> (tokens charged, price), and one thread
-        # at a time pricing them again.
-        self._held: dict[str, tuple[int, Callable[[], int]]] = {}
+        # This process's calls in flight: id -> (tokens charged, price, admitted at, on
+        # the monotonic clock), and one thread at a time pricing them again.
+        self._held: dict[str, tuple[int, Callable[[], int], float]] = {}
         self._holding, self._repricing = threading.Lock(), threading.Lock()
         self._seeding = threading.Lock()
         self._admitted = 0
@@ -289,7 +289,7 @@ class Throttle:
         assert admission is not None
         with self._holding:
             self._admitted += 1
-            self._held[admission.id] = (admission.tokens, price)
+            self._held[admission.id] = (admission.tokens, price, admission.at)
         return admission
 
     def _ask(
@@ -391,9 +391,14 @@ class Throttle:
         if not self._repricing.acquire(blocking=False):
             return  # another thread is at it, with the same answers to go by
         try:
+            gone = time.monotonic() - self._store.window_ms / 1000
             with self._holding:
+                # A call out of the window costs nothing any more (one whose slot was
+                # never given back, too: it is forgotten here).
+                for rid in [rid for rid, held in self._held.items() if held[2] < gone]:
+                    del self._held[rid]
                 held = list(self._held.items())
-            prices = [(rid, was, min(price(), self.tpm)) for rid, (was, price) in held]
+            prices = [(rid, was, min(price(), self.tpm)) for rid, (was, price, _) in held]
             changed = [(rid, was, now) for rid, was, now in prices if now != was]
             if not changed:
                 return
@@ -401,7 +406,7 @@ class Throttle:
             with self._holding:
                 for rid, _, now in changed:
                     if rid in self._held:
-                        self._held[rid] = (now, self._held[rid][1])
+                        self._held[rid] = (now, *self._held[rid][1:])
         finally:
             self._repricing.release()
 

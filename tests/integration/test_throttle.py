@@ -291,6 +291,17 @@ def test_calls_in_flight_are_priced_again_after_an_answer(r: CountingRedis) -> N
     assert throttle.stats().redis_round_trips == sent
 
 
+def test_a_call_never_settled_is_forgotten_once_out_of_the_window(r: CountingRedis) -> None:
+    throttle = make(r, rpm=10, tpm=300, window_s=0.3)
+    factor = [1.0]
+    throttle.acquire(lambda: round(100 * factor[0]), max_wait=0, priority=INTERACTIVE)
+    time.sleep(0.4)  # its slot was never given back, and it has left the window
+    factor[0] = 0.5
+    sent = throttle.stats().redis_round_trips
+    throttle.reprice()
+    assert throttle.stats().redis_round_trips == sent  # nothing left to price again
+
+
 def test_bad_costs_are_refused_before_asking_redis(r: CountingRedis) -> None:
     throttle = make(r, rpm=10, tpm=100, window_s=1.0)
     with pytest.raises(RequestTooLarge, match=r"101 tokens .* only 100 tokens"):
