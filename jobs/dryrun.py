@@ -3,9 +3,11 @@
 :func:`estimate` validates the requests as a submission does, then, storing nothing
 and never touching Redis, works out per model (each model is its own bucket):
 
-1. the requests, and the prompt tokens priced with the calibrated estimate
-   (:mod:`jobs.calibration`), or the raw one where the ledger has taught nothing yet;
-2. the tokens the throttle reserves: prompt + max_tokens each;
+1. the requests, and the prompt tokens the provider should count: the raw estimate
+   at the mean ratio of the calibration's samples (:mod:`jobs.calibration`), or the
+   raw one, which errs high, where the ledger has taught nothing yet;
+2. the tokens the throttle holds before an answer: the calibrated estimate (with its
+   margin) + max_tokens each;
 3. the cost: the prompt at the input price plus 0 to all of max_tokens at the output
    price, and an expected figure from the share of max_tokens that the ledger's
    recent answers used;
@@ -64,7 +66,7 @@ class ModelEstimate:
     usd_expected: float | None
     rpm: int | None
     tpm: int | None
-    #: Requests and tokens (as counted against tpm) queued or running on the model.
+    #: Requests and tokens (as the provider counts them) queued or running on the model.
     backlog_requests: int
     backlog_tokens: int
     binding: Limit | None
@@ -117,9 +119,13 @@ def _model(
     model: str, calls: list[tuple[int, Script, int]], settings: Settings, cal: Calibrator
 ) -> ModelEstimate:
     raw = sum(tokens for tokens, _, _ in calls)
-    prompt = sum(cal.estimate(model, script, tokens) for tokens, script, _ in calls)
-    scripts = {script for _, script, _ in calls}
-    calibrated_on = min(len(cal.samples(model, script)) for script in scripts)
+    # What the provider should count: the raw estimate at the mean ratio of the ledger's
+    # samples (the calibrated estimate, with its margin, is what the throttle holds).
+    samples = {script: cal.samples(model, script) for script in {s for _, s, _ in calls}}
+    ratio = {script: _mean_ratio(found) for script, found in samples.items()}
+    prompt = sum(math.ceil(tokens * ratio[script]) for tokens, script, _ in calls)
+    held = sum(cal.estimate(model, script, tokens) for tokens, script, _ in calls)
+    calibrated_on = min(len(found) for found in samples.values())
     max_tokens = sum(m for _, _, m in calls)
     answers = cal.completion_samples(model)
     share = sum(u for u, _ in answers) / sum(b for _, b in answers) if answers else None
@@ -139,7 +145,7 @@ def _model(
         raw_prompt_tokens=raw,
         calibrated_on=calibrated_on,
         max_tokens=max_tokens,
-        reserved_tokens=prompt + max_tokens,
+        reserved_tokens=held + max_tokens,
         completion_share=share,
         usd_min=price.usd(prompt, 0) if price else None,
         usd_max=price.usd(prompt, max_tokens) if price else None,
@@ -152,6 +158,12 @@ def _model(
         finish_s=finish_s,
         latency_s=latency,
     )
+
+
+def _mean_ratio(samples: list[tuple[int, int]]) -> float:
+    """The provider's count over the raw estimate, over ``(actual, raw)`` samples; 1.0
+    (the raw estimate, which errs high) without any."""
+    return sum(a for a, _ in samples) / sum(r for _, r in samples) if samples else 1.0
 
 
 def _expected(
@@ -205,7 +217,7 @@ def _queued(
                 func.coalesce(func.sum(max_tokens), 0),
             ).where(Job.model == model, waiting, *where)
         ).one()
-    prompt = math.ceil(int(prompt) * cal.factor(model, "latin"))
+    prompt = math.ceil(int(prompt) * _mean_ratio(cal.samples(model, "latin")))
     if settings.tpm_charge == "actual":
         answers = cal.completion_samples(model)
         if answers:
@@ -239,7 +251,7 @@ def describe(found: Estimate) -> list[str]:
             else "the raw estimate, which errs high: no answered calls to calibrate on yet"
         )
         lines.append(f"  prompt tokens: {m.prompt_tokens:,} ({source})")
-        lines.append(f"  reserved: {m.reserved_tokens:,} tokens (prompt + max_tokens)")
+        lines.append(f"  reserved: {m.reserved_tokens:,} tokens (calibrated prompt + max_tokens)")
         lines.append(f"  cost: {_cost(m)}")
         lines.append(f"  {_finish_line(m, found.at)}")
     return lines
