@@ -30,8 +30,7 @@ def answered(
     max_tokens: int | None = None,
     latency_ms: int = 5,
 ) -> None:
-    """One answered call through the ledger's own writes, its job succeeded: priced from
-    ``raw``, charged ``actual`` prompt tokens and ``completion`` of its ``max_tokens``."""
+    """One answered call of a new job through the ledger's own writes (see :func:`answer`)."""
     checked = CheckedRequest(
         body=request, model=request["model"], max_tokens=None, est_prompt_tokens=raw
     )
@@ -41,6 +40,26 @@ def answered(
             BatchItem(line=1, custom_id=f"c{next(_ids)}", request=checked),
             priority=Priority.BULK,
         )
+    answer(
+        db, job_id, request, raw, actual,
+        completion=completion, max_tokens=max_tokens, latency_ms=latency_ms,
+    )  # fmt: skip
+
+
+def answer(
+    db: str,
+    job_id: int,
+    request: dict[str, Any],
+    raw: int,
+    actual: int,
+    *,
+    completion: int = 1,
+    max_tokens: int | None = None,
+    latency_ms: int = 5,
+) -> None:
+    """Job ``job_id`` claimed, called and succeeded through the ledger's own writes:
+    priced from ``raw``, charged ``actual`` prompt tokens and ``completion`` of its
+    ``max_tokens``."""
     script: Script = dominant_script(request)
     with transaction(db) as tx:
         assert store.claim(tx, job_id, lease_s=60) is not None

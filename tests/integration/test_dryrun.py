@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import func, make_url, select, update
+from sqlalchemy import make_url, select
 
 from devstack.simulator import Simulator
 from jobs import api, dryrun
 from jobs.calibration import MIN_MARGIN
 from jobs.db import session_scope
-from jobs.models import Job, JobStatus
+from jobs.models import Job
 from jobs.settings import Settings
 from jobs.tokens import estimate_prompt_tokens
-from tests.integration.ledger_helpers import answered, body
+from tests.integration.ledger_helpers import answer, answered, body
 from tests.support import jsonl, line, make_settings, run_cli, settings_env
 
 pytestmark = pytest.mark.integration
@@ -164,8 +164,8 @@ def test_a_bad_file_gets_its_line_and_nothing_is_stored(
 
 
 def test_a_batch_under_way_shows_its_rate_and_expected_end(settings: Settings) -> None:
-    """status and submit --wait show the jobs that ended in the last minute and when the
-    last call should end, behind the jobs dispatched before the batch's."""
+    """status, submit --wait and the dashboard show the calls answered in the last minute
+    and when the last call should end, behind the batches before it."""
     assert settings.database_url is not None
     ahead = api.submit_batch(requests(150, 20, 50), name="ahead", settings=settings)
     batch = api.submit_batch(requests(100, 20, 50), name="behind", settings=settings)
@@ -174,20 +174,22 @@ def test_a_batch_under_way_shows_its_rate_and_expected_end(settings: Settings) -
     first = dryrun.pace(settings, batch.id)
     assert first.per_minute == 0
     assert first.finish_s == pytest.approx((250 - 1) * window / 150)
-    # 30 of its jobs and 50 of the batch ahead end.
-    with session_scope(settings.database_url) as s:
-        for batch_id, n in ((ahead.id, 50), (batch.id, 30)):
-            ids = select(Job.id).where(Job.batch_id == batch_id).order_by(Job.id).limit(n)
-            s.execute(
-                update(Job)
-                .where(Job.id.in_(ids.scalar_subquery()))
-                .values(status=JobStatus.SUCCEEDED, finished_at=func.now())
-            )
+    # 50 jobs of the batch ahead and 30 of its own are answered, in 4 s each.
+    for batch_id, n in ((ahead.id, 50), (batch.id, 30)):
+        with session_scope(settings.database_url) as s:
+            ids = s.execute(
+                select(Job.id, Job.request)
+                .where(Job.batch_id == batch_id)
+                .order_by(Job.id)
+                .limit(n)
+            ).all()
+        for job_id, request in ids:
+            answer(settings.database_url, job_id, request, 30, 25, latency_ms=4000)
     later = dryrun.pace(settings, batch.id)
     assert later.per_minute == 30
-    assert later.finish_s == pytest.approx((100 + 70 - 1) * window / 150)
+    assert later.finish_s == pytest.approx((100 + 70 - 1) * window / 150 + 4.0)
     status = run_cli(settings, "status", str(batch.id))
-    assert "pace: 30 jobs in the last minute; expected to end in" in status.stdout
+    assert "pace: 30 calls answered in the last minute; expected to end in" in status.stdout
     assert json.loads(run_cli(settings, "status", str(batch.id), "--json").stdout)["pace"] == {
         "per_minute": 30,
         "finish_s": pytest.approx(later.finish_s, abs=0.01),
