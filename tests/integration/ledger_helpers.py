@@ -20,17 +20,8 @@ def body(text: str, model: str = "kimi-k2-5") -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}]}
 
 
-def answered(
-    db: str,
-    request: dict[str, Any],
-    raw: int,
-    actual: int,
-    *,
-    completion: int = 1,
-    max_tokens: int | None = None,
-    latency_ms: int = 5,
-) -> None:
-    """One answered call of a new job through the ledger's own writes (see :func:`answer`)."""
+def answered(db: str, request: dict[str, Any], raw: int, actual: int, **extra: int) -> None:
+    """One answered call of a new job (see :func:`answer`, which takes ``extra``)."""
     checked = CheckedRequest(
         body=request, model=request["model"], max_tokens=None, est_prompt_tokens=raw
     )
@@ -40,10 +31,7 @@ def answered(
             BatchItem(line=1, custom_id=f"c{next(_ids)}", request=checked),
             priority=Priority.BULK,
         )
-    answer(
-        db, job_id, request, raw, actual,
-        completion=completion, max_tokens=max_tokens, latency_ms=latency_ms,
-    )  # fmt: skip
+    answer(db, job_id, request, raw, actual, **extra)
 
 
 def answer(
