@@ -18,7 +18,7 @@ from sqlalchemy import select
 from devstack import daemons, services
 from devstack.procs import WorkerProcess
 from devstack.simulator.limits import max_in_window
-from jobs import api, environment, migrate, reports
+from jobs import api, dryrun, environment, migrate, reports
 from jobs.db import session_scope
 from jobs.environment import child_env, worker_argv
 from jobs.models import Attempt, Job
@@ -145,7 +145,9 @@ def run_demo(*, requests: int, out: TextIO) -> int:
         batch = api.submit_batch(
             demo_requests(requests, settings.model_id), name="demo", settings=settings
         )
-        printer = ProgressPrinter(sys.stderr, every_s=5.0)
+        printer = ProgressPrinter(
+            sys.stderr, every_s=5.0, pace=lambda: dryrun.pace(settings, batch.id).describe()
+        )
         final = batch.wait(on_progress=printer, on_notice=printer.notice)
         elapsed = time.monotonic() - t0
         ledger = reports.usage(settings.database_url, batch_id=batch.id)

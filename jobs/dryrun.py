@@ -326,11 +326,11 @@ class Pace:
 
 def pace(settings: Settings, batch_id: int) -> Pace:
     """The batch's calls answered in the last 60 s, and when its last call should end:
-    :func:`_finish` of its jobs left behind those of the batches before it still queued
-    or running, each the size of a sample of its queued jobs, plus a recent call's
-    latency. It reads the batches' counters, the last minute's calls and the sample,
-    never every job, so it stays cheap on a batch of 100,000 (the dashboard asks every
-    two seconds)."""
+    :func:`_finish` of its calls not yet started behind those of the batches before it,
+    each the size of a sample of its own, plus a recent call's latency. It reads the
+    batches' counters, the last minute's calls, the calls in flight and the sample, never
+    every job, so it stays cheap on a batch of 100,000 (the dashboard asks every two
+    seconds)."""
     assert settings.database_url is not None
     url = settings.database_url
     now = dt.datetime.now(dt.UTC)
@@ -352,20 +352,29 @@ def pace(settings: Settings, batch_id: int) -> Pace:
                 func.coalesce(func.sum(case((Batch.id < batch_id, left), else_=0)), 0),
             ).where(Batch.id <= batch_id, left > 0)
         ).one()
+        # Running jobs in a call have started: the rest (queued, or running and waiting
+        # for their turn) have not. The running ones are few (the dispatch window).
+        calling = session.execute(
+            select(func.count()).where(
+                Job.status == JobStatus.RUNNING, Job.calling.is_(True), Job.batch_id <= batch_id
+            )
+        ).scalar_one()
         sample = session.execute(
             select(Job.model, Job.est_prompt_tokens, _max_tokens(settings))
-            .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
+            .where(
+                Job.batch_id == batch_id,
+                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                Job.calling.is_(False),
+            )
             .limit(PACE_SAMPLE)
         ).all()
-    if not mine or not sample:
+    latency = _latency(settings, sample[0][0] if sample else settings.model_id)
+    to_start = int(mine) + int(ahead) - int(calling)
+    if not mine or not sample or to_start <= 0:
         # Nothing left, or only calls in flight: they end about a call's latency from now.
-        in_flight = _latency(settings, settings.model_id) if mine else None
-        return Pace(per_minute=int(answered), finish_s=in_flight or 0.0, at=now)
+        return Pace(per_minute=int(answered), finish_s=(latency or 0.0) if mine else 0.0, at=now)
     model = max({m for m, _, _ in sample}, key=[m for m, _, _ in sample].count)
     raw, budget = (sum(int(row[i]) for row in sample) for i in (1, 2))
     each = _counted(settings, Calibrator(url), model, raw, budget) / len(sample)
-    requests = int(mine) + int(ahead)
-    _, finish = _finish(
-        settings, model, requests, round(requests * each), _latency(settings, model)
-    )
+    _, finish = _finish(settings, model, to_start, round(to_start * each), latency)
     return Pace(per_minute=int(answered), finish_s=finish, at=now)

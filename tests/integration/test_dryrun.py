@@ -15,10 +15,10 @@ import redis
 from sqlalchemy import make_url, select
 
 from devstack.simulator import Simulator
-from jobs import api, dryrun
+from jobs import api, dryrun, store
 from jobs.calibration import MIN_MARGIN
-from jobs.db import session_scope
-from jobs.models import Job
+from jobs.db import session_scope, transaction
+from jobs.models import Job, JobStatus
 from jobs.settings import Settings
 from jobs.tokens import estimate_prompt_tokens
 from tests.integration.ledger_helpers import answer, answered, body
@@ -188,6 +188,20 @@ def test_a_batch_under_way_shows_its_rate_and_expected_end(settings: Settings) -
     later = dryrun.pace(settings, batch.id)
     assert later.per_minute == 30
     assert later.finish_s == pytest.approx((100 + 70 - 1) * window / 150 + 4.0)
+    # Ten of its jobs in a call have started; five more claimed, waiting for their turn,
+    # have not.
+    with session_scope(settings.database_url) as s:
+        left = s.execute(
+            select(Job.id).where(Job.batch_id == batch.id, Job.status == JobStatus.QUEUED)
+        ).scalars()
+        claimed = list(left)[:15]
+    with transaction(settings.database_url) as tx:
+        for k, job_id in enumerate(claimed):
+            assert store.claim(tx, job_id, lease_s=60) is not None
+            if k < 10:
+                assert store.begin_attempt(tx, job_id, lease_s=60) is not None
+    later = dryrun.pace(settings, batch.id)
+    assert later.finish_s == pytest.approx((100 + 70 - 10 - 1) * window / 150 + 4.0)
     status = run_cli(settings, "status", str(batch.id))
     assert "pace: 30 calls answered in the last minute; expected to end in" in status.stdout
     assert json.loads(run_cli(settings, "status", str(batch.id), "--json").stdout)["pace"] == {
