@@ -89,9 +89,10 @@ end
 #: starts (it has had its turn: only the room counts), and one already SENT is
 #: logged at once, whatever the limits say.
 #:
-#: Returns ``{0, now, requests, tokens}`` admitted, with our calls in the provider's
-#: window ending now (this one included); ``{1, ms}`` try again in ms; ``{2, 0}`` the
-#: log must be seeded first (nothing changed).
+#: Returns ``{0, stamp, requests, tokens}`` admitted, with its log time (now, or 1 ms
+#: after the last call logged, so that the log's order is the admissions') and our
+#: calls in the provider's window ending then (this one included); ``{1, ms}`` try
+#: again in ms; ``{2, 0}`` the log must be seeded first (nothing changed).
 ADMIT = (
     _COMMON
     + """
@@ -117,17 +118,21 @@ for i = 1, #raw, 2 do
 end
 local spent = tokens_of(costs, ids)
 local function log_it()
-  redis.call('ZADD', log, now, id)
+  -- Stamps strictly increase, in the order calls are admitted: a call admitted in the
+  -- same ms as the one before is logged 1 ms after it (later: the safe side).
+  local stamp = now
+  if #at > 0 and at[#at] >= stamp then stamp = at[#at] + 1 end
+  redis.call('ZADD', log, stamp, id)
   redis.call('HSET', costs, id, cost)
   redis.call('PEXPIRE', log, window)
   redis.call('PEXPIRE', costs, window)
   redis.call('SET', init, '1', 'PX', window)
   local requests, tokens = 1, cost
   for i = #ids, 1, -1 do
-    if at[i] <= now - span then break end
+    if at[i] <= stamp - span then break end
     requests, tokens = requests + 1, tokens + spent[i]
   end
-  return {0, now, requests, tokens}
+  return {0, stamp, requests, tokens}
 end
 if mode == 'sent' then return log_it() end
 local paused = tonumber(redis.call('GET', pause) or '0')

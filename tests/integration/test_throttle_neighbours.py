@@ -224,9 +224,10 @@ def test_a_lost_log_is_seeded_before_anything_is_admitted(r: CountingRedis, lose
     assert len(read) == 2
     seeded = {m: s for m, s in members(r).items() if m.startswith("s.")}
     # Logged when they were admitted, give or take the moment between the ledger's
-    # read and the script: never earlier, so never out of the window too soon.
+    # read and the script: never earlier, so never out of the window too soon (but for
+    # the 1 ms apart that calls admitted in the same ms are stamped, up to 2 ms here).
     for score, admission in zip(sorted(seeded.values()), ours, strict=True):
-        assert admission.at_ms <= score <= admission.at_ms + LATE_MS
+        assert admission.at_ms - 2 <= score <= admission.at_ms + LATE_MS
     assert [costs(r)[m] for m in seeded] == [5, 5, 5]
     # A flush leaves only the history; a lost marker adds it to what is left (counted
     # twice rather than lost).
