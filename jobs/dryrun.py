@@ -15,9 +15,10 @@ and never touching Redis, works out per model (each model is its own bucket):
    ``INFERENCE_TPM_CHARGE=reserve``, prompt + the expected answer under ``actual``;
 5. which limit binds and when the batch would end, behind the backlog already queued
    or running on the model: the throttle paces calls one window / rpm apart where
-   requests bind, and admits a window's worth of tokens at every roll where tokens do,
-   (as many whole calls as fit), so the last call starts then and ends a recent call's
-   latency later.
+   requests bind (or one recent latency / DISPATCH_WINDOW_MAX apart, the calls in
+   flight being capped there, if that is longer), and admits a window's worth of
+   tokens (as many whole calls as fit) at every roll where tokens do, so the last
+   call starts then and ends a recent call's latency later.
 """
 
 from __future__ import annotations
@@ -193,9 +194,12 @@ def _finish(
     if rpm is None or tpm is None or requests == 0:
         return None, None if requests else 0.0
     window = 60.0 + settings.window_margin_s
-    if requests / rpm >= tokens / tpm:
-        # Paced: one call every window / rpm, the first one at once.
-        return "requests", (requests - 1) * window / rpm + (latency or 0.0)
+    # Calls in flight never outnumber the dispatch window, so calls as long as it takes
+    # to call them all start one every latency / window, if that is the slower.
+    gap = max(window / rpm, (latency or 0.0) / settings.dispatch_window_max)
+    if requests * gap / window >= tokens / tpm:
+        # Paced: one call every gap, the first one at once.
+        return "requests", (requests - 1) * gap + (latency or 0.0)
     # A window's worth of tokens at every roll, in whole calls.
     per_window = max(1, math.floor(tpm * requests / tokens))
     return "tokens", (math.ceil(requests / per_window) - 1) * window + (latency or 0.0)

@@ -147,6 +147,26 @@ def test_where_requests_bind_the_calls_take_turns_behind_the_backlog(
     assert m["usd_min"] is None
 
 
+def test_calls_longer_than_the_dispatch_window_drains_start_as_calls_end(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Calls in flight never outnumber DISPATCH_WINDOW_MAX: with calls of 300 s they
+    start one every 300 s / that many, slower than the pace of the limit."""
+    assert settings.database_url is not None
+    sample = body("word " * 400)
+    for _ in range(8):
+        answered(settings.database_url, sample, 600, 300, latency_ms=300_000)
+    path = tmp_path / "slow.jsonl"
+    path.write_bytes(jsonl(*requests(300, 20, 50)))
+    (m,) = dry_run(settings, path)["models"]
+    assert m["binding"] == "requests" and m["latency_s"] == pytest.approx(300.0)
+    # The command's own settings: a DISPATCH_WINDOW set alone fixes the window there.
+    cap = Settings.from_env(settings_env(settings)).dispatch_window_max
+    gap = 300.0 / cap
+    assert gap > (60 + settings.window_margin_s) / settings.rpm
+    assert m["finish_s"] == pytest.approx(299 * gap + 300.0)
+
+
 def test_a_bad_file_gets_its_line_and_nothing_is_stored(
     settings: Settings, redis_url: str, tmp_path: Path
 ) -> None:
