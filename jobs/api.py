@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import update
 
@@ -229,14 +229,7 @@ def submit_file(
     _check_metadata(metadata)
     limits = request_limits(ctx.settings)
     with open(path, "rb") as stream:
-        items: Iterable[BatchItem]
-        if stream.seekable():
-            count = check_batch_stream(stream, limits)
-            stream.seek(0)
-            items = iter_batch_stream(stream, limits)
-        else:
-            items = read_batch_stream(stream, limits)
-            count = len(items)
+        count, items = _checked_items(stream, limits)
         return _store_batch(
             ctx,
             items,
@@ -257,11 +250,18 @@ def estimate_file(
     ctx = context(settings)
     limits = request_limits(ctx.settings)
     with open(path, "rb") as stream:
-        if stream.seekable():
-            check_batch_stream(stream, limits)
-            stream.seek(0)
-            return dryrun.estimate(iter_batch_stream(stream, limits), ctx.settings)
-        return dryrun.estimate(read_batch_stream(stream, limits), ctx.settings)
+        return dryrun.estimate(_checked_items(stream, limits)[1], ctx.settings)
+
+
+def _checked_items(stream: BinaryIO, limits: RequestLimits) -> tuple[int, Iterable[BatchItem]]:
+    """A batch file validated whole, then its items: read again from the start where the
+    stream can seek (memory stays bounded), else held from the one pass a pipe allows."""
+    if stream.seekable():
+        count = check_batch_stream(stream, limits)
+        stream.seek(0)
+        return count, iter_batch_stream(stream, limits)
+    items = read_batch_stream(stream, limits)
+    return len(items), items
 
 
 def estimate_batch(
