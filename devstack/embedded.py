@@ -259,7 +259,9 @@ def _pg_modules() -> tuple[Path, Any]:
     return Path(commands.POSTGRES_BIN_PATH), utils
 
 
-def _pg_bin(name: str) -> str:
+def pg_bin(name: str) -> str:
+    """A program of the bundled PostgreSQL (``pg_ctl``, ``pg_dump``): the newest client,
+    which also serves an older server, such as the machine's."""
     return str(_pg_modules()[0] / name)
 
 
@@ -343,7 +345,7 @@ def _initdb(paths: _Paths, user: pwd.struct_passwd | None) -> bool:
     log.info("initialising PostgreSQL data directory %s", paths.pgdata)
     # A fixed locale: the host's LANG may name a locale that is not installed.
     # fmt: off
-    cmd = [_pg_bin("initdb"), "-D", str(paths.pgdata), "--auth=trust", "-U", "postgres",
+    cmd = [pg_bin("initdb"), "-D", str(paths.pgdata), "--auth=trust", "-U", "postgres",
            "--encoding=UTF8", "--locale=C", "--no-instructions"]
     # fmt: on
     _run(cmd, what=f"initdb of {paths.pgdata}", cwd=paths.var_dir, timeout=120, user=user)
@@ -379,7 +381,7 @@ def _start_postgres(paths: _Paths) -> int:
         log.info("starting PostgreSQL on 127.0.0.1:%d (data %s)", port, paths.pgdata)
         try:
             # fmt: off
-            cmd = [_pg_bin("pg_ctl"), "-D", str(paths.pgdata), "-l", str(paths.pg_log),
+            cmd = [pg_bin("pg_ctl"), "-D", str(paths.pgdata), "-l", str(paths.pg_log),
                    "-w", "-t", str(PG_CTL_TIMEOUT), "-o", options, "start"]
             # fmt: on
             what = f"starting PostgreSQL on port {port}"
@@ -413,7 +415,7 @@ def _stop_postgres(paths: _Paths) -> bool:
         return False
     log.info("stopping PostgreSQL (pid %d, data %s)", info.pid, paths.pgdata)
     # pg_ctl waits up to 60 s by default for the server to go.
-    cmd = [_pg_bin("pg_ctl"), "-D", str(paths.pgdata), "-m", "fast", "-w", "stop"]
+    cmd = [pg_bin("pg_ctl"), "-D", str(paths.pgdata), "-m", "fast", "-w", "stop"]
     user = _pg_system_user()
     what = "stopping PostgreSQL"
     _run(cmd, what=what, cwd=paths.var_dir, timeout=90, user=user, log_file=paths.pg_log)

@@ -14,6 +14,7 @@ import pytest
 import redis
 from sqlalchemy import make_url, select
 
+from devstack.embedded import pg_bin
 from devstack.simulator import Simulator
 from jobs import api, dryrun, store
 from jobs.calibration import MIN_MARGIN
@@ -37,8 +38,10 @@ def settings(clean_db: str, redis_url: str, simulator: Simulator) -> Settings:
 
 def database_dump(database_url: str) -> str:
     url = make_url(database_url).set(drivername="postgresql")
+    # The bundled pg_dump, not the machine's: a client older than the server refuses it,
+    # and the embedded server may be newer than the machine's tools.
     dump = subprocess.run(
-        ["pg_dump", "--no-owner", url.render_as_string(hide_password=False)],
+        [pg_bin("pg_dump"), "--no-owner", url.render_as_string(hide_password=False)],
         capture_output=True,
         text=True,
         check=True,
