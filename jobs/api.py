@@ -10,13 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import update
 
-from jobs import dashboard_data, dryrun, files, housekeeping, intake
+from jobs import daily_budget, dashboard_data, dryrun, files, housekeeping, intake
 from jobs.batchfile import (
     BatchItem,
     check_batch_stream,
@@ -25,6 +25,7 @@ from jobs.batchfile import (
     normalize_requests,
     read_batch_stream,
 )
+from jobs.budget import Budget, check_items, worst_case
 from jobs.constants import TASK_VALIDATE_BATCH
 from jobs.context import Context, configure, context, publish
 from jobs.db import session_scope
@@ -114,6 +115,10 @@ def enqueue(
 ) -> JobHandle:
     """Queue one interactive chat completion; it runs ahead of bulk batches.
 
+    Raises :class:`~jobs.daily_budget.DailyBudgetError` at once while the day's budget
+    is spent (DAILY_BUDGET_TOKENS / DAILY_BUDGET_USD), or if the request alone could
+    take more than a day's.
+
     Any other chat-completion field (``top_p``, ``stop``, ``extended_thinking``…)
     passes through unchanged in ``fields``.
     """
@@ -131,6 +136,9 @@ def enqueue(
     body.update({k: v for k, v in optional.items() if v is not None})
     body.update(fields)
     checked = check_request(body, request_limits(ctx.settings))
+    max_out = checked.max_tokens or ctx.settings.default_max_tokens
+    call = worst_case(checked.model, checked.est_prompt_tokens, max_out, ctx.settings.price_for)
+    daily_budget.refuse(ctx.settings, call)
     item = BatchItem(line=1, custom_id=custom_id or "", request=checked)
     with session_scope(ctx.database_url) as session:
         job_id = intake.create_job(session, item, priority=Priority.INTERACTIVE, metadata=metadata)
@@ -150,6 +158,7 @@ def _store_batch(
     metadata: dict[str, Any] | None,
     idempotency_key: str | None,
     completion_window: str | None,
+    budget: Budget | None,
 ) -> BatchHandle:
     window_s = window_seconds(completion_window) if completion_window is not None else None
     with session_scope(ctx.database_url) as session:
@@ -163,6 +172,7 @@ def _store_batch(
             notify=ctx.settings.webhook_url is not None,
             completion_window=completion_window,
             window_s=window_s,
+            budget=budget,
         )
     log_event("batch_submitted", batch=batch_id, jobs=count, source=source.value, created=created)
     if created:
@@ -178,13 +188,16 @@ def submit_batch(
     idempotency_key: str | None = None,
     source: Source = Source.API,
     completion_window: str | None = None,
+    budget: Budget | None = None,
     settings: Settings | None = None,
 ) -> BatchHandle:
     """Validate every request, then store and queue them as one batch.
 
     ``requests`` may mix plain request bodies and OpenAI Batch input lines. With a
     ``completion_window`` (``24h``, ``30m``…) the batch expires if it has not ended
-    within it; by default it has none.
+    within it; by default it has none. With a ``budget`` (:class:`jobs.budget.Budget`)
+    no call starts that could take the batch past it; a request that alone could
+    is a validation error.
     Raises :class:`~jobs.validation.ValidationError` naming each bad request;
     nothing is stored then.
     """
@@ -194,6 +207,8 @@ def submit_batch(
     items = normalize_requests(
         requests, request_limits(ctx.settings), default_model=ctx.settings.model_id
     )
+    if budget:
+        items = list(_within(items, budget, ctx.settings, label="request"))
     return _store_batch(
         ctx,
         items,
@@ -203,6 +218,7 @@ def submit_batch(
         metadata=metadata,
         idempotency_key=idempotency_key,
         completion_window=completion_window,
+        budget=budget,
     )
 
 
@@ -214,6 +230,7 @@ def submit_file(
     idempotency_key: str | None = None,
     source: Source = Source.FILE,
     completion_window: str | None = None,
+    budget: Budget | None = None,
     settings: Settings | None = None,
 ) -> BatchHandle:
     """Validate an OpenAI Batch JSONL file whole, then store and queue it.
@@ -230,6 +247,9 @@ def submit_file(
     limits = request_limits(ctx.settings)
     with open(path, "rb") as stream:
         count, items = _checked_items(stream, limits)
+        if budget:
+            # Checked as the rows stream in: a line that fails rolls the whole batch back.
+            items = _within(items, budget, ctx.settings, label="line")
         return _store_batch(
             ctx,
             items,
@@ -239,7 +259,18 @@ def submit_file(
             metadata=metadata,
             idempotency_key=idempotency_key,
             completion_window=completion_window,
+            budget=budget,
         )
+
+
+def _within(
+    items: Iterable[BatchItem], budget: Budget, settings: Settings, *, label: str
+) -> Iterator[BatchItem]:
+    """``items``, each checked to fit ``budget`` alone, a failure named by its ``label``."""
+    try:
+        yield from check_items(items, budget, settings.default_max_tokens, settings.price_for)
+    except ValidationError as exc:
+        raise (exc.at(exc.line, label) if exc.line is not None else exc) from None
 
 
 def estimate_file(
@@ -377,12 +408,18 @@ def create_file_batch(
 
     It returns at once, ``validating``: a worker validates the file in the background
     (:mod:`jobs.validating`) and starts the batch, or fails it with the file's errors.
-    A wrong ``endpoint`` fails it the same way. Raises :class:`NotFoundError` for an
+    A wrong ``endpoint`` fails it the same way. ``metadata`` may carry ``budget_tokens``
+    and ``budget_usd`` (:class:`jobs.budget.Budget`). Raises :class:`NotFoundError` for an
     unknown file and :class:`~jobs.validation.ValidationError` for a bad argument.
     """
     ctx = context(settings)
     window_s = window_seconds(completion_window)
     checked = check_batch_metadata(metadata)
+    budget = Budget.parse(
+        checked.get("budget_tokens"),
+        checked.get("budget_usd"),
+        names=("metadata.budget_tokens", "metadata.budget_usd"),
+    )
     file = files.get(ctx.database_url, input_file_id) if isinstance(input_file_id, str) else None
     if file is None:
         raise NotFoundError(f"file {input_file_id} does not exist")
@@ -400,6 +437,7 @@ def create_file_batch(
             completion_window=completion_window,
             window_s=window_s,
             metadata=checked,
+            budget=budget,
         )
     try:
         housekeeping.publish_once(ctx.settings, ctx.app, TASK_VALIDATE_BATCH, batch_id)

@@ -34,6 +34,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from jobs import api, dryrun, environment, migrate, reports, retention, shapes
 from jobs.batchfile import write_output
+from jobs.budget import Budget
 from jobs.environment import Needs, ServiceError
 from jobs.handles import Which
 from jobs.logfmt import configure as configure_logging
@@ -105,16 +106,24 @@ def _progress_dict(p: api.BatchProgress) -> dict[str, Any]:
 def cmd_submit(args: argparse.Namespace, out: TextIO) -> int:
     if args.dry_run:
         return _dry_run(args, out)
+    budget = Budget.parse(
+        args.budget_tokens, args.budget_usd, names=("--budget-tokens", "--budget-usd")
+    )
     if args.file == "-":
         # Standard input: how a local file reaches a one-off dyno (`heroku run ... < f`).
         batch = api.submit_file(
-            STDIN, name=args.name or "stdin", completion_window=args.completion_window
+            STDIN,
+            name=args.name or "stdin",
+            completion_window=args.completion_window,
+            budget=budget,
         )
     else:
         path = Path(args.file)
         if not path.is_file():
             raise UsageError(f"no such file: {args.file}")
-        batch = api.submit_file(path, name=args.name, completion_window=args.completion_window)
+        batch = api.submit_file(
+            path, name=args.name, completion_window=args.completion_window, budget=budget
+        )
     out.write(f"batch {batch.id} submitted: {batch.progress().total} jobs\n")
     out.flush()
     if not args.wait:
@@ -136,6 +145,9 @@ def _pace_text(batch_id: int) -> str:
     """The batch's rate and expected end for a progress line; nothing while the database
     is away (the wait rides the outage out and says so)."""
     try:
+        standing = api.get_batch(batch_id).budget()
+        if standing.paused_reason is not None:
+            return f"paused: {standing.paused_reason}"
         return dryrun.pace(api.context().settings, batch_id).describe()
     except SQLAlchemyError:
         return ""
@@ -165,9 +177,12 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     ctx = api.context()
     spent = shapes.batch_usage(ctx.database_url, [progress.id], ctx.settings.price_for)
     usage, usd = spent[progress.id]["usage"], spent[progress.id]["usd"]
-    pace = None if progress.finished else dryrun.pace(ctx.settings, progress.id)
+    standing = batch.budget()
+    paused = standing.paused_reason or paused
+    pace = None if progress.finished or paused else dryrun.pace(ctx.settings, progress.id)
     if args.json:
         extra = {"paused": paused, "usage": usage, "usage_usd": usd}
+        extra["budget"] = standing.as_dict() if standing.budget else None
         if pace is not None:
             extra["pace"] = {"per_minute": pace.per_minute, "finish_s": pace.finish_s}
         json.dump(_progress_dict(progress) | extra, out)
@@ -178,10 +193,12 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         prompt, completion = usage["input_tokens"], usage["output_tokens"]
         cost = dollars(usd) if usd is not None else f"({NO_PRICE})"
         out.write(f"usage: {prompt:,} prompt + {completion:,} completion tokens, {cost}\n")
+        if standing.budget:
+            out.write(standing.describe() + "\n")
         if pace is not None:
             out.write(f"pace: {pace.describe()}\n")
         if paused:
-            out.write(paused + "\n")
+            out.write(f"paused: {paused}\n" if standing.paused_reason else paused + "\n")
     return 0
 
 
@@ -298,6 +315,20 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_budget(args: argparse.Namespace, out: TextIO) -> int:
+    batch = api.get_batch(args.batch)
+    if args.tokens is None and args.usd is None:
+        out.write(batch.budget().describe() + "\n")
+        return 0
+    now = batch.budget().budget
+    given = Budget.parse(args.tokens, args.usd, names=("--tokens", "--usd"))
+    tokens = now.tokens if args.tokens is None else given.tokens
+    usd = now.usd if args.usd is None else given.usd
+    batch.set_budget(Budget(tokens, usd))
+    out.write(f"batch {args.batch}: {batch.budget().describe()}; its calls go on\n")
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace, out: TextIO) -> int:
     count = api.get_batch(args.batch).retry()
     out.write(f"batch {args.batch}: re-queued {count} failed jobs\n")
@@ -332,13 +363,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"batch-infer: error: {self.prog}: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="batch-infer",
-        description="Batch chat completions on Heroku Managed Inference.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_submit(sub: Any) -> None:
     p = sub.add_parser("submit", help="validate and queue an OpenAI Batch JSONL file")
     p.add_argument("file", help="the JSONL file, or - for standard input")
     p.add_argument("--name", help="batch name (default: the file name, or stdin)")
@@ -354,7 +379,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="expire the batch if it has not ended within this (24h, 30m...; default: none)",
     )
+    p.add_argument("--budget-tokens", metavar="N", help="never spend more tokens than this")
+    p.add_argument("--budget-usd", metavar="X", help="never spend more US dollars than this")
     p.set_defaults(func=cmd_submit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="batch-infer",
+        description="Batch chat completions on Heroku Managed Inference.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_submit(sub)
+
+    p = sub.add_parser("budget", help="show or change a batch's budget (a raise resumes it)")
+    p.add_argument("batch", type=_batch_id)
+    p.add_argument("--tokens", metavar="N", help="the new token budget")
+    p.add_argument("--usd", metavar="X", help="the new budget in US dollars")
+    p.set_defaults(func=cmd_budget)
 
     p = sub.add_parser("status", help="counts of a batch's jobs by status")
     p.add_argument("batch", type=_batch_id)

@@ -29,6 +29,10 @@ TASK_DELIVER_WEBHOOK = "worker.tasks.deliver_webhook"
 #: data (a restart without persistence, a flush), so every published message is gone.
 DISPATCH_EPOCH_KEY = KEY_PREFIX + "dispatch:epoch"
 
+#: Set while the deployment's daily budget is spent (:mod:`jobs.daily_budget`): JSON of
+#: the UTC day, the limits it was reached under and the reason. Expires after two days.
+DAILY_PAUSE_KEY = KEY_PREFIX + "daily-budget:paused"
+
 #: redbeat keeps its schedule and its single-beat lock under this prefix.
 REDBEAT_PREFIX = KEY_PREFIX + "redbeat:"
 #: The lock only one beat process holds at a time.

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from sqlalchemy import Row, func, select
 
-from jobs import circuit, presence
+from jobs import circuit, daily_budget, presence
 from jobs.connections import shared_redis
 from jobs.constants import KEY_PREFIX, throttle_pause_key
 from jobs.db import session_scope
@@ -43,6 +43,8 @@ class BatchSummary(BatchProgress):
     finished_at: dt.datetime | None
     #: From ``created_at`` to ``finished_at``, or to now while it has not ended.
     elapsed_s: float
+    #: Why its calls are paused (its budget ran out), or ``None``.
+    paused_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class LiveState:
     #: Seconds the bucket still admits nothing after a provider 429; ``None``: no pause.
     #: Both are ``None`` with ``redis_error`` set when Redis could not be read.
     paused_for_s: float | None
-    #: Why calls are paused for the key (an open circuit); ``None`` when they flow.
+    #: Why calls are paused for the key (an open circuit, a spent daily budget); ``None``
+    #: when they flow.
     circuit: str | None
     #: Worker processes alive (:mod:`jobs.presence`); ``None`` if Redis could not be read.
     workers: int | None
@@ -119,6 +122,7 @@ _SUMMARY_COLUMNS = (
     Batch.cancelled,
     Batch.created_at,
     Batch.finished_at,
+    Batch.paused_reason,
     func.extract("epoch", func.coalesce(Batch.finished_at, func.now()) - Batch.created_at).label(
         "elapsed_s"
     ),
@@ -140,6 +144,7 @@ def _summary(row: Row[*tuple[Any, ...]]) -> BatchSummary:
         created_at=row.created_at,
         finished_at=row.finished_at,
         elapsed_s=max(0.0, float(row.elapsed_s)),
+        paused_reason=row.paused_reason,
     )
 
 
@@ -255,7 +260,7 @@ def live_state(settings: Settings) -> LiveState:
     try:
         client = shared_redis(_redis_url(settings))
         paused = pause_remaining_s(client, settings)
-        reason = circuit.paused_reason(settings)
+        reason = circuit.paused_reason(settings) or daily_budget.pause_reason(settings)
         workers = presence.live_workers(client)
     except redis.RedisError as exc:
         return LiveState(backlog, running, in_flight, None, None, None, _one_line(exc))

@@ -22,7 +22,8 @@ publish every queued job again at once, instead of waiting for
 DISPATCH_REDELIVER_AFTER.
 
 While the provider rejects the key (the circuit of :mod:`jobs.circuit` is open),
-nothing is published but one probe job each time the circuit is due.
+nothing is published but one probe job each time the circuit is due; while the
+day's budget is spent (:mod:`jobs.daily_budget`), nothing at all.
 """
 
 from __future__ import annotations
@@ -33,19 +34,20 @@ from collections.abc import Sequence
 from typing import cast
 
 from celery import Celery
-from sqlalchemy import Table, and_, func, or_, select, update
+from sqlalchemy import Table, and_, exists, func, or_, select, update
 
 from jobs import circuit as key_circuit
-from jobs import store
+from jobs import daily_budget, store
 from jobs.connections import shared_redis
 from jobs.constants import DISPATCH_EPOCH_KEY, QUEUE_BULK, QUEUE_INTERACTIVE, TASK_RUN_JOB
 from jobs.db import transaction
 from jobs.logfmt import log_event
-from jobs.models import Attempt, Job, JobStatus, Priority
+from jobs.models import Attempt, Batch, Job, JobStatus, Priority
 from jobs.settings import Settings
 from jobs.store import Tx
 
 _jobs = cast(Table, Job.__table__)
+_batches = cast(Table, Batch.__table__)
 
 
 def queue_for(priority: int) -> str:
@@ -66,6 +68,11 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
         with transaction(settings.database_url) as tx:
             recovered = store.requeue_stuck(tx)
     _detect_lost_queue(settings)
+    if daily_budget.pause_reason(settings) is not None:
+        # The day's budget is spent: nothing is published until it resumes.
+        if recovered:
+            log_event("requeued", jobs=recovered, reason="lease expired")
+        return 0
     with transaction(settings.database_url) as tx:
         if circuit.is_open():
             picked = dispatchable(
@@ -189,16 +196,19 @@ def dispatchable(
     session: Tx, *, bulk_room: int, redeliver_after_s: float, interactive_room: int = 1000
 ) -> list[tuple[int, int, int | None]]:
     """Lock queued jobs to publish, as ``(id, priority, batch_id)``: interactive ones first,
-    then up to ``bulk_room`` bulk ones.
+    then up to ``bulk_room`` bulk ones. A paused batch's jobs wait (:mod:`jobs.budget`).
 
     A job published long ago and still queued lost its message (a Redis flush);
     it is published again. ``SKIP LOCKED`` keeps two dispatchers apart.
     """
     j = _jobs.c
     stale = func.now() - dt.timedelta(seconds=redeliver_after_s)
+    b = _batches.c
+    paused = exists().where(b.id == j.batch_id, b.paused_reason.is_not(None))
     ready = and_(
         j.status == JobStatus.QUEUED,
         or_(j.dispatched_at.is_(None), j.dispatched_at < stale),
+        ~paused,
     )
     picked: list[tuple[int, int, int | None]] = []
     for priority, limit in ((Priority.INTERACTIVE, interactive_room), (Priority.BULK, bulk_room)):

@@ -12,11 +12,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from jobs import finalizing, outputs, store
+from jobs import daily_budget, finalizing, outputs, store
+from jobs.budget import Budget, Standing, standing
 from jobs.circuit import paused_reason
 from jobs.context import Context, publish
 from jobs.db import session_scope
+from jobs.logfmt import log_event
 from jobs.models import BATCH_ENDED, TERMINAL, Batch, FileRole, Job
+from jobs.validation import ValidationError
 from jobs.waiting import Watch
 
 #: Which output lines :meth:`BatchHandle.results` gives.
@@ -192,8 +195,10 @@ class BatchHandle:
             )
 
     def calls_paused(self) -> str | None:
-        """Why no call is being made for any job (the provider rejects the key), or ``None``."""
-        return paused_reason(self._ctx.settings)
+        """Why no call is being made for any job (the provider rejects the key, or the
+        day's budget is spent), or ``None``."""
+        settings = self._ctx.settings
+        return paused_reason(settings) or daily_budget.pause_reason(settings)
 
     def wait(
         self,
@@ -246,6 +251,24 @@ class BatchHandle:
             stopped = store.cancel_batch(session, self.id)
         finalizing.finalize(self._ctx.settings, self.id)
         return stopped
+
+    def budget(self) -> Standing:
+        """The batch's budget, its spend so far, and why it is paused if it is."""
+        self.progress()
+        with session_scope(self._ctx.database_url) as session:
+            return standing(session, self.id, self._ctx.settings.price_for)
+
+    def set_budget(self, budget: Budget) -> None:
+        """Give the batch a new budget (none: no limit), which resumes it if it paused.
+
+        Raises :class:`~jobs.validation.ValidationError` for a batch that has ended.
+        """
+        self.progress()
+        with session_scope(self._ctx.database_url) as session:
+            if not store.set_budget(session, self.id, tokens=budget.tokens, usd=budget.usd):
+                raise ValidationError(f"batch {self.id} has ended: its budget no longer matters")
+        log_event("budget_set", batch=self.id, tokens=budget.tokens, usd=budget.usd)
+        publish(self._ctx)
 
     def retry(self) -> int:
         """Re-queue the failed jobs; returns how many."""

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.batchfile import BatchItem
+from jobs.budget import Budget
 from jobs.models import Batch, BatchStatus, Job, JobStatus, Priority, Source
 
 #: The columns a batch's jobs are stored with (the others take their server defaults).
@@ -58,6 +59,12 @@ def _copy_jobs(
     return count
 
 
+def _budget_values(budget: Budget | None) -> dict[str, Any]:
+    if budget is None:
+        return {}
+    return {"budget_tokens": budget.tokens, "budget_usd": budget.usd}
+
+
 def create_batch(
     session: Session,
     *,
@@ -70,6 +77,7 @@ def create_batch(
     notify: bool = False,
     completion_window: str | None = None,
     window_s: float | None = None,
+    budget: Budget | None = None,
 ) -> tuple[int, bool]:
     """Store a batch and all its jobs; returns ``(batch_id, created)``.
 
@@ -95,6 +103,7 @@ def create_batch(
         "total": expected,
         "queued": expected,
         "meta": metadata or {},
+        **_budget_values(budget),
     }
     if idempotency_key is not None:
         stmt = (
@@ -152,6 +161,7 @@ def create_pending_batch(
     completion_window: str | None,
     window_s: float | None,
     metadata: dict[str, Any] | None,
+    budget: Budget | None = None,
 ) -> int:
     """Store a Batches API batch, ``validating``, before its file is read; returns its id.
 
@@ -166,6 +176,7 @@ def create_pending_batch(
         "endpoint": endpoint,
         "completion_window": completion_window,
         "meta": metadata or {},
+        **_budget_values(budget),
     }
     if window_s is not None:
         values["expires_at"] = func.now() + dt.timedelta(seconds=window_s)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -163,6 +164,12 @@ class Batch(Base):
     expired_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     cancelling_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     cancelled_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    #: What the batch may spend (:mod:`jobs.budget`); NULL: no limit of that kind.
+    budget_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    budget_usd: Mapped[float | None] = mapped_column(Float)
+    #: Why the batch's calls are paused (its budget ran out); NULL: not paused. A paused
+    #: batch stays ``in_progress``, with its remaining jobs queued.
+    paused_reason: Mapped[str | None] = mapped_column(Text)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", lazy="raise")
 
@@ -275,6 +282,9 @@ class Attempt(Base):
     #: The completion budget the call was sent with: with ``completion_tokens``, the
     #: samples of the share of it that answers use (:mod:`jobs.calibration`).
     max_tokens: Mapped[int | None] = mapped_column(Integer)
+    #: The most prompt tokens the call was expected to cost (the larger of the raw and
+    #: the calibrated estimate): with ``max_tokens``, its worst case while unanswered.
+    worst_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
 
 
 class File(Base):

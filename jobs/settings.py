@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import datetime as dt
 import hashlib
 import ipaddress
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -78,6 +79,10 @@ def is_loopback_host(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,14 @@ class Settings:
     #: WEBHOOK_BACKOFF_MAX, seconds; cap of one wait between deliveries. Default 3600:
     #: a receiver down for a day gets the event within the hour it returns.
     webhook_backoff_max: float = 3600.0
+    #: DAILY_BUDGET_TOKENS and DAILY_BUDGET_USD: what the deployment may spend per UTC
+    #: day, every batch and interactive job together (:mod:`jobs.daily_budget`); dollars
+    #: need a price. Unset: no daily limit.
+    daily_budget_tokens: int | None = None
+    daily_budget_usd: float | None = None
+    #: The time of day the daily budget goes by (UTC). Tests pass another clock here to
+    #: cross midnight; nothing reads it from the environment.
+    clock: Callable[[], dt.datetime] = field(default=utc_now, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.database_url is not None and not self.database_url.startswith(
@@ -328,7 +341,16 @@ class Settings:
             if e.get(name)
         )
         var_dir = e.get("VAR_DIR")
+        daily_tokens = _int(e, "DAILY_BUDGET_TOKENS", 0, minimum=1) or None
+        daily_usd = _float(e, "DAILY_BUDGET_USD", 0.0) or None
+        if daily_usd is not None and price is None:
+            raise ConfigError(
+                f"DAILY_BUDGET_USD needs the price of {model}: set INFERENCE_PRICE_INPUT "
+                "and INFERENCE_PRICE_OUTPUT (USD per million tokens)"
+            )
         return cls(
+            daily_budget_tokens=daily_tokens,
+            daily_budget_usd=daily_usd,
             database_url=normalize_database_url(database_url) if database_url else None,
             redis_url=e.get("REDIS_URL") or None,
             inference_url=(e.get("INFERENCE_URL") or "").rstrip("/") or None,

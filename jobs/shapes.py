@@ -89,6 +89,9 @@ def batch_object(
         "usage": usage,
         # Not OpenAI's: what the usage cost, from the configured price (null: no price).
         "usage_usd": usd,
+        # Not OpenAI's either, whose statuses are a fixed list: a batch whose budget ran
+        # out stays in_progress, and says why its calls are paused (null: they are not).
+        "paused_reason": batch.paused_reason,
     }
 
 

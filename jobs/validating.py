@@ -24,6 +24,7 @@ from sqlalchemy import select
 from jobs import files, intake, store
 from jobs.api import request_limits
 from jobs.batchfile import check_batch_stream, iter_batch_stream
+from jobs.budget import budget_of, check_items
 from jobs.db import session_scope
 from jobs.logfmt import log_event
 from jobs.models import CHAT_ENDPOINT, Batch
@@ -63,6 +64,15 @@ def validate(settings: Settings, batch_id: int) -> Outcome:
             try:
                 with files.open_input(url, file_id) as stream:
                     check_batch_stream(stream, limits)
+                budget = budget_of(session, batch_id)
+                if budget:
+                    # Each request must fit the budget alone: one more pass, budgets only.
+                    with files.open_input(url, file_id) as stream:
+                        items = iter_batch_stream(stream, limits)
+                        for _ in check_items(
+                            items, budget, settings.default_max_tokens, settings.price_for
+                        ):
+                            pass
             except BatchValidationError as exc:
                 errors = [_error(error) for error in exc.errors]
             except ValidationError as exc:

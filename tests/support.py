@@ -85,7 +85,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("INFERENCE_", "NIGHTLY_", "WEBHOOK_"))
+        if not k.startswith(("INFERENCE_", "NIGHTLY_", "WEBHOOK_", "DAILY_BUDGET_"))
     }
     assert settings.database_url and settings.redis_url and settings.inference_url
     env.update(
@@ -113,6 +113,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
             INFERENCE_PRICE_INPUT=str(settings.price.input),
             INFERENCE_PRICE_OUTPUT=str(settings.price.output),
         )
+    if settings.daily_budget_tokens is not None:
+        env["DAILY_BUDGET_TOKENS"] = str(settings.daily_budget_tokens)
+    if settings.daily_budget_usd is not None:
+        env["DAILY_BUDGET_USD"] = str(settings.daily_budget_usd)
     if settings.webhook_url is not None:
         env.update(
             WEBHOOK_URL=settings.webhook_url,

@@ -128,8 +128,15 @@ class Dashboard:
         return usage, throttle_svg(usage, rpm=self.settings.rpm, tpm=self.settings.tpm)
 
     def _paces(self, batches: list[BatchSummary]) -> dict[int, str]:
-        """The pace of each batch under way (:func:`jobs.dryrun.pace`), as a cell's text."""
-        return {b.id: dryrun.pace(self.settings, b.id).short() for b in batches if not b.finished}
+        """The pace of each batch under way (:func:`jobs.dryrun.pace`), as a cell's text;
+        a paused batch's reason instead."""
+        return {
+            b.id: f"paused: {b.paused_reason}"
+            if b.paused_reason
+            else dryrun.pace(self.settings, b.id).short()
+            for b in batches
+            if not b.finished
+        }
 
     def overview(self, request: Request) -> Response:
         batches = data.recent_batches(self.url)

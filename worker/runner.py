@@ -30,7 +30,8 @@ from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import Connection
 
-from jobs import store
+from jobs import budget, daily_budget, store
+from jobs.budget import Admission
 from jobs.calibration import Calibrator
 from jobs.circuit import Gate, KeyCircuit
 from jobs.db import transaction
@@ -56,6 +57,9 @@ VISIBILITY_MARGIN_S = 120.0
 #: restart, a failover) before the task gives up; a paid answer waits this long
 #: to be recorded rather than be lost.
 OUTAGE_PATIENCE_S = 120.0
+#: How long a job whose call does not fit its batch's budget waits before asking again,
+#: while calls of the batch on the wire may free what they reserved.
+BUDGET_WAIT_S = 0.5
 T = TypeVar("T")
 
 
@@ -157,6 +161,12 @@ class Runner:
             self._held.add(job_id)
         waiter = self.stops.watch(job.batch_id)
         try:
+            # A paused batch or a spent day: back to the queue before taking a throttle turn.
+            paused = job.paused_reason or self._through_outage(
+                partial(daily_budget.pause_reason, self.settings)
+            )
+            if paused is not None:
+                return self._hand_back(job_id, {"job": job_id, "batch": job.batch_id}, paused)
             return self._work(job, deadline, waiter)
         except Exception as exc:
             # An outage outlasted OUTAGE_PATIENCE_S or a bug: give the job back now
@@ -222,16 +232,17 @@ class Runner:
                 if passed not in ("closed", "probe"):
                     return cast(Outcome, passed)
                 gate = passed
+                worst_prompt = max(raw_prompt, self._estimate(job, script, raw_prompt))
                 number = self._in_tx(
-                    lambda tx: store.begin_attempt(
-                        tx,
-                        job.id,
-                        lease_s=self._lease_s(),
-                        est_prompt_tokens=raw_prompt,
-                        script=script,
-                        max_tokens=max_tokens,
-                    )
+                    partial(self._begin, job, raw_prompt, worst_prompt, script, max_tokens)
                 )
+                if isinstance(number, Admission):
+                    # The slot goes back; calls of the batch on the wire may free budget.
+                    waited = self._over_budget(job, fields, number, deadline, waiter)
+                    if isinstance(waited, str):
+                        return waited
+                    waiter = waited
+                    continue
                 if number is None:
                     # Cancelled (or expired) while it waited: the slot goes back unused.
                     log_event("skipped", **fields, reason="no longer running")
@@ -261,17 +272,85 @@ class Runner:
                     )
                     if isinstance(delay, str):
                         return delay
-                    if waiter.wait(delay):
-                        outcome = self._interrupted(job.id, fields, "worker shutting down")
-                        if outcome is not None:
-                            return outcome
-                        waiter = self._rewatch(waiter, job.batch_id)
+                    waited = self._wait(job, fields, waiter, delay)
+                    if isinstance(waited, str):
+                        return waited
+                    waiter = waited
                     continue
                 # The answer is paid for: record it before anything else, so that a worker
                 # killed now loses as few answers as possible.
                 outcome = self._succeed(job.id, fields, number, completion, max_tokens, slot)
                 self._close_circuit(fields, number, gate)
                 return outcome
+
+    def _wait(
+        self, job: store.ClaimedJob, fields: dict[str, Any], waiter: threading.Event, delay: float
+    ) -> Outcome | threading.Event:
+        """Wait ``delay`` before the job's next try: the job's outcome if the wait ended it
+        (a shutdown, its batch stopped), else the event to wait on next."""
+        if not waiter.wait(delay):
+            return waiter
+        outcome = self._interrupted(job.id, fields, "worker shutting down")
+        if outcome is not None:
+            return outcome
+        return self._rewatch(waiter, job.batch_id)
+
+    def _over_budget(
+        self,
+        job: store.ClaimedJob,
+        fields: dict[str, Any],
+        admission: Admission,
+        deadline: float,
+        waiter: threading.Event,
+    ) -> Outcome | threading.Event:
+        """A call that does not fit a budget: failed if it never could, handed back if the
+        budget is spent or the wait would outlive the task, else a wait before it asks
+        again."""
+        if admission.verdict == "too_large":
+            return self._fail(job.id, fields, "over_budget", admission.reason or "over budget")
+        if admission.verdict == "paused":
+            return self._hand_back(job.id, fields, admission.reason or "batch paused")
+        if time.monotonic() > deadline - self.settings.read_timeout:
+            return self._hand_back(job.id, fields, f"budget: {admission.reason}")
+        return self._wait(job, fields, waiter, BUDGET_WAIT_S)
+
+    def _begin(
+        self,
+        job: store.ClaimedJob,
+        raw_prompt: int,
+        worst_prompt: int,
+        script: Script,
+        max_tokens: int,
+        tx: Connection,
+    ) -> int | Admission | None:
+        """The call's ledger row and its attempt number, if the day's budget and the batch's
+        let it start (:func:`jobs.daily_budget.admit`, :func:`jobs.budget.admit`, in the
+        same transaction); else the verdict, a pause recorded where it applies. ``None``:
+        the job is no longer running."""
+        call = budget.worst_case(job.model, worst_prompt, max_tokens, self.settings.price_for)
+        # The day's lock first, then the job's and the batch's rows: one order for all.
+        today = daily_budget.admit(tx, self.settings, call)
+        if today.verdict == "paused" and today.reason is not None:
+            daily_budget.record_pause(self.settings, today.reason)
+            log_event("daily_budget_spent", reason=today.reason)
+        if today.verdict != "fits":
+            return today
+        if job.batch_id is not None:
+            admission = budget.admit(tx, job.batch_id, job.id, call, self.settings.price_for)
+            reason = admission.reason or ""
+            if admission.verdict == "paused" and store.pause_batch(tx, job.batch_id, reason):
+                log_event("batch_paused", batch=job.batch_id, reason=reason)
+            if admission.verdict != "fits":
+                return admission
+        return store.begin_attempt(
+            tx,
+            job.id,
+            lease_s=self._lease_s(),
+            est_prompt_tokens=raw_prompt,
+            script=script,
+            max_tokens=max_tokens,
+            worst_prompt_tokens=worst_prompt,
+        )
 
     def _close_circuit(self, fields: dict[str, Any], number: int, gate: Gate) -> None:
         """After a recorded answer: a probe's success closes the key circuit."""

@@ -15,6 +15,10 @@ Batches move through OpenAI's statuses::
         │  └──reject_batch──▶ failed    │  └──expire_batch──▶ finalizing ──end_batch──▶ expired
         └──────────cancel_batch─────────┴──▶ cancelling ──end_batch──▶ cancelled
 
+An ``in_progress`` batch whose budget ran out is paused (``pause_batch``): it stays
+``in_progress`` with its reason in ``paused_reason``, its jobs stay queued and none is
+published; ``set_budget`` clears the pause (:mod:`jobs.budget`).
+
 ``stop`` is what a cancel or an expiry does to the jobs of the batch: every job
 that has not put its request on the wire ends ``cancelled`` (queued, published,
 or running but waiting for its throttle slot or a retry); a call in flight
@@ -45,7 +49,9 @@ from jobs.store.batches import (
     lock_finalizable,
     lock_validating,
     new_id,
+    pause_batch,
     reject_batch,
+    set_budget,
     stopping_batches,
     validating_batches,
 )
@@ -91,12 +97,14 @@ __all__ = [
     "lock_finalizable",
     "lock_validating",
     "new_id",
+    "pause_batch",
     "record_failure",
     "record_success",
     "reject_batch",
     "renew_leases",
     "requeue_stuck",
     "retry_batch",
+    "set_budget",
     "stop_job",
     "stopping_batches",
     "validating_batches",

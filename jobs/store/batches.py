@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, insert, or_, select, update
 
-from jobs.models import BatchStatus, File, FileRole, WebhookEvent
+from jobs.models import BATCH_ENDED, BatchStatus, File, FileRole, WebhookEvent
 from jobs.store.jobs import CANCELLED_CODE, EXPIRED_CODE, stop_batch_jobs
 from jobs.store.tables import Tx
 from jobs.store.tables import batches_table as _batches
@@ -175,6 +175,31 @@ def end_empty(session: Tx, batch_id: int, *, notify: bool) -> None:
     ).one_or_none()
     if row is not None and notify:
         _event(session, batch_id, BatchStatus.COMPLETED)
+
+
+def pause_batch(session: Tx, batch_id: int, reason: str) -> bool:
+    """Pause a running batch's calls (its budget ran out, :mod:`jobs.budget`): it stays
+    ``in_progress``, its jobs stay queued and the dispatcher leaves them be."""
+    b = _batches.c
+    row = session.execute(
+        update(_batches)
+        .where(b.id == batch_id, b.status == BatchStatus.IN_PROGRESS, b.paused_reason.is_(None))
+        .values(paused_reason=reason)
+        .returning(b.id)
+    ).one_or_none()
+    return row is not None
+
+
+def set_budget(session: Tx, batch_id: int, *, tokens: int | None, usd: float | None) -> bool:
+    """Give a batch a new budget, which resumes it if paused; ``False`` if it has ended."""
+    b = _batches.c
+    row = session.execute(
+        update(_batches)
+        .where(b.id == batch_id, b.status.not_in(BATCH_ENDED))
+        .values(budget_tokens=tokens, budget_usd=usd, paused_reason=None)
+        .returning(b.id)
+    ).one_or_none()
+    return row is not None
 
 
 def finalizable(session: Tx, *, limit: int = 100) -> list[int]:

@@ -38,6 +38,8 @@ class ClaimedJob:
     est_prompt_tokens: int
     priority: int
     attempts: int
+    #: Why its batch's calls are paused (:mod:`jobs.budget`), or ``None``.
+    paused_reason: str | None = None
 
 
 def move_counts(session: Tx, batch_id: int | None, frm: str, to: str, n: int = 1) -> None:
@@ -91,6 +93,10 @@ def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
             j.status,
             j.lease_until,
             func.now().label("now"),
+            select(_batches.c.paused_reason)
+            .where(_batches.c.id == j.batch_id)
+            .scalar_subquery()
+            .label("paused_reason"),
         )
         .where(j.id == job_id)
         # Wait for a dispatcher that still holds the row: it publishes before it commits.
@@ -122,6 +128,7 @@ def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
         est_prompt_tokens=job.est_prompt_tokens,
         priority=job.priority,
         attempts=job.attempts,
+        paused_reason=job.paused_reason,
     )
 
 
@@ -133,13 +140,15 @@ def begin_attempt(
     est_prompt_tokens: int | None = None,
     script: str | None = None,
     max_tokens: int | None = None,
+    worst_prompt_tokens: int | None = None,
 ) -> int | None:
     """Write the ledger row for a call about to be made; returns its attempt number.
 
     Returns ``None`` when the job is no longer running (cancelled meanwhile).
     The row exists before the call, so a worker killed mid-call still leaves a
     trace of a call the provider may have charged. ``est_prompt_tokens``, ``script``
-    and ``max_tokens`` are what the calibration learns from once the answer is recorded.
+    and ``max_tokens`` are what the calibration learns from once the answer is recorded;
+    ``worst_prompt_tokens`` and ``max_tokens``, what a budget counts until then.
     """
     j = _jobs.c
     number = session.execute(
@@ -163,6 +172,7 @@ def begin_attempt(
             est_prompt_tokens=est_prompt_tokens,
             script=script,
             max_tokens=max_tokens,
+            worst_prompt_tokens=worst_prompt_tokens,
         )
     )
     return int(number.attempts)

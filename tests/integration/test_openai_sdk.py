@@ -260,3 +260,41 @@ def test_a_short_completion_window_through_the_sdk_ends_expired(
     output, errors = download(client, done.output_file_id), download(client, done.error_file_id)
     assert len(output) == 1 and {r["error"]["code"] for r in errors} == {"batch_expired"}
     assert sorted(r["custom_id"] for r in output + errors) == sorted(ids)
+
+
+def test_a_budget_in_the_metadata_pauses_the_batch_in_progress_with_its_reason(
+    settings: Settings, simulator: Simulator, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    short = {"model": "kimi-k2-5", "messages": [{"role": "user", "content": "hi"}]}
+    rows = [line(f"b{i}", body=short | {"max_tokens": 50}) for i in range(30)]
+    created = upload(client, tmp_path, jsonl(*rows))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(
+            input_file_id=created.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"budget_usd": "five"},
+        )
+    assert "metadata.budget_usd: must be a number of US dollars, got 'five'" in str(refused.value)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        batch = client.batches.create(
+            input_file_id=created.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"budget_tokens": "400"},
+        )
+        deadline = time.monotonic() + 60
+        ended = {"failed", "completed", "cancelled", "expired"}
+        while not ((batch.model_extra or {}).get("paused_reason") or batch.status in ended):
+            assert time.monotonic() < deadline, "no pause within 60 s"
+            time.sleep(0.3)
+            batch = client.batches.retrieve(batch.id)
+    finally:
+        worker.stop()
+    # OpenAI's statuses are a fixed list: paused, it stays in_progress and says why.
+    assert batch.status == "in_progress"
+    reason = (batch.model_extra or {})["paused_reason"]
+    assert reason.startswith("budget reached: ") and "of 400 tokens" in reason, reason
+    assert batch.usage is not None and batch.usage.total_tokens <= 400
+    assert batch.request_counts is not None and 0 < batch.request_counts.completed < 30
