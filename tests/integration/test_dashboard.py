@@ -21,7 +21,7 @@ from sqlalchemy import func, select, text, update
 
 from devstack.procs import WebProcess
 from devstack.simulator import Simulator
-from jobs import api, dryrun
+from jobs import api, dryrun, store
 from jobs.connections import redis_client
 from jobs.constants import throttle_pause_key
 from jobs.db import session_scope
@@ -140,6 +140,12 @@ def test_the_list_and_its_state_match_the_database(
     assert f'data-field="pace">{pace.short()}<' in page.text
     assert 'data-field="in_flight">1<' in page.text
     assert "s left (the provider answered 429)" in page.text
+    # A batch whose budget ran out shows why instead of a pace.
+    with session_scope(settings.database_url) as s:
+        assert store.pause_batch(s, first.id, "budget reached: 10 tokens spent of 12 tokens")
+    paused = next(b for b in state(browser_client)["batches"] if b["number"] == first.id)
+    assert paused["pace"] == "paused: budget reached: 10 tokens spent of 12 tokens"
+    assert 'data-field="pace">paused: budget reached: 10 tokens' in browser_client.get("/").text
 
 
 def test_a_batch_page_shows_failures_files_and_validation_errors(
