@@ -25,6 +25,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from bench import lanes
+from bench import scenarios_budget as budgets
 from bench import scenarios_neighbour as neighbour
 from bench import scenarios_rate as rate
 from bench import scenarios_system as system
@@ -105,6 +106,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     *_one("near-timeout", "Calls of 285-295 s, defaults", rate.near_timeout),
     *_one("near-timeout-wide", "Calls of 285-295 s, sized for them", rate.near_timeout, True),
     *_one("eta-behind", "Dry run behind a queued batch", rate.eta_behind),
+    *_both("budget-batch", "A batch's budget raced for", budgets.budget_race, solo=True),
+    *_both(
+        "budget-daily", "A daily budget raced for", budgets.budget_race, True, quick=(), solo=True
+    ),
     *_one("tpm-reserve-c3", "TPM-bound, charge=reserve, 3 chars/token", rate.tpm, "reserve", 3.0),
     *_one("tpm-actual-c3", "TPM-bound, charge=actual, 3 chars/token", rate.tpm, "actual", 3.0),
     *_one("tpm-reserve-cjk", "TPM-bound, charge=reserve, CJK", rate.tpm, "reserve", 1.5),

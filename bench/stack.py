@@ -199,6 +199,8 @@ class StackSpec:
     dispatch_window: int | None = None
     #: INFERENCE_INTERACTIVE_RESERVE given to the system.
     interactive_reserve: int = Settings().interactive_reserve
+    #: Further variables given to the system (prices, budgets).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 class Stack:
@@ -295,6 +297,7 @@ class Stack:
             env["WORKER_CONCURRENCY"] = str(self.spec.concurrency)
         if self.spec.dispatch_window is not None:
             env["DISPATCH_WINDOW"] = str(self.spec.dispatch_window)
+        env.update(self.spec.env)
         return env
 
     @property

@@ -207,12 +207,22 @@ class Admission:
 FITS = Admission("fits")
 
 
-def admit(session: Tx, batch_id: int, job_id: int, call: Spend, price_for: PriceFor) -> Admission:
+def admit(
+    session: Tx,
+    batch_id: int,
+    job_id: int,
+    call: Spend,
+    price_for: PriceFor,
+    *,
+    lock: bool = True,
+) -> Admission:
     """May a call of worst case ``call`` start? Step 3 of the module docstring.
 
     Locks the job row, then the batch row (the order every transaction takes them in),
     only for a batch with a budget or a pause; the caller writes the ledger row in the
-    same transaction when it fits.
+    same transaction when it fits. ``lock=False`` is a worker's look before it takes a
+    throttle turn: the same verdict, not binding, so a job that must wait lets the turn
+    go to another.
     """
     b, j = _batches.c, _jobs.c
     row = session.execute(
@@ -220,12 +230,13 @@ def admit(session: Tx, batch_id: int, job_id: int, call: Spend, price_for: Price
     ).one_or_none()
     if row is None or (row.budget_tokens, row.budget_usd, row.paused_reason) == (None,) * 3:
         return FITS
-    session.execute(select(j.id).where(j.id == job_id).with_for_update())
-    row = session.execute(
-        select(b.budget_tokens, b.budget_usd, b.paused_reason)
-        .where(b.id == batch_id)
-        .with_for_update()
-    ).one()
+    if lock:
+        session.execute(select(j.id).where(j.id == job_id).with_for_update())
+        row = session.execute(
+            select(b.budget_tokens, b.budget_usd, b.paused_reason)
+            .where(b.id == batch_id)
+            .with_for_update()
+        ).one()
     if row.paused_reason is not None:
         return Admission("paused", row.paused_reason)
     budget = Budget(row.budget_tokens, row.budget_usd)

@@ -53,15 +53,17 @@ def spent_today(session: Tx, settings: Settings) -> Spend:
     return spend_where(session, since, settings.price_for)
 
 
-def admit(session: Tx, settings: Settings, call: Spend) -> Admission:
-    """May a call of worst case ``call`` start today? Step 1 of the module docstring."""
+def admit(session: Tx, settings: Settings, call: Spend, *, lock: bool = True) -> Admission:
+    """May a call of worst case ``call`` start today? Step 1 of the module docstring.
+    ``lock=False``: a look that binds nothing (:func:`jobs.budget.admit`)."""
     budget = daily(settings)
     if not budget:
         return FITS
     alone = budget.exceeded_by(call)
     if alone is not None:
         return Admission("too_large", f"one call of it may take {alone} (DAILY_BUDGET_*)")
-    session.execute(select(func.pg_advisory_xact_lock(ADMISSION_LOCK)))
+    if lock:
+        session.execute(select(func.pg_advisory_xact_lock(ADMISSION_LOCK)))
     spent = spent_today(session, settings)
     over = budget.exceeded_by(spent + call)
     if over is None:

@@ -39,6 +39,7 @@ from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.tokens import Script, dominant_script
 from jobs.validation import RequestLimits, ValidationError, check_request
+from worker import spending
 from worker.client import ModelClient
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.outages import OUTAGES
@@ -211,14 +212,20 @@ class Runner:
         # With the answer's prompt_tokens, the ledger row these go on calibrates the estimate.
         script = dominant_script(job.request)
 
-        def price() -> int:
-            # Priced again each time the throttle asks: calibration keeps learning.
-            return self._estimate(job, script, raw_prompt) + self._answer_budget(job, max_tokens)
-
+        # Priced again each time it is asked: calibration keeps learning.
+        cost = spending.Cost(
+            job,
+            script,
+            raw_prompt,
+            max_tokens,
+            estimate=partial(self._estimate, job, script, raw_prompt),
+            answer_budget=partial(self._answer_budget, job, max_tokens),
+            settings=self.settings,
+        )
         throttle = self.throttle_for(job.model)
         failures = 0
         while True:
-            got = self._acquire(job, fields, throttle, price, deadline, waiter)
+            got = self._acquire(job, fields, throttle, cost, deadline, waiter)
             if got is None:
                 waiter = self._rewatch(waiter, job.batch_id)
                 continue
@@ -232,10 +239,7 @@ class Runner:
                 if passed not in ("closed", "probe"):
                     return cast(Outcome, passed)
                 gate = passed
-                worst_prompt = max(raw_prompt, self._estimate(job, script, raw_prompt))
-                number = self._in_tx(
-                    partial(self._begin, job, raw_prompt, worst_prompt, script, max_tokens)
-                )
+                number = self._in_tx(partial(self._begin, cost, cost.worst_prompt()))
                 if isinstance(number, Admission):
                     # The slot goes back; calls of the batch on the wire may free budget.
                     waited = self._over_budget(job, fields, number, deadline, waiter)
@@ -315,40 +319,21 @@ class Runner:
         return self._wait(job, fields, waiter, BUDGET_WAIT_S)
 
     def _begin(
-        self,
-        job: store.ClaimedJob,
-        raw_prompt: int,
-        worst_prompt: int,
-        script: Script,
-        max_tokens: int,
-        tx: Connection,
+        self, cost: spending.Cost, worst_prompt: int, tx: Connection
     ) -> int | Admission | None:
-        """The call's ledger row and its attempt number, if the day's budget and the batch's
-        let it start (:func:`jobs.daily_budget.admit`, :func:`jobs.budget.admit`, in the
-        same transaction); else the verdict, a pause recorded where it applies. ``None``:
-        the job is no longer running."""
-        call = budget.worst_case(job.model, worst_prompt, max_tokens, self.settings.price_for)
-        # The day's lock first, then the job's and the batch's rows: one order for all.
-        today = daily_budget.admit(tx, self.settings, call)
-        if today.verdict == "paused" and today.reason is not None:
-            daily_budget.record_pause(self.settings, today.reason)
-            log_event("daily_budget_spent", reason=today.reason)
-        if today.verdict != "fits":
-            return today
-        if job.batch_id is not None:
-            admission = budget.admit(tx, job.batch_id, job.id, call, self.settings.price_for)
-            reason = admission.reason or ""
-            if admission.verdict == "paused" and store.pause_batch(tx, job.batch_id, reason):
-                log_event("batch_paused", batch=job.batch_id, reason=reason)
-            if admission.verdict != "fits":
-                return admission
+        """The call's ledger row and its attempt number, if the budgets let it start
+        (:func:`worker.spending.admit`, in the same transaction); else their verdict.
+        ``None``: the job is no longer running."""
+        admission = spending.admit(tx, cost, worst_prompt)
+        if admission.verdict != "fits":
+            return admission
         return store.begin_attempt(
             tx,
-            job.id,
+            cost.job.id,
             lease_s=self._lease_s(),
-            est_prompt_tokens=raw_prompt,
-            script=script,
-            max_tokens=max_tokens,
+            est_prompt_tokens=cost.raw_prompt,
+            script=cost.script,
+            max_tokens=cost.max_tokens,
             worst_prompt_tokens=worst_prompt,
         )
 
@@ -394,19 +379,28 @@ class Runner:
         job: store.ClaimedJob,
         fields: dict[str, Any],
         throttle: Throttle,
-        price: Callable[[], int],
+        cost: spending.Cost,
         deadline: float,
         waiter: threading.Event,
     ) -> Slot | Outcome | None:
         """The job's throttle slot; or the job's outcome if it ends instead; ``None``: the
-        wait was cut short for nothing, wait again."""
+        wait was cut short for nothing, or the call must wait for budget: ask again."""
+        if spending.needs_look(cost):
+            call = cost.worst_case()
+            looked = self._in_tx(partial(spending.look, cost=cost, call=call))
+        else:
+            looked = budget.FITS
+        if looked.verdict == "wait":
+            # No throttle turn taken: it goes to a job that may call.
+            waited = self._over_budget(job, fields, looked, deadline, waiter)
+            return waited if isinstance(waited, str) else None
         wait_budget = deadline - time.monotonic() - self.settings.read_timeout
         try:
             return self._through_outage(
                 partial(
                     take,
                     throttle,
-                    price,
+                    cost.price,
                     max_wait=wait_budget,
                     stop=waiter,
                     priority=job.priority,

@@ -40,6 +40,8 @@ class ClaimedJob:
     attempts: int
     #: Why its batch's calls are paused (:mod:`jobs.budget`), or ``None``.
     paused_reason: str | None = None
+    #: Its batch had a budget when it was claimed.
+    budgeted: bool = False
 
 
 def move_counts(session: Tx, batch_id: int | None, frm: str, to: str, n: int = 1) -> None:
@@ -97,6 +99,10 @@ def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
             .where(_batches.c.id == j.batch_id)
             .scalar_subquery()
             .label("paused_reason"),
+            select(or_(_batches.c.budget_tokens.is_not(None), _batches.c.budget_usd.is_not(None)))
+            .where(_batches.c.id == j.batch_id)
+            .scalar_subquery()
+            .label("budgeted"),
         )
         .where(j.id == job_id)
         # Wait for a dispatcher that still holds the row: it publishes before it commits.
@@ -129,6 +135,7 @@ def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
         priority=job.priority,
         attempts=job.attempts,
         paused_reason=job.paused_reason,
+        budgeted=bool(job.budgeted),
     )
 
 

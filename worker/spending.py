@@ -1,0 +1,83 @@
+"""A job's call against the budgets, for the runner: what the call may cost, and
+whether the day's budget and its batch's let it start.
+
+1. :class:`Cost` prices one try of a job: what the throttle reserves (``price``) and
+   what a budget counts until the answer (``worst_case``, prompt plus all of
+   max_tokens), both from the calibrated estimate, which keeps learning.
+2. :func:`look` asks before a throttle turn is taken, binding nothing, so a job that
+   must wait for budget leaves the turn to one that may call.
+3. :func:`admit` decides, in the transaction that writes the call's ledger row: the
+   day's budget first (its advisory lock), then the batch's (the job's row, then the
+   batch's), recording a pause where one is reached (:mod:`jobs.daily_budget`,
+   :mod:`jobs.budget`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jobs import budget, daily_budget, store
+from jobs.budget import Admission, Spend
+from jobs.logfmt import log_event
+from jobs.settings import Settings
+from jobs.store import ClaimedJob, Tx
+from jobs.tokens import Script
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One try of ``job``: the raw prompt estimate, the completion budget, and the
+    calibrated estimate and answer share, asked again at each use."""
+
+    job: ClaimedJob
+    script: Script
+    raw_prompt: int
+    max_tokens: int
+    estimate: Callable[[], int]
+    answer_budget: Callable[[], int]
+    settings: Settings
+
+    def price(self) -> int:
+        """What the throttle reserves for the call."""
+        return self.estimate() + self.answer_budget()
+
+    def worst_prompt(self) -> int:
+        return max(self.raw_prompt, self.estimate())
+
+    def worst_case(self, worst_prompt: int | None = None) -> Spend:
+        """What a budget counts the call at until its answer."""
+        prompt = self.worst_prompt() if worst_prompt is None else worst_prompt
+        return budget.worst_case(self.job.model, prompt, self.max_tokens, self.settings.price_for)
+
+
+def needs_look(cost: Cost) -> bool:
+    """Only a job of a budgeted batch, or one under a daily budget, asks the database."""
+    return cost.job.budgeted or bool(daily_budget.daily(cost.settings))
+
+
+def look(tx: Tx, cost: Cost, call: Spend) -> Admission:
+    """Step 2: would the call, of worst case ``call``, fit now? (Priced before the
+    transaction: the calibration may read the database on a connection of its own.)"""
+    job, settings = cost.job, cost.settings
+    today = daily_budget.admit(tx, settings, call, lock=False)
+    if today.verdict != "fits" or job.batch_id is None:
+        return today
+    return budget.admit(tx, job.batch_id, job.id, call, settings.price_for, lock=False)
+
+
+def admit(tx: Tx, cost: Cost, worst_prompt: int) -> Admission:
+    """Step 3: may the call start? The caller writes its ledger row in ``tx`` if so."""
+    job, settings = cost.job, cost.settings
+    call = cost.worst_case(worst_prompt)
+    today = daily_budget.admit(tx, settings, call)
+    if today.verdict == "paused" and today.reason is not None:
+        daily_budget.record_pause(settings, today.reason)
+        log_event("daily_budget_spent", reason=today.reason)
+    if today.verdict != "fits" or job.batch_id is None:
+        return today
+    admission = budget.admit(tx, job.batch_id, job.id, call, settings.price_for)
+    reason = admission.reason or ""
+    if admission.verdict == "paused" and store.pause_batch(tx, job.batch_id, reason):
+        log_event("batch_paused", batch=job.batch_id, reason=reason)
+    return admission
