@@ -4,8 +4,9 @@
 and never touching Redis, works out per model (each model is its own bucket):
 
 1. the requests, and the prompt tokens the provider should count: the raw estimate
-   at the mean ratio of the calibration's samples (:mod:`jobs.calibration`), or the
-   raw one, which errs high, where the ledger has taught nothing yet;
+   at the mean ratio of the calibration's samples (:mod:`jobs.calibration`), or at a
+   typical tokenizer's ratio (:data:`PRIOR_RATIO`) where the ledger has taught nothing
+   yet;
 2. the tokens the throttle holds before an answer: the calibrated estimate (with its
    margin) + max_tokens each;
 3. the cost: the prompt at the input price plus 0 to all of max_tokens at the output
@@ -125,7 +126,7 @@ def _model(
     # What the provider should count: the raw estimate at the mean ratio of the ledger's
     # samples (the calibrated estimate, with its margin, is what the throttle holds).
     samples = {script: cal.samples(model, script) for script in {s for _, s, _ in calls}}
-    ratio = {script: _mean_ratio(found) for script, found in samples.items()}
+    ratio = {script: _mean_ratio(found, script) for script, found in samples.items()}
     prompt = sum(math.ceil(tokens * ratio[script]) for tokens, script, _ in calls)
     held = sum(cal.estimate(model, script, tokens) for tokens, script, _ in calls)
     calibrated_on = min(len(found) for found in samples.values())
@@ -163,10 +164,21 @@ def _model(
     )
 
 
-def _mean_ratio(samples: list[tuple[int, int]]) -> float:
-    """The provider's count over the raw estimate, over ``(actual, raw)`` samples; 1.0
-    (the raw estimate, which errs high) without any."""
-    return sum(a for a, _ in samples) / sum(r for _, r in samples) if samples else 1.0
+#: What the provider should count per raw estimated token before the ledger has taught
+#: anything: typical tokenizers' ratios, not the raw estimate's deliberate excess. About
+#: 4 characters a token on English text (OpenAI's rule of thumb) against the 3 bytes a raw
+#: token stands for, and about 1.5 CJK characters a token against the one character
+#: (3 bytes) it counts. Only the dry run's figures use these; the throttle reserves the
+#: raw estimate until calibrated, which must err high.
+PRIOR_RATIO: dict[Script, float] = {"latin": 0.75, "cjk": 2 / 3}
+
+
+def _mean_ratio(samples: list[tuple[int, int]], script: Script) -> float:
+    """The provider's count over the raw estimate, over ``(actual, raw)`` samples; the
+    script's :data:`PRIOR_RATIO` without any."""
+    if not samples:
+        return PRIOR_RATIO[script]
+    return sum(a for a, _ in samples) / sum(r for _, r in samples)
 
 
 def _expected(
@@ -233,7 +245,7 @@ def _counted(settings: Settings, cal: Calibrator, model: str, raw: int, budget: 
     to ``budget``, as the provider counts them: the prompts at the ledger's mean ratio
     (the Latin one: a queued job's script is not kept), and the budgets whole, or at the
     share recent answers used under ``INFERENCE_TPM_CHARGE=actual``."""
-    prompt = math.ceil(raw * _mean_ratio(cal.samples(model, "latin")))
+    prompt = math.ceil(raw * _mean_ratio(cal.samples(model, "latin"), "latin"))
     answers = cal.completion_samples(model) if settings.tpm_charge == "actual" else []
     if answers:
         budget = round(budget * sum(u for u, _ in answers) / sum(b for _, b in answers))
@@ -263,7 +275,8 @@ def describe(found: Estimate) -> list[str]:
         source = (
             f"calibrated on {m.calibrated_on} answered calls; raw estimate {m.raw_prompt_tokens:,}"
             if m.calibrated_on
-            else "the raw estimate, which errs high: no answered calls to calibrate on yet"
+            else f"typical tokenizer ratios: no answered calls to calibrate on yet; raw "
+            f"estimate {m.raw_prompt_tokens:,}"
         )
         lines.append(f"  prompt tokens: {m.prompt_tokens:,} ({source})")
         lines.append(f"  reserved: {m.reserved_tokens:,} tokens (calibrated prompt + max_tokens)")
