@@ -16,10 +16,11 @@ and never touching Redis, works out per model (each model is its own bucket):
    ``INFERENCE_TPM_CHARGE=reserve``, prompt + the expected answer under ``actual``;
 5. which limit binds and when the batch would end, behind the backlog already queued
    or running on the model: the throttle paces calls one window / rpm apart where
-   requests bind (or one recent latency / DISPATCH_WINDOW_MAX apart, the calls in
+   requests bind (or one mean recent latency / DISPATCH_WINDOW_MAX apart, the calls in
    flight being capped there, if that is longer), and admits a window's worth of
    tokens (as many whole calls as fit) at every roll where tokens do, so the last
-   call starts then and ends a recent call's latency later.
+   call starts then, and the batch ends the recent calls' 95th-percentile latency later
+   (with the slowest of the calls started near its end).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import datetime as dt
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import ColumnElement, Integer, case, func, select
 
@@ -40,8 +41,10 @@ from jobs.pricing import NO_PRICE, Price, dollars
 from jobs.settings import MODEL_LIMITS, Settings
 from jobs.tokens import Script, dominant_script
 
-#: Recent answered calls whose latency stands for the last call's.
+#: Recent answered calls whose latency stands for the batch's calls'.
 LATENCY_SAMPLES = 200
+#: The quantile of their latency that the last calls of a batch are taken to end within.
+TAIL_QUANTILE = 0.95
 #: Queued jobs of a batch whose sizes stand for all it has left (:func:`pace`).
 PACE_SAMPLE = 200
 
@@ -76,7 +79,8 @@ class ModelEstimate:
     binding: Limit | None
     #: Seconds from now until the last call ends; None where the limits are unknown.
     finish_s: float | None
-    #: The recent calls' mean latency, which the finish includes; None: no calls yet.
+    #: The recent calls' 95th-percentile latency, which the finish includes; None: no
+    #: calls yet.
     latency_s: float | None
 
 
@@ -160,7 +164,7 @@ def _model(
         backlog_tokens=backlog_tokens,
         binding=binding,
         finish_s=finish_s,
-        latency_s=latency,
+        latency_s=None if latency is None else latency.tail,
     )
 
 
@@ -198,7 +202,7 @@ def _limits(model: str, settings: Settings) -> tuple[int | None, int | None]:
 
 
 def _finish(
-    settings: Settings, model: str, requests: int, tokens: int, latency: float | None
+    settings: Settings, model: str, requests: int, tokens: int, latency: Latency | None
 ) -> tuple[Limit | None, float | None]:
     """Which limit binds ``requests`` calls of ``tokens`` on ``model``'s bucket, and the
     seconds until the last one ends (None where its limits are unknown)."""
@@ -208,13 +212,14 @@ def _finish(
     window = 60.0 + settings.window_margin_s
     # Calls in flight never outnumber the dispatch window, so calls as long as it takes
     # to call them all start one every latency / window, if that is the slower.
-    gap = max(window / rpm, (latency or 0.0) / settings.dispatch_window_max)
+    mean, tail = latency or (0.0, 0.0)
+    gap = max(window / rpm, mean / settings.dispatch_window_max)
     if requests * gap / window >= tokens / tpm:
         # Paced: one call every gap, the first one at once.
-        return "requests", (requests - 1) * gap + (latency or 0.0)
+        return "requests", (requests - 1) * gap + tail
     # A window's worth of tokens at every roll, in whole calls.
     per_window = max(1, math.floor(tpm * requests / tokens))
-    return "tokens", (math.ceil(requests / per_window) - 1) * window + (latency or 0.0)
+    return "tokens", (math.ceil(requests / per_window) - 1) * window + tail
 
 
 def _backlog(settings: Settings, cal: Calibrator, model: str) -> tuple[int, int]:
@@ -252,8 +257,17 @@ def _counted(settings: Settings, cal: Calibrator, model: str, raw: int, budget: 
     return prompt + budget
 
 
-def _latency(settings: Settings, model: str) -> float | None:
-    """Mean latency (s) of the model's last answered calls; None: none yet."""
+class Latency(NamedTuple):
+    """Of the model's recent answered calls, in seconds: the mean, which sets how many
+    are in flight, and the 95th percentile, which the last calls of a batch end within
+    (the batch ends with the slowest of the calls started near its end)."""
+
+    mean: float
+    tail: float
+
+
+def _latency(settings: Settings, model: str) -> Latency | None:
+    """:class:`Latency` of the model's last answered calls; None: none yet."""
     assert settings.database_url is not None
     recent = (
         select(Attempt.latency_ms)
@@ -263,8 +277,13 @@ def _latency(settings: Settings, model: str) -> float | None:
         .subquery()
     )
     with session_scope(settings.database_url) as session:
-        mean = session.execute(select(func.avg(recent.c.latency_ms))).scalar_one()
-    return None if mean is None else float(mean) / 1000
+        mean, tail = session.execute(
+            select(
+                func.avg(recent.c.latency_ms),
+                func.percentile_cont(TAIL_QUANTILE).within_group(recent.c.latency_ms),
+            )
+        ).one()
+    return None if mean is None else Latency(float(mean) / 1000, float(tail) / 1000)
 
 
 def describe(found: Estimate) -> list[str]:
@@ -305,7 +324,7 @@ def _finish_line(m: ModelEstimate, at: dt.datetime) -> str:
     ends = at + dt.timedelta(seconds=m.finish_s)
     minutes, seconds = divmod(round(m.finish_s), 60)
     latency = (
-        f"a recent call's {m.latency_s:.1f} s latency included"
+        f"the recent calls' 95th-percentile latency, {m.latency_s:.1f} s, included"
         if m.latency_s is not None
         else "plus the calls' latency, not known yet"
     )
@@ -389,7 +408,8 @@ def pace(settings: Settings, batch_id: int) -> Pace:
     to_start = int(mine) + int(ahead) - int(calling)
     if not mine or not sample or to_start <= 0:
         # Nothing left, or only calls in flight: they end about a call's latency from now.
-        return Pace(per_minute=int(answered), finish_s=(latency or 0.0) if mine else 0.0, at=now)
+        last = latency.tail if latency and mine else 0.0
+        return Pace(per_minute=int(answered), finish_s=last, at=now)
     model = max({m for m, _, _ in sample}, key=[m for m, _, _ in sample].count)
     raw, budget = (sum(int(row[i]) for row in sample) for i in (1, 2))
     each = _counted(settings, Calibrator(url), model, raw, budget) / len(sample)

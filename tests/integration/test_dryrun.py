@@ -153,6 +153,23 @@ def test_where_requests_bind_the_calls_take_turns_behind_the_backlog(
     assert m["usd_min"] is None
 
 
+def test_the_batch_ends_with_the_slow_tail_of_its_last_calls(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The last calls started near the end of a batch end with the slowest of them: the
+    finish adds the recent calls' 95th-percentile latency, not their mean."""
+    assert settings.database_url is not None
+    sample = body("word " * 40)
+    for seconds in range(1, 21):  # 1 s to 20 s: a mean of 10.5 s
+        answered(settings.database_url, sample, 60, 30, latency_ms=seconds * 1000)
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(jsonl(*requests(1, 20, 50)))
+    (m,) = dry_run(settings, path)["models"]
+    # Postgres' percentile_cont over 1..20: 19 + 0.05 of the way to 20.
+    assert m["latency_s"] == pytest.approx(19.05)
+    assert m["finish_s"] == pytest.approx(19.05)
+
+
 def test_calls_longer_than_the_dispatch_window_drains_start_as_calls_end(
     settings: Settings, tmp_path: Path
 ) -> None:
