@@ -91,6 +91,14 @@ def test_database_url_is_rewritten_for_psycopg(raw: str, expected: str) -> None:
         ("INFERENCE_HEADROOM", "0.6", "INFERENCE_HEADROOM must be at most 0.5"),
         ("INFERENCE_PRICE_INPUT", "0.6", "INFERENCE_PRICE_INPUT is set but INFERENCE_PRICE_OUTPUT"),
         ("INFERENCE_PRICE_OUTPUT", "3", "INFERENCE_PRICE_OUTPUT is set but INFERENCE_PRICE_INPUT"),
+        ("DAILY_BUDGET_TOKENS", "lots", "DAILY_BUDGET_TOKENS must be an integer, got 'lots'"),
+        ("DAILY_BUDGET_TOKENS", "0", "DAILY_BUDGET_TOKENS must be at least 1, got 0"),
+        ("DAILY_BUDGET_USD", "-2", "DAILY_BUDGET_USD must be positive, got -2"),
+        (
+            "DAILY_BUDGET_USD",
+            "5",
+            "DAILY_BUDGET_USD needs the price of kimi-k2-5: set INFERENCE_PR",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
@@ -180,3 +188,14 @@ def test_prices_are_per_model_and_none_is_invented() -> None:
     assert settings.price_for("kimi-k2-5") == Price(input=0.6, output=3.0)
     assert settings.price_for("another-model") is None
     assert Price(input=0.6, output=3.0).usd(1_000_000, 100_000) == pytest.approx(0.9)
+
+
+def test_a_daily_budget_is_read_once_with_its_price() -> None:
+    env = {
+        "DAILY_BUDGET_USD": "12.5",
+        "INFERENCE_PRICE_INPUT": "0.6",
+        "INFERENCE_PRICE_OUTPUT": "3",
+    }
+    settings = Settings.from_env(env | {"DAILY_BUDGET_TOKENS": "2000000"})
+    assert (settings.daily_budget_tokens, settings.daily_budget_usd) == (2_000_000, 12.5)
+    assert Settings.from_env({}).daily_budget_tokens is None
