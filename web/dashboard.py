@@ -24,9 +24,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from jobs import budget, dryrun, shapes
 from jobs import dashboard_data as data
-from jobs import dryrun
 from jobs.dashboard_data import BatchDetail, BatchSummary, LiveState, MinuteUsage
+from jobs.db import session_scope
+from jobs.pricing import NO_PRICE, dollars
 from jobs.settings import Settings
 from jobs.shapes import batch_public_id, parse_batch_id
 from web import pages
@@ -90,9 +92,9 @@ def throttle_json(state: LiveState, usage: list[MinuteUsage], settings: Settings
     }
 
 
-def detail_json(detail: BatchDetail) -> dict[str, Any]:
+def detail_json(detail: BatchDetail, usage: str = "") -> dict[str, Any]:
     return {
-        "batch": batch_json(detail.summary),
+        "batch": batch_json(detail.summary) | {"usage": usage},
         "version": pages.batch_version(detail),
         "input_file_id": detail.input_file_id,
         "output_file_id": detail.output_file_id,
@@ -168,13 +170,25 @@ class Dashboard:
         if detail is None:
             page = pages.not_found_page(f"No batch {request.path_params['batch_id']}.")
             return HTMLResponse(page, status_code=404, headers=PAGE_HEADERS)
-        return HTMLResponse(pages.batch_page(detail), headers=PAGE_HEADERS)
+        page = pages.batch_page(detail, self._usage(detail.summary.id))
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     def batch_state(self, request: Request) -> Response:
         detail = self._detail(request)
         if detail is None:
             return JSONResponse({"error": "no such batch"}, status_code=404, headers=STATE_HEADERS)
-        return JSONResponse(detail_json(detail), headers=STATE_HEADERS)
+        body = detail_json(detail, self._usage(detail.summary.id))
+        return JSONResponse(body, headers=STATE_HEADERS)
+
+    def _usage(self, batch_id: int) -> str:
+        """The batch's tokens by the ledger and their dollars, and its budget if any."""
+        found = shapes.batch_usage(self.url, [batch_id], self.settings.price_for)[batch_id]
+        prompt, completion = found["usage"]["input_tokens"], found["usage"]["output_tokens"]
+        cost = dollars(found["usd"]) if found["usd"] is not None else f"({NO_PRICE})"
+        text = f"{prompt:,} prompt + {completion:,} completion tokens, {cost}"
+        with session_scope(self.url) as session:
+            standing = budget.standing(session, batch_id, self.settings.price_for)
+        return f"{text}; {standing.describe()}" if standing.budget else text
 
     def routes(self) -> list[BaseRoute]:
         return [

@@ -255,7 +255,7 @@ def _failed_jobs(detail: BatchDetail) -> str:
 </section>"""
 
 
-def batch_page(detail: BatchDetail) -> str:
+def batch_page(detail: BatchDetail, usage: str = "") -> str:
     b = detail.summary
     public = batch_public_id(b.id)
     counts = "".join(
@@ -280,6 +280,7 @@ def batch_page(detail: BatchDetail) -> str:
 {progress_bar(b)}
 <dl class="live">{counts}
 <div><dt>Elapsed</dt><dd data-field="elapsed">{esc(duration(b.elapsed_s))}</dd></div></dl>
+<p>Usage: <span data-field="usage">{esc(usage)}</span></p>
 <p class="muted">Source {esc(detail.source)}, endpoint {esc(detail.endpoint)},
 completion window {esc(window)}.</p>
 </section>

@@ -7,6 +7,7 @@ counters, the queued and calling jobs, the pause key, the ledger's minutes.
 from __future__ import annotations
 
 import datetime as dt
+import html
 import itertools
 import re
 import time
@@ -22,11 +23,14 @@ from sqlalchemy import func, select, text, update
 from devstack.procs import WebProcess
 from devstack.simulator import Simulator
 from jobs import api, dryrun, store
+from jobs.budget import Budget
 from jobs.connections import redis_client
 from jobs.constants import throttle_pause_key
 from jobs.db import session_scope
 from jobs.models import Attempt, Batch, Job, JobStatus
+from jobs.pricing import NO_PRICE
 from jobs.settings import Settings
+from tests.integration.ledger_helpers import answer
 from tests.support import WEB_KEY, WorkerProcess, body, jsonl, line, wait_until
 
 pytestmark = pytest.mark.integration
@@ -347,3 +351,26 @@ def test_the_state_stays_cheap_on_a_large_batch(
     assert "The first 100 of" in page.text
     assert listing["batches"][0]["done"] == 100_000
     print(f"\nbatch page, its state and the list on 100,001 jobs: {elapsed:.3f} s")
+
+
+def test_a_batch_page_shows_its_usage_its_dollars_and_its_budget(
+    settings: Settings, browser_client: httpx.Client
+) -> None:
+    assert settings.database_url is not None
+    batch = api.submit_batch(
+        [body("a"), body("b")], name="spent", budget=Budget(tokens=10_000), settings=settings
+    )
+    with session_scope(settings.database_url) as s:
+        first = s.execute(
+            select(Job.id, Job.request).where(Job.batch_id == batch.id).order_by(Job.id)
+        ).first()
+    assert first is not None
+    job_id, request = first
+    answer(settings.database_url, job_id, request, 30, 25, completion=5, max_tokens=50)
+    expected = (
+        f"25 prompt + 5 completion tokens, ({NO_PRICE}); budget: 30 tokens spent of 10,000 tokens"
+    )
+    detail = state(browser_client, f"/batches/batch_{batch.id}/state.json")
+    assert detail["batch"]["usage"] == expected
+    page = browser_client.get(f"/batches/batch_{batch.id}").text
+    assert f'<span data-field="usage">{html.escape(expected)}</span>' in page

@@ -30,6 +30,7 @@
     }
     setText(root, "elapsed", b.elapsed);
     if (b.pace !== undefined) setText(root, "pace", b.pace);
+    if (b.usage !== undefined) setText(root, "usage", b.usage);
     for (const el of root.querySelectorAll('[data-field="status"]')) {
       el.textContent = b.status;
       el.className = "status s-" + b.status;
