@@ -391,9 +391,13 @@ class Runner:
         else:
             looked = budget.FITS
         if looked.verdict == "wait":
-            # No throttle turn taken: it goes to a job that may call.
-            waited = self._over_budget(job, fields, looked, deadline, waiter)
-            return waited if isinstance(waited, str) else None
+            if time.monotonic() > deadline - self.settings.read_timeout:
+                return self._hand_back(job.id, fields, f"budget: {looked.reason}")
+            # No throttle turn taken: it goes to a job that may call. The caller watches
+            # again whatever ends the wait (``None``).
+            if waiter.wait(BUDGET_WAIT_S):
+                return self._interrupted(job.id, fields, "worker shutting down")
+            return None
         wait_budget = deadline - time.monotonic() - self.settings.read_timeout
         try:
             return self._through_outage(

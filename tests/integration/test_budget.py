@@ -349,3 +349,28 @@ def test_the_daily_budget_stops_every_batch_and_enqueue_until_midnight_utc(
     finally:
         client.close()
         redis.close()
+
+
+def test_a_cancel_ends_the_jobs_that_wait_for_budget(
+    clean_db: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Calls of 3 s, and a budget that fits two at their worst: the others wait for it.
+    sim = Simulator(SimulatorConfig(key=TEST_KEY, latency_min=3.0, latency_max=3.0)).start()
+    settings = make_settings(clean_db, redis_url, sim.url)
+    lines = requests(10)
+    est = check_request(lines[0]["body"], api.request_limits(settings)).est_prompt_tokens
+    batch = api.submit_batch(
+        lines, name="waiting", budget=Budget(tokens=2 * (est + MAX_TOKENS) + 10), settings=settings
+    )
+    worker = WorkerProcess(settings, tmp_path / "worker.log", concurrency=8)
+    try:
+        worker.wait_ready()
+        wait_until(lambda: batch.progress().running >= 4, 30, "jobs waiting for budget")
+        assert ledger(clean_db, batch.id)[0] == 2  # two on the wire, the rest waiting
+        batch.cancel()
+        final = batch.wait(timeout=30)
+    finally:
+        worker.stop()
+        sim.stop()
+    # The two calls on the wire end and are recorded; every waiting job ends cancelled.
+    assert (final.status, final.succeeded, final.cancelled) == ("cancelled", 2, 8)
