@@ -136,7 +136,8 @@ def check_items(
         )
         if budget.usd is not None and worst.usd is None:
             raise ValidationError(
-                f"a dollar budget needs a price for {request.model}: {NO_PRICE}",
+                f"a dollar budget needs a price for {request.model}: set "
+                "INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT (USD per million tokens)",
                 line=item.line,
                 field="body.model",
             )

@@ -284,8 +284,8 @@ def test_a_dollar_budget_needs_a_price(clean_db: str, redis_url: str, tmp_path: 
     with pytest.raises(ValidationError) as caught:
         api.submit_batch(requests(2), budget=Budget(usd=5), settings=unpriced)
     assert str(caught.value).startswith(
-        "request 1: body.model: a dollar budget needs a price for kimi-k2-5: no price: "
-        "set INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT"
+        "request 1: body.model: a dollar budget needs a price for kimi-k2-5: "
+        "set INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT (USD per million tokens)"
     ), str(caught.value)
 
 
