@@ -11,7 +11,9 @@
    - it does not, and calls of the batch are still on the wire: the job waits for their
      answers to free what they reserved beyond what they used;
    - it does not, and nothing can free more: the batch pauses, its reason on the
-     batch row (:func:`jobs.store.pause_batch`), and its jobs stay queued.
+     batch row (:func:`jobs.store.pause_batch`), and its jobs stay queued;
+   - it never could, alone (the budget was lowered below it): its job fails,
+     ``over_budget``.
 4. Raising the budget (:func:`jobs.store.set_budget`) clears the pause.
 
 So the spend recorded never exceeds the budget, and a paused batch has spent at least
@@ -241,9 +243,6 @@ def admit(
     if row.paused_reason is not None:
         return Admission("paused", row.paused_reason)
     budget = Budget(row.budget_tokens, row.budget_usd)
-    alone = budget.exceeded_by(call)
-    if alone is not None:
-        return Admission("too_large", f"one call of it may take {alone}")
     alone = budget.exceeded_by(call)
     if alone is not None:
         return Admission("too_large", f"one call of it may take {alone}")
