@@ -213,7 +213,6 @@ FITS = Admission("fits")
 def admit(
     session: Tx,
     batch_id: int,
-    job_id: int,
     call: Spend,
     price_for: PriceFor,
     *,
@@ -221,11 +220,11 @@ def admit(
 ) -> Admission:
     """May a call of worst case ``call`` start? Step 3 of the module docstring.
 
-    Locks the job row, then the batch row (the order every transaction takes them in),
-    only for a batch with a budget or a pause; the caller writes the ledger row in the
-    same transaction when it fits. ``lock=False`` is a worker's look before it takes a
-    throttle turn: the same verdict, not binding, so a job that must wait lets the turn
-    go to another.
+    Locks the batch row, only for a batch with a budget or a pause; the caller then
+    writes the ledger row (the job's row) in the same transaction when it fits: the
+    batch's row before its jobs', the order a cancel takes them in too. ``lock=False``
+    is a worker's look before it takes a throttle turn: the same verdict, not binding,
+    so a job that must wait lets the turn go to another.
     """
     b, j = _batches.c, _jobs.c
     row = session.execute(
@@ -234,7 +233,6 @@ def admit(
     if row is None or (row.budget_tokens, row.budget_usd, row.paused_reason) == (None,) * 3:
         return FITS
     if lock:
-        session.execute(select(j.id).where(j.id == job_id).with_for_update())
         row = session.execute(
             select(b.budget_tokens, b.budget_usd, b.paused_reason)
             .where(b.id == batch_id)

@@ -7,8 +7,8 @@ whether the day's budget and its batch's let it start.
 2. :func:`look` asks before a throttle turn is taken, binding nothing, so a job that
    must wait for budget leaves the turn to one that may call.
 3. :func:`admit` decides, in the transaction that writes the call's ledger row: the
-   day's budget first (its advisory lock), then the batch's (the job's row, then the
-   batch's), recording a pause where one is reached (:mod:`jobs.daily_budget`,
+   day's budget first (its advisory lock), then the batch's (its row, before the
+   job's), recording a pause where one is reached (:mod:`jobs.daily_budget`,
    :mod:`jobs.budget`).
 """
 
@@ -63,7 +63,7 @@ def look(tx: Tx, cost: Cost, call: Spend) -> Admission:
     today = daily_budget.admit(tx, settings, call, lock=False)
     if today.verdict != "fits" or job.batch_id is None:
         return today
-    return budget.admit(tx, job.batch_id, job.id, call, settings.price_for, lock=False)
+    return budget.admit(tx, job.batch_id, call, settings.price_for, lock=False)
 
 
 def admit(tx: Tx, cost: Cost, worst_prompt: int) -> Admission:
@@ -76,7 +76,7 @@ def admit(tx: Tx, cost: Cost, worst_prompt: int) -> Admission:
         log_event("daily_budget_spent", reason=today.reason)
     if today.verdict != "fits" or job.batch_id is None:
         return today
-    admission = budget.admit(tx, job.batch_id, job.id, call, settings.price_for)
+    admission = budget.admit(tx, job.batch_id, call, settings.price_for)
     reason = admission.reason or ""
     if admission.verdict == "paused" and store.pause_batch(tx, job.batch_id, reason):
         log_event("batch_paused", batch=job.batch_id, reason=reason)

@@ -221,13 +221,13 @@ def test_an_unanswered_call_counts_at_its_worst_case_until_its_answer(settings: 
         )
         # A second call of 400 at worst does not fit while the first is on the wire...
         call = budget.worst_case("kimi-k2-5", 300, 100, settings.price_for)
-        assert budget.admit(tx, batch.id, job_id, call, settings.price_for).verdict == "wait"
+        assert budget.admit(tx, batch.id, call, settings.price_for).verdict == "wait"
         store.finish_attempt(tx, job_id, number, latency_ms=5, http_status=200, usage=(50, 20, 70))
         # ...and fits once its answer freed all but the 70 tokens it used.
         assert budget.spend(tx, batch.id, settings.price_for).tokens == 70
-        assert budget.admit(tx, batch.id, job_id, call, settings.price_for).verdict == "fits"
+        assert budget.admit(tx, batch.id, call, settings.price_for).verdict == "fits"
         bigger = budget.worst_case("kimi-k2-5", 400, 100, settings.price_for)
-        admission = budget.admit(tx, batch.id, job_id, bigger, settings.price_for)
+        admission = budget.admit(tx, batch.id, bigger, settings.price_for)
     # With nothing on the wire, a call that does not fit pauses the batch.
     assert admission.verdict == "paused"
     assert admission.reason == (
@@ -365,8 +365,12 @@ def test_a_cancel_ends_the_jobs_that_wait_for_budget(
     worker = WorkerProcess(settings, tmp_path / "worker.log", concurrency=8)
     try:
         worker.wait_ready()
-        wait_until(lambda: batch.progress().running >= 4, 30, "jobs waiting for budget")
-        assert ledger(clean_db, batch.id)[0] == 2  # two on the wire, the rest waiting
+        # Two on the wire, the others held by the worker, waiting for budget.
+        wait_until(
+            lambda: ledger(clean_db, batch.id)[0] == 2 and batch.progress().running >= 4,
+            30,
+            "jobs waiting for budget",
+        )
         batch.cancel()
         final = batch.wait(timeout=30)
     finally:
