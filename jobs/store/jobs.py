@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import JSON, Interval, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from jobs.models import Batch, BatchStatus, Job, JobStatus
 from jobs.store.tables import Tx
@@ -24,6 +27,25 @@ EXPIRED_CODE = "batch_expired"
 # The statements a worker runs for every job use the tables, not the mapped
 # classes: an ORM-enabled UPDATE synchronises the session's identity map after
 # it runs, which took a fifth of a busy worker's GIL time for rows nobody had loaded.
+# They are also built once, with bind parameters, rather than per call: building
+# a statement and its cache key cost more CPU than running it.
+
+
+def _param(column: ColumnElement[Any]) -> BindParameter[Any]:
+    """A bind parameter named and typed after ``column``; ``None`` binds SQL NULL, as in
+    ``values(column=None)``, also for a JSON column (whose type would bind JSON null)."""
+    kind = column.type
+    if isinstance(kind, JSON):
+        kind = JSONB(none_as_null=True)
+    return bindparam(column.key, type_=kind)
+
+
+#: ``lease_until`` a lease from now: bind ``lease`` to a :class:`datetime.timedelta`.
+_LEASE = func.now() + bindparam("lease", type_=Interval())
+
+
+def _lease(lease_s: float) -> dt.timedelta:
+    return dt.timedelta(seconds=lease_s)
 
 
 @dataclass(frozen=True)
@@ -47,33 +69,36 @@ class ClaimedJob:
 def move_counts(session: Tx, batch_id: int | None, frm: str, to: str, n: int = 1) -> None:
     """Move ``n`` jobs of a batch between two counters; a running batch left with none
     queued or running is finalizing (its files and final status are :func:`end_batch`'s).
+    """
+    if batch_id is None or n == 0 or frm == to:
+        return
+    session.execute(_move_statement(frm, to), {"batch_id": batch_id, "n": n})
+
+
+@functools.cache
+def _move_statement(frm: str, to: str) -> Any:
+    """The UPDATE moving ``n`` jobs from counter ``frm`` to ``to`` of batch ``batch_id``.
 
     All expressions of one UPDATE see the row's old values, so the emptiness
     test applies the same deltas as the counters.
     """
-    if batch_id is None or n == 0 or frm == to:
-        return
-    delta = {frm: -n, to: n}
     b = _batches.c
-    empty = and_(
-        b.queued + delta.get("queued", 0) == 0,
-        b.running + delta.get("running", 0) == 0,
-    )
-    session.execute(
+    n = bindparam("n", type_=b.queued.type)
+
+    def after(counter: str) -> ColumnElement[Any]:
+        column = b[counter]
+        return column - n if counter == frm else column + n if counter == to else column
+
+    ending = and_(after("queued") == 0, after("running") == 0, b.status == BatchStatus.IN_PROGRESS)
+    return (
         update(_batches)
-        .where(b.id == batch_id)
+        .where(b.id == bindparam("batch_id", type_=b.id.type))
         .values(
             {
-                frm: b[frm] - n,
-                to: b[to] + n,
-                "status": case(
-                    (and_(empty, b.status == BatchStatus.IN_PROGRESS), BatchStatus.FINALIZING),
-                    else_=b.status,
-                ),
-                "finalizing_at": case(
-                    (and_(empty, b.status == BatchStatus.IN_PROGRESS), func.now()),
-                    else_=b.finalizing_at,
-                ),
+                frm: after(frm),
+                to: after(to),
+                "status": case((ending, BatchStatus.FINALIZING), else_=b.status),
+                "finalizing_at": case((ending, func.now()), else_=b.finalizing_at),
             }
         )
     )
@@ -81,33 +106,7 @@ def move_counts(session: Tx, batch_id: int | None, frm: str, to: str, n: int = 1
 
 def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
     """Take a job for running, or ``None`` when it is finished or leased elsewhere."""
-    j = _jobs.c
-    job = session.execute(
-        select(
-            j.id,
-            j.batch_id,
-            j.custom_id,
-            j.model,
-            j.request,
-            j.est_prompt_tokens,
-            j.priority,
-            j.attempts,
-            j.status,
-            j.lease_until,
-            func.now().label("now"),
-            select(_batches.c.paused_reason)
-            .where(_batches.c.id == j.batch_id)
-            .scalar_subquery()
-            .label("paused_reason"),
-            select(or_(_batches.c.budget_tokens.is_not(None), _batches.c.budget_usd.is_not(None)))
-            .where(_batches.c.id == j.batch_id)
-            .scalar_subquery()
-            .label("budgeted"),
-        )
-        .where(j.id == job_id)
-        # Wait for a dispatcher that still holds the row: it publishes before it commits.
-        .with_for_update()
-    ).one_or_none()
+    job = session.execute(_CLAIM_READ, {"job_id": job_id}).one_or_none()
     # A purged job has no body to send; purging only touches finished jobs and
     # retry_batch leaves purged ones alone, so this is a guard, not a path.
     if job is None or job.request is None:
@@ -116,15 +115,7 @@ def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
         move_counts(session, job.batch_id, "queued", "running")
     elif not (job.status == JobStatus.RUNNING and job.lease_until and job.lease_until < job.now):
         return None
-    session.execute(
-        update(_jobs)
-        .where(j.id == job_id)
-        .values(
-            status=JobStatus.RUNNING,
-            started_at=func.coalesce(j.started_at, func.now()),
-            lease_until=func.now() + dt.timedelta(seconds=lease_s),
-        )
-    )
+    session.execute(_CLAIM_WRITE, {"job_id": job_id, "lease": _lease(lease_s)})
     return ClaimedJob(
         id=job.id,
         batch_id=job.batch_id,
@@ -137,6 +128,41 @@ def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
         paused_reason=job.paused_reason,
         budgeted=bool(job.budgeted),
     )
+
+
+_j, _b, _a = _jobs.c, _batches.c, _attempts.c
+
+_CLAIM_READ = (
+    select(
+        _j.id,
+        _j.batch_id,
+        _j.custom_id,
+        _j.model,
+        _j.request,
+        _j.est_prompt_tokens,
+        _j.priority,
+        _j.attempts,
+        _j.status,
+        _j.lease_until,
+        func.now().label("now"),
+        _b.paused_reason,
+        or_(_b.budget_tokens.is_not(None), _b.budget_usd.is_not(None)).label("budgeted"),
+    )
+    .select_from(_jobs.outerjoin(_batches, _b.id == _j.batch_id))
+    .where(_j.id == bindparam("job_id", type_=_j.id.type))
+    # Wait for a dispatcher that still holds the row: it publishes before it commits.
+    # Only the job's row: its batch's is the counters', locked by move_counts below.
+    .with_for_update(of=_jobs)
+)
+_CLAIM_WRITE = (
+    update(_jobs)
+    .where(_j.id == bindparam("job_id", type_=_j.id.type))
+    .values(
+        status=JobStatus.RUNNING,
+        started_at=func.coalesce(_j.started_at, func.now()),
+        lease_until=_LEASE,
+    )
+)
 
 
 def begin_attempt(
@@ -157,32 +183,49 @@ def begin_attempt(
     and ``max_tokens`` are what the calibration learns from once the answer is recorded;
     ``worst_prompt_tokens`` and ``max_tokens``, what a budget counts until then.
     """
-    j = _jobs.c
     number = session.execute(
-        update(_jobs)
-        .where(j.id == job_id, j.status == JobStatus.RUNNING)
-        .values(
-            attempts=j.attempts + 1,
-            calling=True,
-            lease_until=func.now() + dt.timedelta(seconds=lease_s),
-        )
-        .returning(j.attempts, j.model)
+        _ATTEMPT_COUNT, {"job_id": job_id, "lease": _lease(lease_s)}
     ).one_or_none()
     if number is None:
         return None
     session.execute(
-        insert(_attempts).values(
-            job_id=job_id,
-            number=number.attempts,
-            model=number.model,
-            started_at=func.now(),
-            est_prompt_tokens=est_prompt_tokens,
-            script=script,
-            max_tokens=max_tokens,
-            worst_prompt_tokens=worst_prompt_tokens,
-        )
+        _ATTEMPT_ROW,
+        {
+            "job_id": job_id,
+            "number": number.attempts,
+            "model": number.model,
+            "est_prompt_tokens": est_prompt_tokens,
+            "script": script,
+            "max_tokens": max_tokens,
+            "worst_prompt_tokens": worst_prompt_tokens,
+        },
     )
     return int(number.attempts)
+
+
+_ATTEMPT_COUNT = (
+    update(_jobs)
+    .where(_j.id == bindparam("job_id", type_=_j.id.type), _j.status == JobStatus.RUNNING)
+    .values(attempts=_j.attempts + 1, calling=True, lease_until=_LEASE)
+    .returning(_j.attempts, _j.model)
+)
+_ATTEMPT_ROW = insert(_attempts).values(
+    {
+        **{
+            column: _param(_a[column])
+            for column in (
+                "job_id",
+                "number",
+                "model",
+                "est_prompt_tokens",
+                "script",
+                "max_tokens",
+                "worst_prompt_tokens",
+            )
+        },
+        "started_at": func.now(),
+    }
+)
 
 
 def finish_attempt(
@@ -201,36 +244,79 @@ def finish_attempt(
 
     The job is no longer ``calling``: until its next call, a cancel stops it.
     """
-    session.execute(update(_jobs).where(_jobs.c.id == job_id).values(calling=False))
-    a = _attempts.c
+    session.execute(_NOT_CALLING, {"job_id": job_id})
     session.execute(
-        update(_attempts)
-        .where(a.job_id == job_id, a.number == number)
-        .values(
-            latency_ms=latency_ms,
-            http_status=http_status,
-            error_kind=error_kind,
-            error_message=error_message,
-            request_id=request_id,
-            prompt_tokens=usage[0],
-            completion_tokens=usage[1],
-            total_tokens=usage[2],
-        )
+        _ATTEMPT_END,
+        {
+            "of_job": job_id,
+            "of_number": number,
+            "latency_ms": latency_ms,
+            "http_status": http_status,
+            "error_kind": error_kind,
+            "error_message": error_message,
+            "request_id": request_id,
+            "prompt_tokens": usage[0],
+            "completion_tokens": usage[1],
+            "total_tokens": usage[2],
+        },
     )
 
 
+_NOT_CALLING = (
+    update(_jobs).where(_j.id == bindparam("job_id", type_=_j.id.type)).values(calling=False)
+)
+_ATTEMPT_END = (
+    update(_attempts)
+    .where(
+        # Not named after the columns: those names are the SET clause's.
+        _a.job_id == bindparam("of_job", type_=_a.job_id.type),
+        _a.number == bindparam("of_number", type_=_a.number.type),
+    )
+    .values(
+        {
+            column: _param(_a[column])
+            for column in (
+                "latency_ms",
+                "http_status",
+                "error_kind",
+                "error_message",
+                "request_id",
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+            )
+        }
+    )
+)
+
+
 def _finish(session: Tx, job_id: int, status: JobStatus, **values: Any) -> bool:
-    j = _jobs.c
     row = session.execute(
-        update(_jobs)
-        .where(j.id == job_id, j.status == JobStatus.RUNNING)
-        .values(status=status, finished_at=func.now(), lease_until=None, calling=False, **values)
-        .returning(j.batch_id)
+        _finish_statement(tuple(sorted(values))), {"job_id": job_id, "status": status, **values}
     ).one_or_none()
     if row is None:
         return False
     move_counts(session, row.batch_id, "running", status.value)
     return True
+
+
+@functools.cache
+def _finish_statement(columns: tuple[str, ...]) -> Any:
+    """The UPDATE ending a running job with a ``status`` and values for ``columns``."""
+    return (
+        update(_jobs)
+        .where(_j.id == bindparam("job_id", type_=_j.id.type), _j.status == JobStatus.RUNNING)
+        .values(
+            {
+                "status": _param(_j.status),
+                "finished_at": func.now(),
+                "lease_until": None,
+                "calling": False,
+                **{column: _param(_j[column]) for column in columns},
+            }
+        )
+        .returning(_j.batch_id)
+    )
 
 
 def record_success(

@@ -160,6 +160,34 @@ def test_attempt_rows_are_numbered_and_written_before_the_call(clean_db: str) ->
         assert store.begin_attempt(s, job_id, lease_s=60) is None
 
 
+def test_a_finished_job_keeps_sql_null_where_it_has_no_json(clean_db: str) -> None:
+    """The per-job statements bind their values; ``None`` in a JSON column must stay SQL
+    NULL, as ``values(column=None)`` wrote it, not become the JSON value ``null``."""
+    ok, failed = job_ids(clean_db, make_batch(clean_db, 2))
+    with session_scope(clean_db) as s:
+        store.claim(s, ok, lease_s=60)
+        store.claim(s, failed, lease_s=60)
+        store.record_success(
+            s, ok, response={"id": "x"}, output_text="hi", reasoning_text=None,
+            tool_calls=None, finish_reason="stop", usage=(1, 1, 2),
+        )  # fmt: skip
+        store.record_failure(s, failed, code="x", message="y")
+    with session_scope(clean_db) as s:
+        rows = s.execute(
+            select(
+                Job.id,
+                Job.tool_calls.is_(None),
+                Job.error_body.is_(None),
+                Job.response.is_(None),
+                Job.reasoning_text.is_(None),
+            ).order_by(Job.id)
+        ).all()
+    assert [tuple(row) for row in rows] == [
+        (ok, True, True, False, True),
+        (failed, True, True, True, True),
+    ]
+
+
 def test_requeue_stuck_and_retry_batch(clean_db: str) -> None:
     batch_id = make_batch(clean_db, 2)
     a, b = job_ids(clean_db, batch_id)
