@@ -1,5 +1,7 @@
 """What every worker's dispatcher does besides publishing jobs, each DISPATCH_INTERVAL.
 
+0. The jobs' moves are added to their batches' counters (:func:`jobs.store.fold_moves`),
+   and a running batch with none left queued or running is finalizing.
 1. Batches whose completion window closed expire (:func:`jobs.store.expire_batch`):
    their unsent jobs stop, and they end ``expired`` once their calls on the wire end.
 2. Batches with nothing queued or running that wait to end get their finalize task.
@@ -47,6 +49,8 @@ def sweep(settings: Settings, app: Celery) -> list[int]:
     """One round of housekeeping; returns the ids of batches being stopped."""
     assert settings.database_url is not None
     url = settings.database_url
+    with transaction(url) as tx:
+        store.fold_moves(tx)
     with transaction(url) as tx:
         expired = store.expired_batches(tx)
     for batch_id in expired:

@@ -174,6 +174,26 @@ class Batch(Base):
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", lazy="raise")
 
 
+class BatchMove(Base):
+    """Jobs of a batch that moved between its counters, not yet added to the batch's row.
+
+    Every job moves twice or more (claimed, then ended), and updating the batch row
+    each time made every job of a batch queue on that row's lock: a move is an insert
+    instead, and the dispatcher's sweep folds the moves into the row
+    (:func:`jobs.store.fold_moves`). No foreign key: its check would lock the batch row.
+    """
+
+    __tablename__ = "batch_moves"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    queued: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    running: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    succeeded: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cancelled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

@@ -53,7 +53,7 @@ def clean_db(database_url: str) -> Iterator[str]:
         make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False),
         autocommit=True,
     ) as conn:
-        conn.execute("TRUNCATE attempts, jobs, batches RESTART IDENTITY CASCADE")
+        conn.execute("TRUNCATE attempts, jobs, batches, batch_moves RESTART IDENTITY CASCADE")
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Every status change of a job or a batch, in SQL: :mod:`jobs.store.jobs` and
 :mod:`jobs.store.batches`, re-exported here.
 
-Jobs move so that their batch's counters move in the same transaction::
+Every move of a job is recorded in the same transaction as a row of ``batch_moves``,
+which the dispatcher's sweep adds to the batch's counters (``fold_moves``), so that
+the jobs of a batch do not queue on its row; the counters lag by a sweep at most::
 
     queued ──claim──▶ running ──record_success──▶ succeeded
       ▲  │               │ └──────record_failure──▶ failed ──retry_batch──▶ queued
@@ -63,6 +65,7 @@ from jobs.store.jobs import (
     begin_attempt,
     claim,
     finish_attempt,
+    fold_moves,
     hand_back,
     is_finished,
     record_failure,
@@ -92,6 +95,7 @@ __all__ = [
     "expired_batches",
     "finalizable",
     "finish_attempt",
+    "fold_moves",
     "hand_back",
     "is_finished",
     "lock_finalizable",

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 
 from jobs.models import BATCH_ENDED, BatchStatus, File, FileRole, WebhookEvent
-from jobs.store.jobs import CANCELLED_CODE, EXPIRED_CODE, stop_batch_jobs
+from jobs.store.jobs import CANCELLED_CODE, EXPIRED_CODE, fold_moves, stop_batch_jobs
 from jobs.store.tables import Tx
 from jobs.store.tables import batches_table as _batches
 
@@ -44,9 +44,12 @@ def cancel_batch(session: Tx, batch_id: int) -> int:
     ).one_or_none()
     if started is None:
         return 0
-    return stop_batch_jobs(
+    stopped = stop_batch_jobs(
         session, batch_id, CANCELLED_CODE, "cancelled before its request was sent"
     )
+    # The batch's row is this transaction's already: its counters show the cancel at once.
+    fold_moves(session, batch_id)
+    return stopped
 
 
 def expire_batch(session: Tx, batch_id: int) -> int:
@@ -68,9 +71,11 @@ def expire_batch(session: Tx, batch_id: int) -> int:
     ).one_or_none()
     if started is None:
         return 0
-    return stop_batch_jobs(
+    stopped = stop_batch_jobs(
         session, batch_id, EXPIRED_CODE, "not started within the completion window"
     )
+    fold_moves(session, batch_id)
+    return stopped
 
 
 def expired_batches(session: Tx, *, limit: int = 100) -> list[int]:

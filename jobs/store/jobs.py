@@ -8,7 +8,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Interval, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import (
+    JSON,
+    Interval,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
@@ -18,6 +30,7 @@ from jobs.store.tables import Tx
 from jobs.store.tables import attempts_table as _attempts
 from jobs.store.tables import batches_table as _batches
 from jobs.store.tables import jobs_table as _jobs
+from jobs.store.tables import moves_table as _moves
 
 ABANDONED = "abandoned"
 #: ``error_code`` of the jobs a cancel or an expiry stopped before their call.
@@ -67,41 +80,78 @@ class ClaimedJob:
 
 
 def move_counts(session: Tx, batch_id: int | None, frm: str, to: str, n: int = 1) -> None:
-    """Move ``n`` jobs of a batch between two counters; a running batch left with none
-    queued or running is finalizing (its files and final status are :func:`end_batch`'s).
-    """
+    """Move ``n`` jobs of a batch from counter ``frm`` to ``to``: a row of
+    ``batch_moves``, added to the batch's row by :func:`fold_moves`."""
     if batch_id is None or n == 0 or frm == to:
         return
-    session.execute(_move_statement(frm, to), {"batch_id": batch_id, "n": n})
+    session.execute(_move_statement(frm, to), {"batch_id": batch_id, "taken": -n, "given": n})
 
 
 @functools.cache
 def _move_statement(frm: str, to: str) -> Any:
-    """The UPDATE moving ``n`` jobs from counter ``frm`` to ``to`` of batch ``batch_id``.
-
-    All expressions of one UPDATE see the row's old values, so the emptiness
-    test applies the same deltas as the counters.
-    """
-    b = _batches.c
-    n = bindparam("n", type_=b.queued.type)
-
-    def after(counter: str) -> ColumnElement[Any]:
-        column = b[counter]
-        return column - n if counter == frm else column + n if counter == to else column
-
-    ending = and_(after("queued") == 0, after("running") == 0, b.status == BatchStatus.IN_PROGRESS)
-    return (
-        update(_batches)
-        .where(b.id == bindparam("batch_id", type_=b.id.type))
-        .values(
-            {
-                frm: after(frm),
-                to: after(to),
-                "status": case((ending, BatchStatus.FINALIZING), else_=b.status),
-                "finalizing_at": case((ending, func.now()), else_=b.finalizing_at),
-            }
-        )
+    m = _moves.c
+    return insert(_moves).values(
+        {
+            "batch_id": bindparam("batch_id", type_=m.batch_id.type),
+            frm: bindparam("taken", type_=m.queued.type),
+            to: bindparam("given", type_=m.queued.type),
+        }
     )
+
+
+def fold_moves(session: Tx, batch_id: int | None = None) -> list[int]:
+    """Add the moves committed so far to their batches' counters (only ``batch_id``'s if
+    given), and return the batches changed. A running batch left with none queued or
+    running is finalizing (its files and final status are :func:`end_batch`'s).
+
+    The batch rows are locked first, skipping those another transaction holds (their
+    moves wait for the next fold), then their moves are deleted: every transaction
+    takes a batch row before its moves, so two folds, or a fold and a cancel, never
+    wait on each other in a circle.
+    """
+    rows = session.execute(_FOLD, {"batch_id": batch_id}).scalars().all()
+    return [int(row) for row in rows]
+
+
+#: ``:batch_id``: one batch, or NULL for all; returns the ids of the batches changed. The
+#: SET expressions see the row as locked, and all of them its old values, so the
+#: emptiness test adds the same sums as the counters.
+_FOLD = text(
+    """
+WITH picked AS (
+    SELECT id FROM batches
+    WHERE id IN (
+        SELECT batch_id FROM batch_moves
+        WHERE CAST(:batch_id AS bigint) IS NULL OR batch_id = CAST(:batch_id AS bigint)
+    )
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    DELETE FROM batch_moves USING picked WHERE batch_moves.batch_id = picked.id
+    RETURNING batch_moves.*
+), summed AS (
+    SELECT batch_id, sum(queued) AS queued, sum(running) AS running,
+           sum(succeeded) AS succeeded, sum(failed) AS failed, sum(cancelled) AS cancelled
+    FROM moved GROUP BY batch_id
+)
+UPDATE batches SET
+    queued = batches.queued + summed.queued,
+    running = batches.running + summed.running,
+    succeeded = batches.succeeded + summed.succeeded,
+    failed = batches.failed + summed.failed,
+    cancelled = batches.cancelled + summed.cancelled,
+    status = CASE
+        WHEN batches.queued + summed.queued = 0 AND batches.running + summed.running = 0
+             AND batches.status = 'in_progress' THEN 'finalizing'
+        ELSE batches.status END,
+    finalizing_at = CASE
+        WHEN batches.queued + summed.queued = 0 AND batches.running + summed.running = 0
+             AND batches.status = 'in_progress' THEN now()
+        ELSE batches.finalizing_at END
+FROM summed WHERE batches.id = summed.batch_id
+RETURNING batches.id
+"""
+)
 
 
 def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
@@ -151,7 +201,7 @@ _CLAIM_READ = (
     .select_from(_jobs.outerjoin(_batches, _b.id == _j.batch_id))
     .where(_j.id == bindparam("job_id", type_=_j.id.type))
     # Wait for a dispatcher that still holds the row: it publishes before it commits.
-    # Only the job's row: its batch's is the counters', locked by move_counts below.
+    # Only the job's row: the batch's is left to cancels and folds.
     .with_for_update(of=_jobs)
 )
 _CLAIM_WRITE = (

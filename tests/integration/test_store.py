@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from jobs import intake, reports, store
@@ -51,6 +51,9 @@ def make_batch(db: str, n: int, **kwargs: Any) -> int:
 
 
 def counters(db: str, batch_id: int) -> dict[str, Any]:
+    """The batch's counters once the moves so far are folded, as the next sweep does."""
+    with session_scope(db) as session:
+        store.fold_moves(session)
     with session_scope(db) as session:
         b = session.get(Batch, batch_id)
         assert b is not None
@@ -186,6 +189,37 @@ def test_a_finished_job_keeps_sql_null_where_it_has_no_json(clean_db: str) -> No
         (ok, True, True, False, True),
         (failed, True, True, True, True),
     ]
+
+
+def test_jobs_of_one_batch_never_wait_on_its_row(clean_db: str) -> None:
+    """Two workers claiming and ending jobs of one batch at once: neither waits for the
+    other's transaction (each move is a row of its own, folded later), and a fold skips
+    a batch whose row a cancel holds instead of waiting for it."""
+    batch_id = make_batch(clean_db, 3)
+    a, b, c = job_ids(clean_db, batch_id)
+    with session_scope(clean_db) as first:
+        assert store.claim(first, a, lease_s=60) is not None
+        assert store.record_failure(first, a, code="x", message="y")
+        # Still uncommitted: with the counters on the batch row this would wait.
+        with session_scope(clean_db) as second:
+            second.execute(text("SET LOCAL lock_timeout = '1s'"))
+            assert store.claim(second, b, lease_s=60) is not None
+    assert counters(clean_db, batch_id) | {} == {
+        "status": "in_progress", "total": 3, "queued": 1, "running": 1,
+        "succeeded": 0, "failed": 1, "cancelled": 0, "finished": False,
+    }  # fmt: skip
+    with session_scope(clean_db) as worker:
+        assert store.claim(worker, c, lease_s=60) is not None  # a move left to fold
+    with session_scope(clean_db) as cancelling:
+        assert store.cancel_batch(cancelling, batch_id) == 2
+        with session_scope(clean_db) as sweep:
+            sweep.execute(text("SET LOCAL lock_timeout = '1s'"))
+            assert store.fold_moves(sweep) == []  # the cancel holds the row: skipped
+    # The cancel folded its own moves; nothing was counted twice or lost.
+    assert counters(clean_db, batch_id) | {} == {
+        "status": "cancelling", "total": 3, "queued": 0, "running": 0,
+        "succeeded": 0, "failed": 1, "cancelled": 2, "finished": False,
+    }  # fmt: skip
 
 
 def test_requeue_stuck_and_retry_batch(clean_db: str) -> None:
