@@ -19,12 +19,12 @@ from typing import Any
 import redis
 from sqlalchemy import Row, func, select
 
-from jobs import circuit, daily_budget, presence
+from jobs import circuit, daily_budget, presence, store
 from jobs.connections import shared_redis
 from jobs.constants import KEY_PREFIX, throttle_pause_key
 from jobs.db import session_scope
 from jobs.handles import BatchProgress
-from jobs.models import Attempt, Batch, Job, JobStatus
+from jobs.models import Attempt, Batch, BatchMove, Job, JobStatus
 from jobs.settings import Settings
 
 #: Batches on the overview, newest first.
@@ -115,11 +115,7 @@ _SUMMARY_COLUMNS = (
     Batch.source,
     Batch.status,
     Batch.total,
-    Batch.queued,
-    Batch.running,
-    Batch.succeeded,
-    Batch.failed,
-    Batch.cancelled,
+    *(store.live_count(name).label(name) for name in store.COUNTERS),
     Batch.created_at,
     Batch.finished_at,
     Batch.paused_reason,
@@ -241,9 +237,13 @@ def live_state(settings: Settings) -> LiveState:
     """The backlog and the calls in flight (Postgres), the pause and circuit (Redis)."""
     assert settings.database_url is not None
     with session_scope(settings.database_url) as session:
-        # The batches' counters, plus the interactive jobs (no batch) by their index:
+        # The batches' counters and their moves not yet folded, plus the interactive jobs
+        # (no batch) by their index:
         # counting queued jobs row by row would read a large backlog on every refresh.
-        in_batches = select(func.coalesce(func.sum(Batch.queued), 0)).scalar_subquery()
+        in_batches = (
+            select(func.coalesce(func.sum(Batch.queued), 0)).scalar_subquery()
+            + select(func.coalesce(func.sum(BatchMove.queued), 0)).scalar_subquery()
+        )
         alone = (
             select(func.count())
             .select_from(Job)

@@ -33,6 +33,7 @@ from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import ColumnElement, Integer, case, func, select
 
+from jobs import store
 from jobs.batchfile import BatchItem
 from jobs.calibration import Calibrator
 from jobs.db import session_scope
@@ -370,7 +371,7 @@ def pace(settings: Settings, batch_id: int) -> Pace:
     assert settings.database_url is not None
     url = settings.database_url
     now = dt.datetime.now(dt.UTC)
-    left = Batch.queued + Batch.running
+    left = store.live_count("queued") + store.live_count("running")
     with session_scope(url) as session:
         answered = session.execute(
             select(func.count())

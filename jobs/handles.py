@@ -181,17 +181,18 @@ class BatchHandle:
             batch = session.get(Batch, self.id)
             if batch is None:
                 raise NotFoundError(f"batch {self.id} does not exist")
+            counts = store.live_counts(session, [batch.id])[batch.id]
             return BatchProgress(
                 id=batch.id,
                 name=batch.name,
                 source=batch.source,
                 status=batch.status,
                 total=batch.total,
-                queued=batch.queued,
-                running=batch.running,
-                succeeded=batch.succeeded,
-                failed=batch.failed,
-                cancelled=batch.cancelled,
+                queued=counts.queued,
+                running=counts.running,
+                succeeded=counts.succeeded,
+                failed=counts.failed,
+                cancelled=counts.cancelled,
             )
 
     def calls_paused(self) -> str | None:

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from jobs.db import session_scope
 from jobs.models import Attempt, Batch, File, Job
 from jobs.pricing import Price
+from jobs.store import Counts
 
 #: A batch's public id is this prefix and its number.
 BATCH_PREFIX = "batch_"
@@ -56,7 +57,12 @@ def file_object(file: File) -> dict[str, Any]:
 
 
 def batch_object(
-    batch: Batch, *, model: str | None, usage: dict[str, Any], usd: float | None = None
+    batch: Batch,
+    *,
+    counts: Counts,
+    model: str | None,
+    usage: dict[str, Any],
+    usd: float | None = None,
 ) -> dict[str, Any]:
     errors = {"object": "list", "data": [_error(e) for e in batch.errors]} if batch.errors else None
     return {
@@ -80,9 +86,9 @@ def batch_object(
         "cancelled_at": _unix(batch.cancelled_at),
         "request_counts": {
             "total": batch.total,
-            "completed": batch.succeeded,
+            "completed": counts.succeeded,
             # OpenAI counts a cancelled or expired request as failed.
-            "failed": batch.failed + batch.cancelled,
+            "failed": counts.failed + counts.cancelled,
         },
         "metadata": {str(k): str(v) for k, v in batch.meta.items()} or None,
         "model": model,

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from jobs import api, files, shapes
+from jobs import api, files, shapes, store
 from jobs.db import session_scope
 from jobs.files import UploadError
 from jobs.models import Batch
@@ -250,10 +250,13 @@ def batch_objects(settings: Settings, batch_ids: list[int]) -> list[dict[str, An
         rows = {
             b.id: b for b in session.execute(select(Batch).where(Batch.id.in_(batch_ids))).scalars()
         }
+        counts = store.live_counts(session, list(rows))
     known = [i for i in batch_ids if i in rows]
     extra = shapes.batch_usage(settings.database_url, known, settings.price_for)
     return [
-        shapes.batch_object(rows[i], model=e["model"], usage=e["usage"], usd=e["usd"])
+        shapes.batch_object(
+            rows[i], counts=counts[i], model=e["model"], usage=e["usage"], usd=e["usd"]
+        )
         for i in known
         for e in (extra[i],)
     ]

@@ -99,6 +99,36 @@ def _move_statement(frm: str, to: str) -> Any:
     )
 
 
+#: A batch's counters, in the order of the columns.
+COUNTERS = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A batch's jobs by status, as of now."""
+
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+def live_count(name: str) -> ColumnElement[int]:
+    """Counter ``name`` of the batch of the enclosing query over ``batches``, as of now:
+    its row plus its moves not yet folded (at most a sweep's worth, found by index)."""
+    m = _moves.c
+    pending = select(func.coalesce(func.sum(m[name]), 0)).where(m.batch_id == _batches.c.id)
+    return _batches.c[name] + pending.scalar_subquery()
+
+
+def live_counts(session: Tx, batch_ids: Sequence[int]) -> dict[int, Counts]:
+    """:class:`Counts` of these batches (unknown ones left out)."""
+    columns = [live_count(name).label(name) for name in COUNTERS]
+    rows = session.execute(select(_batches.c.id, *columns).where(_batches.c.id.in_(batch_ids)))
+    return {row.id: Counts(*(int(value) for value in row[1:])) for row in rows}
+
+
 def fold_moves(session: Tx, batch_id: int | None = None) -> list[int]:
     """Add the moves committed so far to their batches' counters (only ``batch_id``'s if
     given), and return the batches changed. A running batch left with none queued or
