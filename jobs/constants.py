@@ -39,16 +39,21 @@ REDBEAT_PREFIX = KEY_PREFIX + "redbeat:"
 REDBEAT_LOCK_KEY = REDBEAT_PREFIX + "lock"
 
 
+# The log, its costs and their total are named ``calls``, ``tokens`` and ``total`` since
+# the total was added: a worker of a release before it, still running during a deploy,
+# keeps its ``log`` and ``costs`` apart instead of changing them without the total.
+
+
 def throttle_log_key(bucket: str) -> str:
     """Sorted set of the calls admitted in the window: member = call id, score = admit
     time (ms of Redis time). The throttle's keys are described in
     :mod:`worker.throttle_scripts`."""
-    return f"{KEY_PREFIX}throttle:{{{bucket}}}:log"
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:calls"
 
 
 def throttle_costs_key(bucket: str) -> str:
     """Hash of the logged calls' costs: call id -> tokens."""
-    return f"{KEY_PREFIX}throttle:{{{bucket}}}:costs"
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:tokens"
 
 
 def throttle_pause_key(bucket: str) -> str:
@@ -56,9 +61,9 @@ def throttle_pause_key(bucket: str) -> str:
     return f"{KEY_PREFIX}throttle:{{{bucket}}}:pause"
 
 
-def throttle_init_key(bucket: str) -> str:
-    """Present while the bucket's log is seeded; its absence means the log was lost."""
-    return f"{KEY_PREFIX}throttle:{{{bucket}}}:init"
+def throttle_total_key(bucket: str) -> str:
+    """The tokens of every call in the log; its absence means the log was lost."""
+    return f"{KEY_PREFIX}throttle:{{{bucket}}}:total"
 
 
 def throttle_pace_key(bucket: str) -> str:

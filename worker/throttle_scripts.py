@@ -11,13 +11,15 @@ A bucket's keys (names in :mod:`jobs.constants`), all sharing one hash tag:
 log        zset    one member per admitted call (its id), scored by Redis time (ms)
 costs      hash    id -> tokens charged for that call (reserved, then settled)
 pause      string  Redis time (ms) until which nothing is admitted (after a 429)
-init       string  present while the log is whole; missing: the log must be seeded
+total      string  the tokens of every call in the log, kept by each script that changes
+                   it, so that no script reads the whole log; missing: the log was lost
+                   and must be seeded
 pace       hash    turn: Redis time (ms) of the next bulk turn; wanted: until when an
                    interactive call waits for room
 room       hash    the room learnt for other clients of the key: requests, tokens, at
 =========  ======  ====================================================================
 
-The log, the costs and the init marker expire together one window after the last
+The log, the costs and the total expire together one window after the last
 admission; so does the pace. The room lives longer (see :mod:`worker.throttle`).
 """
 
@@ -33,11 +35,11 @@ from redis.commands.core import Script
 
 from jobs.constants import (
     throttle_costs_key,
-    throttle_init_key,
     throttle_log_key,
     throttle_pace_key,
     throttle_pause_key,
     throttle_room_key,
+    throttle_total_key,
 )
 
 #: How :data:`ADMIT` treats a call: a new one, one admitted before that starts late and
@@ -54,26 +56,32 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Forget the calls that left the window: the log's members and their costs.
-local function prune(log, costs, now, window)
+local function sum_of(costs, ids)
+  local total = 0
+  for i = 1, #ids, 1000 do
+    local part = redis.call('HMGET', costs, unpack(ids, i, math.min(i + 999, #ids)))
+    for j = 1, #part do total = total + (tonumber(part[j]) or 0) end
+  end
+  return total
+end
+
+-- Forget the calls that left the window: the log's members, their costs, and their
+-- tokens in the total (if there is one).
+local function prune(log, costs, total_key, now, window)
   local gone = redis.call('ZRANGEBYSCORE', log, '-inf', now - window)
+  if #gone == 0 then return end
+  local freed = sum_of(costs, gone)
   for i = 1, #gone, 1000 do
     redis.call('HDEL', costs, unpack(gone, i, math.min(i + 999, #gone)))
   end
   redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
-end
-
-local function tokens_of(costs, ids)
-  if #ids == 0 then return {} end
-  local out = redis.call('HMGET', costs, unpack(ids))
-  for i = 1, #out do out[i] = tonumber(out[i]) or 0 end
-  return out
+  if redis.call('EXISTS', total_key) == 1 then redis.call('INCRBY', total_key, -freed) end
 end
 """
 
 #: Admit a call now, or say how long until it could be.
 #:
-#: KEYS: log, costs, pause, init, pace, room.
+#: KEYS: log, costs, pause, total, pace, room.
 #: ARGV: id, tokens, window ms, rpm, tpm, reserved requests, reserved tokens, floor
 #: requests, floor tokens, bulk (1 or 0), mode (:data:`NEW`, :data:`AGAIN` or
 #: :data:`SENT`), the provider's window ms.
@@ -96,43 +104,36 @@ end
 ADMIT = (
     _COMMON
     + """
-local log, costs, pause, init, pace, room = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local log, costs, pause, total_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local pace, room = KEYS[5], KEYS[6]
 local id, cost, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local rpm, tpm = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserve_r, reserve_t = tonumber(ARGV[6]), tonumber(ARGV[7])
 local floor_r, floor_t, bulk = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10] == '1'
 local mode, span = ARGV[11], tonumber(ARGV[12])
 local now = now_ms()
-if redis.call('EXISTS', init) == 0 then return {2, 0} end
-prune(log, costs, now, window)
+if redis.call('EXISTS', total_key) == 0 then return {2, 0} end
+prune(log, costs, total_key, now, window)
 if redis.call('ZSCORE', log, id) then
+  redis.call('INCRBY', total_key, -(tonumber(redis.call('HGET', costs, id)) or 0))
   redis.call('ZREM', log, id)
   redis.call('HDEL', costs, id)
 end
--- The log oldest first: ids, their times and their costs.
-local raw = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
-local ids, at = {}, {}
-for i = 1, #raw, 2 do
-  ids[#ids + 1] = raw[i]
-  at[#at + 1] = tonumber(raw[i + 1])
-end
-local spent = tokens_of(costs, ids)
+local count, total = redis.call('ZCARD', log), tonumber(redis.call('GET', total_key))
 local function log_it()
   -- Stamps strictly increase, in the order calls are admitted: a call admitted in the
   -- same ms as the one before is logged 1 ms after it (later: the safe side).
   local stamp = now
-  if #at > 0 and at[#at] >= stamp then stamp = at[#at] + 1 end
+  local last = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
+  if #last > 0 and tonumber(last[2]) >= stamp then stamp = tonumber(last[2]) + 1 end
   redis.call('ZADD', log, stamp, id)
   redis.call('HSET', costs, id, cost)
   redis.call('PEXPIRE', log, window)
   redis.call('PEXPIRE', costs, window)
-  redis.call('SET', init, '1', 'PX', window)
-  local requests, tokens = 1, cost
-  for i = #ids, 1, -1 do
-    if at[i] <= stamp - span then break end
-    requests, tokens = requests + 1, tokens + spent[i]
-  end
-  return {0, stamp, requests, tokens}
+  redis.call('SET', total_key, total + cost, 'PX', window)
+  -- Ours in the provider's window ending at the stamp: the log less its older calls.
+  local older = redis.call('ZRANGEBYSCORE', log, '-inf', stamp - span)
+  return {0, stamp, count + 1 - #older, total + cost - sum_of(costs, older)}
 end
 if mode == 'sent' then return log_it() end
 local paused = tonumber(redis.call('GET', pause) or '0')
@@ -146,20 +147,28 @@ if bulk then
 end
 if limit_r < 1 or cost > limit_t then return {1, window} end
 local wait = 0
-if #ids + 1 > limit_r then
-  wait = at[#ids - limit_r + 1] + window - now
+if count + 1 > limit_r then
+  local oldest = redis.call('ZRANGE', log, count - limit_r, count - limit_r, 'WITHSCORES')
+  wait = tonumber(oldest[2]) + window - now
 end
-local total = cost
-for i = 1, #spent do total = total + spent[i] end
+local needed = total + cost
 -- Requests bind when the window's share of them is the larger: only then are turns kept.
-local paced = (#ids + 1) * open_t >= total * open_r
-local i = 0
-while total > limit_t and i < #ids do
-  i = i + 1
-  total = total - spent[i]
-end
-if i > 0 and total <= limit_t then
-  wait = math.max(wait, at[i] + window - now)
+local paced = (count + 1) * open_t >= needed * open_r
+-- Over the tokens: wait for the oldest calls to leave, read a hundred at a time.
+local from = 0
+while needed > limit_t and from < count do
+  local chunk = redis.call('ZRANGE', log, from, from + 99, 'WITHSCORES')
+  local ids = {}
+  for k = 1, #chunk, 2 do ids[#ids + 1] = chunk[k] end
+  local spent = redis.call('HMGET', costs, unpack(ids))
+  for k = 1, #ids do
+    needed = needed - (tonumber(spent[k]) or 0)
+    if needed <= limit_t then
+      wait = math.max(wait, tonumber(chunk[2 * k]) + window - now)
+      break
+    end
+  end
+  from = from + 100
 end
 local turns = redis.call('HMGET', pace, 'turn', 'wanted')
 local turn, wanted = tonumber(turns[1]) or 0, tonumber(turns[2]) or 0
@@ -185,47 +194,54 @@ return log_it()
 
 #: Charge logged calls another amount, or take them out of the log.
 #:
-#: KEYS: log, costs.  ARGV: (id, tokens, was) triples; tokens -1 takes the call out;
+#: KEYS: log, costs, total.  ARGV: (id, tokens, was) triples; tokens -1 takes the call out;
 #: ``was`` not empty: only if the call is still charged exactly that (a new price for a
 #: call in flight never overwrites its settlement). A call already gone from the window
 #: is left alone. Returns how many calls were changed.
 SETTLE = """
-local log, costs, changed = KEYS[1], KEYS[2], 0
+local log, costs, total_key, changed, delta = KEYS[1], KEYS[2], KEYS[3], 0, 0
 for i = 1, #ARGV, 3 do
   local id, tokens, was = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  if redis.call('ZSCORE', log, id) and (was == '' or redis.call('HGET', costs, id) == was) then
+  local current = redis.call('ZSCORE', log, id) and redis.call('HGET', costs, id)
+  if current and (was == '' or current == was) then
     if tokens < 0 then
       redis.call('ZREM', log, id)
       redis.call('HDEL', costs, id)
+      delta = delta - (tonumber(current) or 0)
     else
       redis.call('HSET', costs, id, tokens)
+      delta = delta + tokens - (tonumber(current) or 0)
     end
     changed = changed + 1
   end
+end
+if delta ~= 0 and redis.call('EXISTS', total_key) == 1 then
+  redis.call('INCRBY', total_key, delta)
 end
 return changed
 """
 
 #: Rebuild a lost log from the caller's history, once.
 #:
-#: KEYS: log, costs, init.  ARGV: window ms, then (age ms, tokens) pairs.
-#: Only while the init marker is missing, so two seeders never log a history twice.
+#: KEYS: log, costs, total.  ARGV: window ms, then (age ms, tokens) pairs.
+#: Only while the total is missing, so two seeders never log a history twice; the total
+#: is then the tokens of the whole log.
 #: Returns 1 if this call seeded the log.
 SEED = (
     _COMMON
     + """
-local log, costs, init, window = KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1])
-if redis.call('EXISTS', init) == 1 then return 0 end
+local log, costs, total_key, window = KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1])
+if redis.call('EXISTS', total_key) == 1 then return 0 end
 local now = now_ms()
 for i = 2, #ARGV, 2 do
   local id = 's.' .. (i / 2)
   redis.call('ZADD', log, now - tonumber(ARGV[i]), id)
   redis.call('HSET', costs, id, ARGV[i + 1])
 end
-prune(log, costs, now, window)
+prune(log, costs, total_key, now, window)
 redis.call('PEXPIRE', log, window)
 redis.call('PEXPIRE', costs, window)
-redis.call('SET', init, '1', 'PX', window)
+redis.call('SET', total_key, sum_of(costs, redis.call('ZRANGE', log, 0, -1)), 'PX', window)
 return 1
 """
 )
@@ -246,7 +262,7 @@ return ends
 
 #: What the bucket holds now: the calls of the last ``span`` ms and the learnt room.
 #:
-#: KEYS: log, costs, room, pause.  ARGV: span ms, after ms (Redis time), within ms.
+#: KEYS: log, costs, room, pause, total.  ARGV: span ms, after ms (Redis time), within ms.
 #: Returns ``{now, requests, tokens, room requests, room tokens, room at, pause left,
 #: later requests, later tokens}``, the last two for our calls admitted in
 #: ``(after, after + within]``: they may have reached the provider before the call
@@ -254,22 +270,29 @@ return ends
 LOOK = (
     _COMMON
     + """
-local log, costs, room, pause = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local log, costs, room, pause, total_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, after, within = now_ms(), tonumber(ARGV[2]), tonumber(ARGV[3])
-local function sum(ids)
-  local tokens = 0
-  for _, t in ipairs(tokens_of(costs, ids)) do tokens = tokens + t end
-  return tokens
+local since = now - tonumber(ARGV[1])
+-- The calls since then: with the total, the log less its older calls; without (the log
+-- is lost), those calls themselves.
+local requests, tokens
+local total = redis.call('GET', total_key)
+if total then
+  local older = redis.call('ZRANGEBYSCORE', log, '-inf', since)
+  requests = redis.call('ZCARD', log) - #older
+  tokens = tonumber(total) - sum_of(costs, older)
+else
+  local ids = redis.call('ZRANGEBYSCORE', log, '(' .. since, '+inf')
+  requests, tokens = #ids, sum_of(costs, ids)
 end
-local ids = redis.call('ZRANGEBYSCORE', log, '(' .. (now - tonumber(ARGV[1])), '+inf')
 local later = {}
 if within > 0 then
   later = redis.call('ZRANGEBYSCORE', log, '(' .. after, after + within)
 end
 local learnt = redis.call('HMGET', room, 'requests', 'tokens', 'at')
 local paused = tonumber(redis.call('GET', pause) or '0')
-return {now, #ids, sum(ids), tonumber(learnt[1]) or 0, tonumber(learnt[2]) or 0,
-        tonumber(learnt[3]) or 0, math.max(0, paused - now), #later, sum(later)}
+return {now, requests, tokens, tonumber(learnt[1]) or 0, tonumber(learnt[2]) or 0,
+        tonumber(learnt[3]) or 0, math.max(0, paused - now), #later, sum_of(costs, later)}
 """
 )
 
@@ -330,7 +353,7 @@ class BucketStore:
         self.log = throttle_log_key(bucket)
         self.costs = throttle_costs_key(bucket)
         self.pause_key = throttle_pause_key(bucket)
-        self.init = throttle_init_key(bucket)
+        self.total = throttle_total_key(bucket)
         self.pace = throttle_pace_key(bucket)
         self.room_key = throttle_room_key(bucket)
         self._lock = threading.Lock()
@@ -363,7 +386,7 @@ class BucketStore:
         span_ms: int,
         mode: Mode = "new",
     ) -> Verdict:
-        keys = [self.log, self.costs, self.pause_key, self.init, self.pace, self.room_key]
+        keys = [self.log, self.costs, self.pause_key, self.total, self.pace, self.room_key]
         args = (rid, tokens, self.window_ms, rpm, tpm, *reserve, *floor, int(bulk), mode)
         status, value, *ours = self._run(self._scripts.admit, keys, (*args, span_ms))
         if status == 0:
@@ -372,23 +395,25 @@ class BucketStore:
 
     def settle(self, rid: str, tokens: int) -> bool:
         """Charge ``tokens`` for the call, or with ``-1`` take it out of the log."""
-        return bool(self._run(self._scripts.settle, [self.log, self.costs], (rid, tokens, "")))
+        return bool(
+            self._run(self._scripts.settle, [self.log, self.costs, self.total], (rid, tokens, ""))
+        )
 
     def reprice(self, prices: Sequence[tuple[str, int, int]]) -> int:
         """Charge ``(id, was, now)`` calls ``now`` where they are still charged ``was``."""
         args = [v for rid, was, now in prices for v in (rid, now, was)]
-        return int(self._run(self._scripts.settle, [self.log, self.costs], args))
+        return int(self._run(self._scripts.settle, [self.log, self.costs, self.total], args))
 
     def seed(self, history: Sequence[tuple[int, int]]) -> bool:
         """Log ``(age ms, tokens)`` pairs if the log is still lost."""
         args = [self.window_ms, *(v for pair in history for v in pair)]
-        return bool(self._run(self._scripts.seed, [self.log, self.costs, self.init], args))
+        return bool(self._run(self._scripts.seed, [self.log, self.costs, self.total], args))
 
     def pause(self, pause_ms: int) -> int:
         return int(self._run(self._scripts.pause, [self.pause_key], (pause_ms,)))
 
     def look(self, span_ms: int, after_ms: int = 0, within_ms: int = 0) -> Look:
-        keys = [self.log, self.costs, self.room_key, self.pause_key]
+        keys = [self.log, self.costs, self.room_key, self.pause_key, self.total]
         now, requests, tokens, room_r, room_t, at, paused, later_r, later_t = self._run(
             self._scripts.look, keys, (span_ms, after_ms, within_ms)
         )

@@ -13,7 +13,7 @@ from devstack import embedded
 from devstack.simulator import Simulator, SimulatorConfig
 from jobs import migrate
 from jobs.connections import redis_client
-from jobs.constants import throttle_init_key
+from jobs.constants import throttle_total_key
 from tests.faults.conftest import RPM, TPM, fault_settings
 from tests.faults.harness import PrivateRedis, check_invariants, fleet, submit, wait_finished
 from tests.integration.throttle_helpers import entries
@@ -82,7 +82,9 @@ def rebuilt_bucket(redis_url: str, bucket: str) -> list[int]:
     """
     client = redis_client(redis_url)
     try:
-        wait_until(lambda: bool(client.exists(throttle_init_key(bucket))), 60, "the bucket rebuilt")
+        wait_until(
+            lambda: bool(client.exists(throttle_total_key(bucket))), 60, "the bucket rebuilt"
+        )
         return [tokens for _, tokens, member in entries(client, bucket) if member.startswith("s.")]
     finally:
         client.close()

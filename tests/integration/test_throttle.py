@@ -21,11 +21,11 @@ import redis
 
 from jobs.constants import (
     throttle_costs_key,
-    throttle_init_key,
     throttle_log_key,
     throttle_pace_key,
     throttle_pause_key,
     throttle_room_key,
+    throttle_total_key,
 )
 from jobs.models import Priority
 from tests.integration.throttle_helpers import (
@@ -492,6 +492,46 @@ def test_the_log_keeps_calls_a_margin_past_the_providers_window(r: CountingRedis
 # --- keys and round trips -------------------------------------------------------------
 
 
+def test_the_total_is_the_tokens_of_the_log_after_every_script(r: CountingRedis) -> None:
+    """No script reads the whole log: each keeps the total of its tokens instead. After
+    every kind of change (admitted, admitted again late, settled, given back, priced
+    again, left the window, the total lost and seeded), it is the log's sum."""
+    late_ms = 50
+
+    def check() -> None:
+        total = r.get(throttle_total_key(BUCKET))
+        assert total is not None
+        logged = costs(r)
+        assert int(total) == sum(logged[m] for m in members(r)), (total, logged)
+
+    throttle = make(r, rpm=50, tpm=100_000, window_s=1.0, late_start_ms=late_ms)
+    a = throttle.acquire(100, priority=INTERACTIVE)
+    b = throttle.acquire(200, priority=INTERACTIVE)
+    check()
+    throttle.settle(a, 40)
+    check()
+    throttle.release(b)
+    check()
+    price = [300]
+    c = throttle.acquire(lambda: price[0], priority=INTERACTIVE)
+    price[0] = 250
+    throttle.reprice()
+    check()
+    time.sleep((late_ms + 20) / 1000)
+    c = throttle.starting(c)  # late: admitted again
+    check()
+    time.sleep((late_ms + 20) / 1000)
+    throttle.starting(c, sent=True)  # its bytes went out late: moved
+    check()
+    time.sleep(1.1)  # everything leaves the window
+    throttle.acquire(7, priority=INTERACTIVE)
+    check()
+    assert int(r.get(throttle_total_key(BUCKET)) or 0) == 7
+    r.delete(throttle_total_key(BUCKET))  # lost: seeded again, over the log that is left
+    throttle.acquire(5, priority=INTERACTIVE)
+    check()
+
+
 def test_keys_expire_a_window_after_the_last_admission(r: CountingRedis) -> None:
     read = 0
 
@@ -506,7 +546,7 @@ def test_keys_expire_a_window_after_the_last_admission(r: CountingRedis) -> None
         for name, key in [
             ("log", throttle_log_key),
             ("costs", throttle_costs_key),
-            ("init", throttle_init_key),
+            ("total", throttle_total_key),
             ("pace", throttle_pace_key),
             ("pause", throttle_pause_key),
             ("room", throttle_room_key),
@@ -516,13 +556,13 @@ def test_keys_expire_a_window_after_the_last_admission(r: CountingRedis) -> None
     throttle.observe(ours, 0, None)  # the others use 5 - 0 - 1 = 4 requests: a room
     throttle.pause(0.3)
     ttl = {name: int(r.pttl(key)) for name, key in keys.items()}
-    for name in ("log", "costs", "init", "pace"):
+    for name in ("log", "costs", "total", "pace"):
         assert 800 < ttl[name] <= 1000, (name, ttl)
     assert 0 < ttl["pause"] <= 300
     assert ROOM_KEEP_WINDOWS * 1000 - 200 < ttl["room"] <= ROOM_KEEP_WINDOWS * 1000
     time.sleep(0.6)
     throttle.acquire(1, priority=INTERACTIVE)  # renews them: it takes a turn too
-    for name in ("log", "costs", "init", "pace"):
+    for name in ("log", "costs", "total", "pace"):
         assert 800 < r.pttl(keys[name]) <= 1000, name
     assert r.pttl(keys["pause"]) == -2  # gone with the pause
     time.sleep(1.1)

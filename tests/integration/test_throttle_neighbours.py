@@ -21,7 +21,7 @@ import pytest
 import redis
 
 import worker.throttle
-from jobs.constants import throttle_init_key, throttle_pause_key
+from jobs.constants import throttle_pause_key, throttle_total_key
 from jobs.models import Priority
 from tests.integration.throttle_helpers import (
     BUCKET,
@@ -218,7 +218,7 @@ def test_a_lost_log_is_seeded_before_anything_is_admitted(r: CountingRedis, lose
     if lose == "flushdb":
         r.flushdb()
     else:
-        r.delete(throttle_init_key(BUCKET))
+        r.delete(throttle_total_key(BUCKET))
     with pytest.raises(ThrottleTimeout):
         throttle.acquire(5, max_wait=0, priority=INTERACTIVE)
     assert len(read) == 2
