@@ -41,6 +41,10 @@ LIFTED_RPM = 1_000_000
 LIFTED_TPM = 10_000_000_000
 #: Threads of the plain httpx comparison client: the worker's default concurrency.
 POOL_THREADS = 100
+#: Jobs/s end to end with the limits lifted, and worker CPU per job (dispatcher
+#: included), that the overhead rows aim at.
+TARGET_JOBS_PER_S = 200.0
+TARGET_CPU_MS_PER_JOB = 5.0
 #: A Heroku standard-1X dyno.
 DYNO_MB = 512
 
@@ -275,19 +279,32 @@ def overhead_throughput(run: Run, workers: int) -> Row:
     pool_rate = m.get("pool_calls_per_s")
     if rate is not None and isinstance(pool_rate, float) and pool_rate > 0:
         m["stack_vs_pool_pct"] = round(100.0 * rate / pool_rate, 1)
+    _throughput_targets(row, rate)
+    row.target("every job succeeded", done == count, f"{done} of {count}")
+    return row
+
+
+def _throughput_targets(row: Row, rate: float | None) -> None:
+    """The overhead row's targets: jobs/s and worker CPU per job. On a machine slower than
+    the one the target was set on (its plain loop under 800 calls/s), the jobs/s target
+    is a quarter of the loop's rate in the same run."""
+    m = row.metrics
+    loop_rate = m.get("loop_calls_per_s")
+    wanted = TARGET_JOBS_PER_S
+    if isinstance(loop_rate, float) and loop_rate < 4 * TARGET_JOBS_PER_S:
+        wanted = round(loop_rate / 4, 1)
+    m["target_jobs_per_s"] = wanted
     row.target(
-        "stack >= 200 jobs/s",
-        rate is not None and rate >= 200.0,
+        f"stack >= {wanted:g} jobs/s",
+        rate is not None and rate >= wanted,
         f"{m['stack_jobs_per_s']} jobs/s",
     )
     cpu_ms = m["worker_cpu_ms_per_job"]
     row.target(
-        "worker CPU <= 20 ms per job",
-        isinstance(cpu_ms, float) and cpu_ms <= 20.0,
+        f"worker CPU <= {TARGET_CPU_MS_PER_JOB:g} ms per job",
+        isinstance(cpu_ms, float) and cpu_ms <= TARGET_CPU_MS_PER_JOB,
         f"{cpu_ms} ms",
     )
-    row.target("every job succeeded", done == count, f"{done} of {count}")
-    return row
 
 
 def overhead_rss(run: Run) -> Row:
