@@ -8,7 +8,8 @@ sliding 60 s window. The throttle is built from these concepts, and no others:
 2. **Log.** Each admitted call is logged with its Redis time and its cost. A call
    fits when the window ending now, with it, stays within the limits. The window is
    60 s plus a margin, so that a call that reaches the provider a little after its
-   admission still lies inside it.
+   admission still lies inside it. The log's token total is kept beside it, so no
+   step reads the whole log.
 3. **Admit now.** One script either admits a call at once or says how long to wait.
    Nothing is booked ahead, so nothing has to be moved later.
 4. **Price.** A call is priced (``price()``, the calibrated estimate) each time it

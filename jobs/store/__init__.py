@@ -57,21 +57,17 @@ from jobs.store.batches import (
     stopping_batches,
     validating_batches,
 )
+from jobs.store.counts import COUNTERS, Counts, fold_moves, live_count, live_counts
 from jobs.store.jobs import (
     ABANDONED,
     CANCELLED_CODE,
-    COUNTERS,
     EXPIRED_CODE,
     ClaimedJob,
-    Counts,
     begin_attempt,
     claim,
     finish_attempt,
-    fold_moves,
     hand_back,
     is_finished,
-    live_count,
-    live_counts,
     record_failure,
     record_success,
     renew_leases,

@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 
 from jobs.models import BATCH_ENDED, BatchStatus, File, FileRole, WebhookEvent
-from jobs.store.jobs import CANCELLED_CODE, EXPIRED_CODE, fold_moves, stop_batch_jobs
+from jobs.store.counts import fold_moves
+from jobs.store.jobs import CANCELLED_CODE, EXPIRED_CODE, stop_batch_jobs
 from jobs.store.tables import Tx
 from jobs.store.tables import batches_table as _batches
 
