@@ -40,8 +40,8 @@ from jobs.jsoncheck import json_kind, json_problem, show_value
 from jobs.logfmt import log_event
 from jobs.models import FilePurpose, Job, Priority, Source
 from jobs.scheduled import is_file_source, load_callable_requests, run_key
-from jobs.settings import MODEL_LIMITS, Settings
-from jobs.validation import RequestLimits, ValidationError, check_request
+from jobs.settings import Settings
+from jobs.validation import RequestLimits, ValidationError, check_request, request_limits
 
 __all__ = [
     "BatchHandle",
@@ -65,15 +65,6 @@ __all__ = [
 
 #: Width of the ``batches.name`` column.
 MAX_NAME_CHARS = 200
-
-
-def request_limits(settings: Settings) -> RequestLimits:
-    return RequestLimits(
-        context_tokens=settings.context_tokens,
-        tpm=settings.tpm,
-        default_max_tokens=settings.default_max_tokens,
-        known_models=frozenset(MODEL_LIMITS) | {settings.model_id},
-    )
 
 
 def _check_name(name: object) -> None:

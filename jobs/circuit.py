@@ -29,6 +29,7 @@ from typing import Literal
 import redis
 from redis.commands.core import Script
 
+from jobs.attachments import DEFAULT_ALIAS
 from jobs.connections import shared_redis
 from jobs.constants import KEY_PREFIX, circuit_key
 from jobs.settings import Settings
@@ -41,7 +42,8 @@ IDLE_EXPIRY_S = 7 * 24 * 3600
 Gate = Literal["closed", "probe", "open"]
 
 # KEYS[1] circuit hash. ARGV[1] reason, ARGV[2] HTTP status, ARGV[3] first wait ms,
-# ARGV[4] longest wait ms, ARGV[5] job id of the caller, ARGV[6] idle expiry ms.
+# ARGV[4] longest wait ms, ARGV[5] job id of the caller, ARGV[6] idle expiry ms,
+# ARGV[7] the alias of the attachment the key came with (for ``status``).
 # Opens the circuit, or reopens it after a failed probe with the wait doubled. A
 # rejection arriving while the circuit is already open (calls that were in flight
 # when it opened) only refreshes the reason. Returns retry_at (ms, Redis time).
@@ -58,7 +60,8 @@ if retry_at == nil or probe == ARGV[5] or now >= retry_at then
   redis.call('HSET', key, 'retry_at', string.format('%d', retry_at), 'probe_job', '')
   redis.call('HSETNX', key, 'opened_at', string.format('%d', now))
 end
-redis.call('HSET', key, 'reason', ARGV[1], 'status', ARGV[2], 'last_at', string.format('%d', now))
+redis.call('HSET', key, 'reason', ARGV[1], 'status', ARGV[2], 'last_at', string.format('%d', now),
+  'alias', ARGV[7])
 redis.call('PEXPIRE', key, ARGV[6])
 return retry_at
 """
@@ -102,6 +105,8 @@ class CircuitState:
     failures: int
     opened_at: dt.datetime
     retry_at: dt.datetime
+    #: The alias of the attachment whose key it is (``INFERENCE`` without a pool).
+    alias: str = DEFAULT_ALIAS
 
     def describe(self) -> str:
         """One line for ``status``: why nothing is called, and when the next try is."""
@@ -109,7 +114,7 @@ class CircuitState:
             f"calls paused: the provider rejected the inference key (HTTP {self.status}: "
             f"{self.reason}) since {self.opened_at:%Y-%m-%d %H:%M:%S}Z; jobs stay queued; "
             f"next try at {self.retry_at:%H:%M:%S}Z ({self.failures} rejected so far); "
-            "fix INFERENCE_KEY to resume"
+            f"fix {self.alias}_KEY to resume"
         )
 
 
@@ -131,8 +136,17 @@ def _utc(ms: int) -> dt.datetime:
 class KeyCircuit:
     """The circuit of one inference key (by fingerprint), shared through Redis."""
 
-    def __init__(self, client: redis.Redis, fingerprint: str, *, first_wait_s: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        fingerprint: str,
+        *,
+        first_wait_s: float,
+        alias: str = DEFAULT_ALIAS,
+    ) -> None:
         self.client = client
+        self.fingerprint = fingerprint
+        self.alias = alias
         self.key = circuit_key(fingerprint)
         self.first_wait_s = first_wait_s
         self._scripts = _Scripts(*(client.register_script(s) for s in (OPEN, CLAIM_PROBE, CLOSE)))
@@ -155,6 +169,7 @@ class KeyCircuit:
                 int(MAX_RETRY_S * 1000),
                 job_id,
                 IDLE_EXPIRY_S * 1000,
+                self.alias,
             ],
         )
         now_s, now_us = self.client.time()
@@ -184,32 +199,40 @@ class KeyCircuit:
             failures=int(fields.get("failures") or 0),
             opened_at=_utc(int(fields.get("opened_at") or fields["retry_at"])),
             retry_at=_utc(int(fields["retry_at"])),
+            alias=fields.get("alias") or DEFAULT_ALIAS,
         )
 
 
-def for_settings(settings: Settings) -> KeyCircuit:
-    """The circuit of the configured key, on this process's shared Redis client."""
+def for_settings(settings: Settings) -> list[KeyCircuit]:
+    """The circuit of each key of the pool (one per key), on this process's Redis client."""
     assert settings.redis_url is not None
-    return KeyCircuit(
-        shared_redis(settings.redis_url),
-        settings.key_fingerprint,
-        first_wait_s=settings.auth_retry_s,
-    )
+    client = shared_redis(settings.redis_url)
+    seen: dict[str, KeyCircuit] = {}
+    for a in settings.attachments:
+        if a.key_hash not in seen:
+            seen[a.key_hash] = KeyCircuit(
+                client, a.key_hash, first_wait_s=settings.auth_retry_s, alias=a.alias
+            )
+    return list(seen.values())
 
 
 def paused_reason(settings: Settings) -> str | None:
-    """Why calls are paused for the configured key, or ``None`` when they flow.
+    """Why calls are paused, or ``None`` when they flow: the provider rejects every key
+    of the pool (while one key is accepted, its attachment takes the calls).
 
     Without INFERENCE_KEY in this process (an operator's shell), any open
     circuit on this Redis is reported.
     """
-    circuit = for_settings(settings)
+    circuits = for_settings(settings)
     if settings.inference_key:
-        states = [circuit.state()]
+        states = [circuit.state() for circuit in circuits]
+        if any(state is None for state in states):
+            return None
     else:
+        client = circuits[0].client
         states = [
-            KeyCircuit(circuit.client, _text(key).rsplit(":", 1)[1], first_wait_s=0).state()
-            for key in circuit.client.scan_iter(match=f"{KEY_PREFIX}circuit:*", count=100)
+            KeyCircuit(client, _text(key).rsplit(":", 1)[1], first_wait_s=0).state()
+            for key in client.scan_iter(match=f"{KEY_PREFIX}circuit:*", count=100)
         ]
     found = [s.describe() for s in states if s is not None]
     return "; ".join(found) or None

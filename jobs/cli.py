@@ -261,13 +261,14 @@ def cmd_usage(args: argparse.Namespace, out: TextIO) -> int:
         json.dump([row.as_dict() for row in rows], out)
         out.write("\n")
         return 0
-    header = f"{'day':<10}  {'batch':>7}  {'model':<14} {'calls':>7} {'ok':>7} "
+    header = f"{'day':<10}  {'batch':>7}  {'model':<14} {'attachment':<12} {'calls':>7} {'ok':>7} "
     header += f"{'prompt':>12} {'completion':>12} {'total':>12} {'usd':>12}\n"
     out.write(header)
     for row in rows:
         batch = str(row.batch_id) if row.batch_id is not None else "-"
         out.write(
-            f"{row.day.isoformat():<10}  {batch:>7}  {row.model:<14} {row.calls:>7} "
+            f"{row.day.isoformat():<10}  {batch:>7}  {row.model:<14} "
+            f"{row.attachment or '-':<12} {row.calls:>7} "
             f"{row.ok_calls:>7} {row.prompt_tokens:>12} {row.completion_tokens:>12} "
             f"{row.total_tokens:>12} {dollars(row.usd):>12}\n"
         )
@@ -417,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("usage", help="calls and tokens by day, batch and model")
+    p = sub.add_parser("usage", help="calls and tokens by day, batch, model and attachment")
     p.add_argument("--since", type=_date, help="first UTC day, YYYY-MM-DD")
     p.add_argument("--batch", type=_batch_id)
     p.add_argument("--json", action="store_true")

@@ -21,9 +21,10 @@ the missing :data:`~jobs.constants.DISPATCH_EPOCH_KEY` tells the first sweep to
 publish every queued job again at once, instead of waiting for
 DISPATCH_REDELIVER_AFTER.
 
-While the provider rejects the key (the circuit of :mod:`jobs.circuit` is open),
-nothing is published but one probe job each time the circuit is due; while the
-day's budget is spent (:mod:`jobs.daily_budget`), nothing at all.
+While the provider rejects every key of the pool (each key's circuit of
+:mod:`jobs.circuit` is open), nothing is published but one probe job each time a
+circuit is due; while one key is accepted, its attachment takes every job. While
+the day's budget is spent (:mod:`jobs.daily_budget`), nothing at all.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
     caller that sweeps many times a second.
     """
     assert settings.database_url is not None
-    circuit = key_circuit.for_settings(settings)
+    circuits = key_circuit.for_settings(settings)
     recovered = 0
     if requeue:
         # Its own transaction: the batch rows it touches are not held while publishing.
@@ -74,7 +75,7 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
             log_event("requeued", jobs=recovered, reason="lease expired")
         return 0
     with transaction(settings.database_url) as tx:
-        if circuit.is_open():
+        if all(circuit.is_open() for circuit in circuits):
             picked = dispatchable(
                 tx,
                 bulk_room=1,
@@ -83,7 +84,8 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
             )[:1]
             # The probe lease outlasts one call, so a second probe waits for its answer.
             lease_s = settings.read_timeout + 60.0
-            if picked and circuit.claim_probe(picked[0][0], lease_s) < 0:
+            # The first circuit that is due (or closed meanwhile) takes it as its probe.
+            if picked and all(c.claim_probe(picked[0][0], lease_s) < 0 for c in circuits):
                 picked = []
         else:
             room = _window(settings, tx, fresh=requeue) - outstanding_bulk(tx)
@@ -133,8 +135,9 @@ def window_for(settings: Settings, session: Tx) -> int:
     if high <= low:
         return low
     latency = recent_latency_s(session, settings.read_timeout)
-    in_flight = math.ceil(round(settings.rpm * latency / 60.0, 6))
-    return max(low, min(high, settings.rpm + in_flight))
+    rpm = settings.pool_rpm
+    in_flight = math.ceil(round(rpm * latency / 60.0, 6))
+    return max(low, min(high, rpm + in_flight))
 
 
 #: The window of the last full sweep, per database and limits. The latency it follows
@@ -146,7 +149,7 @@ _last_window: dict[tuple[str | None, int, int, int], int] = {}
 def _window(settings: Settings, session: Tx, *, fresh: bool) -> int:
     key = (
         settings.database_url,
-        settings.rpm,
+        settings.pool_rpm,
         settings.dispatch_window,
         settings.dispatch_window_max,
     )

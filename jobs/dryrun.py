@@ -39,7 +39,7 @@ from jobs.calibration import Calibrator
 from jobs.db import session_scope
 from jobs.models import Attempt, Batch, Job, JobStatus
 from jobs.pricing import NO_PRICE, Price, dollars
-from jobs.settings import MODEL_LIMITS, Settings
+from jobs.settings import Settings
 from jobs.tokens import Script, dominant_script
 
 #: Recent answered calls whose latency stands for the batch's calls'.
@@ -195,11 +195,8 @@ def _expected(
 
 
 def _limits(model: str, settings: Settings) -> tuple[int | None, int | None]:
-    """The model's bucket limits: the settings' for the configured model, else the table's."""
-    if model == settings.model_id:
-        return settings.rpm, settings.tpm
-    known = MODEL_LIMITS.get(model)
-    return (known.rpm, known.tpm) if known else (None, None)
+    """The limits of every bucket serving ``model`` together (a pool's attachments)."""
+    return settings.limits_for(model) or (None, None)
 
 
 def _finish(

@@ -42,7 +42,8 @@ from jobs.constants import QUEUE_BULK, QUEUE_CONTROL, QUEUE_INTERACTIVE
 from jobs.migrate import schema_problem
 from jobs.settings import ConfigError, Settings
 
-#: How each required variable is provided on Heroku, for the one-line error.
+#: How each required variable is provided on Heroku, for the one-line error (an
+#: attachment under another alias is attached ``--as`` that alias).
 PROVIDERS = {
     "DATABASE_URL": "attach it with `heroku addons:create heroku-postgresql:essential-0 -a APP`",
     "REDIS_URL": "attach it with `heroku addons:create heroku-redis:mini -a APP`",
@@ -77,9 +78,9 @@ def _missing(settings: Settings, *, inference: bool, web: bool = False) -> list[
     if settings.redis_url is None:
         names.append("REDIS_URL")
     if inference and settings.inference_url is None:
-        names.append("INFERENCE_URL")
+        names.append(f"{settings.alias}_URL")
     if inference and settings.inference_url is not None and not settings.inference_key:
-        names.append("INFERENCE_KEY")
+        names.append(f"{settings.alias}_KEY")
     if web and not settings.api_keys:
         names.append("API_KEYS")
     return names
@@ -101,7 +102,10 @@ def require(settings: Settings, *, inference: bool = False, web: bool = False) -
             if name != "API_KEYS"
             else ""
         )
-        raise ConfigError(f"{name} is not set on dyno {settings.dyno}: {PROVIDERS[name]}{also}")
+        provider = PROVIDERS.get(name) or (
+            f"attach it with `heroku ai:models:create -a APP kimi-k2-5 --as {settings.alias}`"
+        )
+        raise ConfigError(f"{name} is not set on dyno {settings.dyno}: {provider}{also}")
     raise ConfigError(
         f"{name} is not set: set it, or run through `python -m jobs`, which starts the dev "
         "stack for what is unset"
@@ -147,8 +151,8 @@ def child_env(settings: Settings) -> dict[str, str]:
     if settings.redis_url:
         env["REDIS_URL"] = settings.redis_url
     if settings.inference_url:
-        env["INFERENCE_URL"] = settings.inference_url
-        env["INFERENCE_KEY"] = settings.inference_key
+        env[f"{settings.alias}_URL"] = settings.inference_url
+        env[f"{settings.alias}_KEY"] = settings.inference_key
     return env
 
 

@@ -305,6 +305,10 @@ class Attempt(Base):
     #: The most prompt tokens the call was expected to cost (the larger of the raw and
     #: the calibrated estimate): with ``max_tokens``, its worst case while unanswered.
     worst_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    #: The attachment the call went through (:mod:`jobs.attachments`): its alias, and
+    #: its key's hash (never the key). ``NULL`` on calls made before the pool existed.
+    attachment: Mapped[str | None] = mapped_column(String(64))
+    key_hash: Mapped[str | None] = mapped_column(String(12))
 
 
 class File(Base):

@@ -1,5 +1,5 @@
-"""Reports from the attempts ledger: calls, tokens and dollars by day, batch and model, and
-the calls of the last window (to re-seed a lost throttle bucket)."""
+"""Reports from the attempts ledger: calls, tokens and dollars by day, batch, model and
+attachment, and the calls of the last window (to re-seed a lost throttle bucket)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Date, case, cast, func, or_, select
+from sqlalchemy import Date, case, cast, func, or_, select, true
 from sqlalchemy.orm import Session
 
 from jobs.db import session_scope
@@ -18,7 +18,7 @@ from jobs.pricing import Price
 
 @dataclass(frozen=True)
 class UsageRow:
-    """Ledger totals for one (day, batch, model)."""
+    """Ledger totals for one (day, batch, model, attachment)."""
 
     day: dt.date
     batch_id: int | None
@@ -30,6 +30,11 @@ class UsageRow:
     total_tokens: int
     #: What those tokens cost, ``None`` where the model has no price.
     usd: float | None = None
+    #: The attachment's alias (:mod:`jobs.attachments`); ``None``: calls made before
+    #: the ledger recorded it.
+    attachment: str | None = None
+    #: Its key's hash: two keys behind one alias over time stay apart.
+    key_hash: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -44,14 +49,16 @@ def usage(
     batch_id: int | None = None,
     price_for: Callable[[str], Price | None] = lambda _model: None,
 ) -> list[UsageRow]:
-    """Every call the ledger holds, summed by UTC day, batch and model, priced by
-    ``price_for(model)``."""
+    """Every call the ledger holds, summed by UTC day, batch, model and attachment,
+    priced by ``price_for(model)``."""
     day = cast(func.timezone("UTC", Attempt.started_at), Date).label("day")
     stmt = (
         select(
             day,
             Job.batch_id,
             Attempt.model,
+            Attempt.attachment,
+            Attempt.key_hash,
             func.count().label("calls"),
             func.sum(case((Attempt.http_status == 200, 1), else_=0)).label("ok_calls"),
             func.sum(Attempt.prompt_tokens).label("prompt_tokens"),
@@ -59,8 +66,8 @@ def usage(
             func.sum(Attempt.total_tokens).label("total_tokens"),
         )
         .join(Job, Job.id == Attempt.job_id)
-        .group_by(day, Job.batch_id, Attempt.model)
-        .order_by(day, Job.batch_id, Attempt.model)
+        .group_by(day, Job.batch_id, Attempt.model, Attempt.attachment, Attempt.key_hash)
+        .order_by(day, Job.batch_id, Attempt.model, Attempt.attachment, Attempt.key_hash)
     )
     if since is not None:
         stmt = stmt.where(Attempt.started_at >= dt.datetime.combine(since, dt.time(), dt.UTC))
@@ -83,6 +90,8 @@ def usage(
                 completion_tokens=completion,
                 total_tokens=int(row.total_tokens),
                 usd=price.usd(prompt, completion) if price else None,
+                attachment=row.attachment,
+                key_hash=row.key_hash,
             )
         )
     return found
@@ -99,11 +108,20 @@ class RecentCall:
     answered: bool
 
 
-def recent_calls(session: Session, *, window_s: float, model: str) -> list[RecentCall]:
-    """Calls started in the last ``window_s`` seconds, by the database's clock.
+def recent_calls(
+    session: Session, *, window_s: float, model: str, key_hash: str | None = None
+) -> list[RecentCall]:
+    """Calls of ``model`` started in the last ``window_s`` seconds, by the database's
+    clock; with ``key_hash``, only those made with that key (and those of before the
+    ledger recorded keys, which went through the one key of old).
 
     A call still in flight has no usage yet: its job's prompt estimate stands in.
     """
+    by_key = (
+        or_(Attempt.key_hash == key_hash, Attempt.key_hash.is_(None))
+        if key_hash is not None
+        else true()
+    )
     age = func.extract("epoch", func.now() - Attempt.started_at)
     rows = session.execute(
         select(
@@ -118,7 +136,7 @@ def recent_calls(session: Session, *, window_s: float, model: str) -> list[Recen
             ),
         )
         .join(Job, Job.id == Attempt.job_id)
-        .where(Attempt.model == model)
+        .where(Attempt.model == model, by_key)
         .where(Attempt.started_at > func.now() - dt.timedelta(seconds=window_s))
         # A 429 was not admitted by the provider and holds no place in its window.
         .where(or_(Attempt.http_status.is_(None), Attempt.http_status != 429))

@@ -10,9 +10,6 @@ import base64
 import binascii
 import dataclasses
 import datetime as dt
-import hashlib
-import ipaddress
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +17,22 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from jobs.attachments import (
+    DEFAULT_ALIAS,
+    Attachment,
+    AttachmentError,
+    agree,
+    check_url,
+    distinct_buckets,
+    is_loopback_host,
+    key_hash,
+    limits_of,
+    pool_aliases,
+    usd_price,
+)
 from jobs.pricing import Price
+
+__all__ = ["Attachment", "ConfigError", "ModelLimits", "Settings", "is_loopback_host"]
 
 
 class ConfigError(ValueError):
@@ -70,17 +82,6 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
-def is_loopback_host(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -93,6 +94,11 @@ class Settings:
     database_url: str | None = None
     #: REDIS_URL. ``None``: unset (off a dyno, the CLI fills it from the dev stack).
     redis_url: str | None = None
+    #: The first attachment of the pool (:mod:`jobs.attachments`) is described by the
+    #: fields from here to ``price``, and by ``headroom`` and ``limits_from_env``;
+    #: ``pool`` holds the others. The variables are named for the first alias of
+    #: INFERENCE_POOL, ``INFERENCE`` unless it is set: INFERENCE_URL and so on.
+    alias: str = DEFAULT_ALIAS
     #: INFERENCE_URL. ``None``: unset (off a dyno, the CLI starts the dev stack's simulator).
     inference_url: str | None = None
     #: INFERENCE_KEY. Never logged; ``repr`` hides it.
@@ -120,8 +126,12 @@ class Settings:
     #: the rpm. Default 0: interactive jobs take turns ahead of bulk ones anyway.
     interactive_reserve: int = 0
     #: INFERENCE_HEADROOM, a share of each limit (0 to 0.5) always left to other
-    #: clients of the key, below the room the throttle learns they use. Default 0.
+    #: clients of the key, below the room the throttle learns they use. Default 0; the
+    #: default of every pooled attachment's ``<ALIAS>_HEADROOM`` too.
     headroom: float = 0.0
+    #: INFERENCE_POOL's attachments after the first, each read from its ``<ALIAS>_*``
+    #: variables. Empty: the one attachment above.
+    pool: tuple[Attachment, ...] = ()
     #: INFERENCE_DEFAULT_MAX_TOKENS. Completion tokens reserved for a request
     #: that sets no max_tokens (the body itself is sent unchanged). Default 4096.
     default_max_tokens: int = 4096
@@ -150,7 +160,8 @@ class Settings:
     worker_concurrency: int = 500
     #: DISPATCH_WINDOW: fewest bulk jobs published to Redis and not yet finished,
     #: across all workers, that the dispatcher keeps topped up; it bounds the calls
-    #: in flight. Default INFERENCE_RPM + 50 (200 at 150 RPM): a strict window
+    #: in flight. Default INFERENCE_RPM + 50 (200 at 150 RPM; with a pool, the rpm of
+    #: every bucket together, :attr:`pool_rpm`): a strict window
     #: admits a whole minute's requests at once and each needs a published job,
     #: plus room for calls still running at the roll. Setting it fixes the window
     #: there, unless DISPATCH_WINDOW_MAX is set too.
@@ -263,14 +274,10 @@ class Settings:
                     "(Standard Webhooks' form, what the openai SDK's webhooks.unwrap takes)"
                 )
         if self.inference_url is not None:
-            parts = urlsplit(self.inference_url)
-            if parts.scheme != "https" and not (
-                parts.scheme == "http" and is_loopback_host(parts.hostname)
-            ):
-                raise ConfigError(
-                    "INFERENCE_URL must be https:// (plain http:// is accepted only for a "
-                    "loopback simulator), so the key never travels in clear text"
-                )
+            try:
+                check_url(f"{self.alias}_URL", self.inference_url)
+            except AttachmentError as exc:
+                raise ConfigError(str(exc)) from None
 
     @property
     def simulated(self) -> bool:
@@ -278,18 +285,50 @@ class Settings:
 
     @property
     def key_fingerprint(self) -> str:
-        """Short, non-reversible tag of the key: shared keys share a bucket."""
-        return hashlib.sha256(self.inference_key.encode()).hexdigest()[:12]
+        """Short, non-reversible tag of the first attachment's key."""
+        return key_hash(self.inference_key)
 
     @property
     def bucket_name(self) -> str:
         return f"{self.model_id}:{self.key_fingerprint}"
 
+    @property
+    def attachments(self) -> tuple[Attachment, ...]:
+        """Every attachment of the pool, the first one (the fields above) first."""
+        first = Attachment(
+            alias=self.alias,
+            url=self.inference_url,
+            key=self.inference_key,
+            model_id=self.model_id,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            context_tokens=self.context_tokens,
+            headroom=self.headroom,
+            price=self.price,
+            limits_from_env=self.limits_from_env,
+        )
+        return (first, *self.pool)
+
+    @property
+    def served_models(self) -> frozenset[str]:
+        """The models some attachment serves: the only ones a request may name."""
+        return frozenset(a.model_id for a in self.attachments)
+
+    def limits_for(self, model: str) -> tuple[int, int] | None:
+        """The rpm and tpm of every bucket serving ``model`` together; ``None``: none does."""
+        return limits_of(self.attachments, model)
+
+    @property
+    def pool_rpm(self) -> int:
+        """Requests per minute of every bucket together: what the dispatcher feeds."""
+        return sum(a.rpm for a in distinct_buckets(self.attachments))
+
     def price_for(self, model: str) -> Price | None:
-        """The price of ``model``'s calls: the configured one's from INFERENCE_PRICE_*, any
-        other's from MODEL_LIMITS; ``None`` where none is known."""
-        if model == self.model_id:
-            return self.price
+        """The price of ``model``'s calls: its attachments' (``<ALIAS>_PRICE_*``), else
+        MODEL_LIMITS'; ``None`` where none is known."""
+        for attachment in self.attachments:
+            if attachment.model_id == model:
+                return attachment.price
         known = MODEL_LIMITS.get(model)
         return known.price if known else None
 
@@ -300,25 +339,23 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
         d = cls()  # every default is stated once, on its field
-        model = e.get("INFERENCE_MODEL_ID") or DEFAULT_MODEL
-        known = MODEL_LIMITS.get(model)
-        if known is None and not (e.get("INFERENCE_RPM") and e.get("INFERENCE_TPM")):
-            raise ConfigError(
-                f"INFERENCE_MODEL_ID={model!r} has no known rate limits; "
-                "set INFERENCE_RPM and INFERENCE_TPM for it"
-            )
-        rpm = _int(e, "INFERENCE_RPM", known.rpm if known else 0, minimum=1)
-        tpm = _int(e, "INFERENCE_TPM", known.tpm if known else 0, minimum=1)
-        context = _int(
-            e,
-            "INFERENCE_CONTEXT_TOKENS",
-            known.context_tokens if known else DEFAULT_CONTEXT_TOKENS,
-            minimum=1,
-        )
-        price = _price(e, known.price if known else None)
         charge = e.get("INFERENCE_TPM_CHARGE", d.tpm_charge)
         if charge not in ("reserve", "actual"):
             raise ConfigError("INFERENCE_TPM_CHARGE must be 'reserve' or 'actual'")
+        headroom = _headroom(e, "INFERENCE_HEADROOM", d.headroom)
+        try:
+            aliases = pool_aliases(e)
+            pooled = bool(e.get("INFERENCE_POOL", "").strip())
+            attachments = agree(
+                tuple(
+                    read_attachment(e, alias, headroom=headroom, required=pooled and i > 0)
+                    for i, alias in enumerate(aliases)
+                )
+            )
+        except AttachmentError as exc:
+            raise ConfigError(str(exc)) from None
+        first, pool = attachments[0], attachments[1:]
+        rpm = sum(a.rpm for a in distinct_buckets(attachments))
         concurrency = _int(e, "WORKER_CONCURRENCY", d.worker_concurrency, minimum=1)
         read_timeout = _float(e, "INFERENCE_READ_TIMEOUT", d.read_timeout)
         window = _int(e, "DISPATCH_WINDOW", rpm + 50, minimum=1)
@@ -327,43 +364,41 @@ class Settings:
         grows_to = window if e.get("DISPATCH_WINDOW") else max(window, follows)
         window_max = _int(e, "DISPATCH_WINDOW_MAX", grows_to, minimum=window)
         reserve = _int(e, "INFERENCE_INTERACTIVE_RESERVE", d.interactive_reserve, minimum=0)
-        if reserve >= rpm:
+        smallest = min(attachments, key=lambda a: a.rpm)
+        if reserve >= smallest.rpm:
             raise ConfigError(
-                f"INFERENCE_INTERACTIVE_RESERVE must be below the rpm ({rpm}), got {reserve}"
+                f"INFERENCE_INTERACTIVE_RESERVE must be below the rpm ({smallest.rpm}"
+                f"{'' if len(attachments) == 1 else ' of ' + smallest.alias}), got {reserve}"
             )
-        headroom = _float(e, "INFERENCE_HEADROOM", d.headroom, zero_ok=True)
-        if headroom > 0.5:
-            raise ConfigError(f"INFERENCE_HEADROOM must be at most 0.5, got {headroom}")
         database_url = e.get("DATABASE_URL") or None
-        from_env = tuple(
-            name
-            for name in ("INFERENCE_RPM", "INFERENCE_TPM", "INFERENCE_CONTEXT_TOKENS")
-            if e.get(name)
-        )
         var_dir = e.get("VAR_DIR")
         daily_tokens = _int(e, "DAILY_BUDGET_TOKENS", 0, minimum=1) or None
         daily_usd = _float(e, "DAILY_BUDGET_USD", 0.0) or None
-        if daily_usd is not None and price is None:
+        unpriced = next((a for a in attachments if a.price is None), None)
+        if daily_usd is not None and unpriced is not None:
             raise ConfigError(
-                f"DAILY_BUDGET_USD needs the price of {model}: set INFERENCE_PRICE_INPUT "
-                "and INFERENCE_PRICE_OUTPUT (USD per million tokens)"
+                f"DAILY_BUDGET_USD needs the price of {unpriced.model_id}: set "
+                f"{unpriced.alias}_PRICE_INPUT and {unpriced.alias}_PRICE_OUTPUT "
+                "(USD per million tokens)"
             )
         return cls(
             daily_budget_tokens=daily_tokens,
             daily_budget_usd=daily_usd,
             database_url=normalize_database_url(database_url) if database_url else None,
             redis_url=e.get("REDIS_URL") or None,
-            inference_url=(e.get("INFERENCE_URL") or "").rstrip("/") or None,
-            inference_key=e.get("INFERENCE_KEY", ""),
-            model_id=model,
-            price=price,
-            rpm=rpm,
-            tpm=tpm,
-            context_tokens=context,
+            alias=first.alias,
+            inference_url=first.url,
+            inference_key=first.key,
+            model_id=first.model_id,
+            price=first.price,
+            rpm=first.rpm,
+            tpm=first.tpm,
+            context_tokens=first.context_tokens,
+            pool=pool,
             tpm_charge="actual" if charge == "actual" else "reserve",
             window_margin_s=_float(e, "INFERENCE_WINDOW_MARGIN", d.window_margin_s, zero_ok=True),
             interactive_reserve=reserve,
-            headroom=headroom,
+            headroom=first.headroom,
             default_max_tokens=_int(
                 e, "INFERENCE_DEFAULT_MAX_TOKENS", d.default_max_tokens, minimum=1
             ),
@@ -396,7 +431,7 @@ class Settings:
             var_dir=Path(var_dir) if var_dir else None,
             dyno=e.get("DYNO") or None,
             service_wait_s=_float(e, "SERVICE_WAIT_SECONDS", d.service_wait_s, zero_ok=True),
-            limits_from_env=from_env,
+            limits_from_env=first.limits_from_env,
             api_keys=tuple(k.strip() for k in e.get("API_KEYS", "").split(",") if k.strip()),
             max_upload_bytes=_int(e, "MAX_UPLOAD_BYTES", d.max_upload_bytes, minimum=1),
             webhook_url=e.get("WEBHOOK_URL") or None,
@@ -435,29 +470,54 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
-def _price(env: Mapping[str, str], default: Price | None) -> Price | None:
-    """INFERENCE_PRICE_INPUT and INFERENCE_PRICE_OUTPUT, both or neither."""
-    names = ("INFERENCE_PRICE_INPUT", "INFERENCE_PRICE_OUTPUT")
-    given = [name for name in names if env.get(name)]
-    if not given:
-        return default
-    if len(given) == 1:
-        missing = next(name for name in names if name not in given)
+def read_attachment(
+    env: Mapping[str, str], alias: str, *, headroom: float, required: bool
+) -> Attachment:
+    """One attachment from its ``<ALIAS>_*`` variables (:mod:`jobs.attachments`).
+
+    ``required``: its URL and key must be set (a pooled alias; the first one may come
+    from the dev stack off a dyno). ``headroom`` is the default of its own.
+    """
+    url = (env.get(f"{alias}_URL") or "").rstrip("/") or None
+    key = env.get(f"{alias}_KEY", "")
+    if required:
+        for name, value in ((f"{alias}_URL", url), (f"{alias}_KEY", key)):
+            if not value:
+                raise ConfigError(
+                    f"{name} is not set, and INFERENCE_POOL names {alias}: attach it with "
+                    f"`heroku addons:create heroku-inference:kimi-k2-5 --as {alias} -a APP`"
+                )
+    if url is not None:
+        check_url(f"{alias}_URL", url)
+    model = env.get(f"{alias}_MODEL_ID") or DEFAULT_MODEL
+    known = MODEL_LIMITS.get(model)
+    rpm_name, tpm_name, context_name = (f"{alias}_{n}" for n in ("RPM", "TPM", "CONTEXT_TOKENS"))
+    if known is None and not (env.get(rpm_name) and env.get(tpm_name)):
         raise ConfigError(
-            f"{given[0]} is set but {missing} is not: set both (USD per million tokens), or neither"
+            f"{alias}_MODEL_ID={model!r} has no known rate limits; "
+            f"set {rpm_name} and {tpm_name} for it"
         )
+    return Attachment(
+        alias=alias,
+        url=url,
+        key=key,
+        model_id=model,
+        rpm=_int(env, rpm_name, known.rpm if known else 0, minimum=1),
+        tpm=_int(env, tpm_name, known.tpm if known else 0, minimum=1),
+        context_tokens=_int(
+            env, context_name, known.context_tokens if known else DEFAULT_CONTEXT_TOKENS, minimum=1
+        ),
+        headroom=_headroom(env, f"{alias}_HEADROOM", headroom),
+        price=usd_price(env, alias, known.price if known else None),
+        limits_from_env=tuple(n for n in (rpm_name, tpm_name, context_name) if env.get(n)),
+    )
 
-    def usd(name: str) -> float:
-        raw = env[name]
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{name} must be a price in USD per million tokens, got {raw!r}")
-        return value
 
-    return Price(input=usd(names[0]), output=usd(names[1]))
+def _headroom(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default, zero_ok=True)
+    if value > 0.5:
+        raise ConfigError(f"{name} must be at most 0.5, got {value}")
+    return value
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, zero_ok: bool = False) -> float:

@@ -16,10 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.jsoncheck import child_field, is_int, is_number, json_kind, json_problem, show_value
 from jobs.tokens import estimate_prompt_tokens
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
 
 #: Width of the ``jobs.model`` column.
 MAX_MODEL_CHARS = 200
@@ -132,8 +135,20 @@ class RequestLimits:
     tpm: int
     #: Completion tokens assumed for a request without ``max_tokens``.
     default_max_tokens: int
-    #: Models with configured rate limits; ``None`` accepts any model.
+    #: The models some attachment serves; ``None`` accepts any model.
     known_models: frozenset[str] | None = None
+
+
+def request_limits(settings: Settings) -> RequestLimits:
+    """What a request must fit into on the deployment's pool of attachments: it is
+    valid when one attachment serving its model can take it."""
+    attachments = settings.attachments
+    return RequestLimits(
+        context_tokens=max(a.context_tokens for a in attachments),
+        tpm=max(a.tpm for a in attachments),
+        default_max_tokens=settings.default_max_tokens,
+        known_models=settings.served_models,
+    )
 
 
 @dataclass(frozen=True)
@@ -162,11 +177,12 @@ def _check_model(body: dict[str, Any], limits: RequestLimits, prefix: str) -> st
             f"model id is {len(model)} characters long (at most {MAX_MODEL_CHARS})", field=where
         )
     if limits.known_models is not None and model not in limits.known_models:
-        # Only the table's models and INFERENCE_MODEL_ID have limits the throttle can use.
+        # Only a model some attachment serves can be called.
+        served = ", ".join(sorted(limits.known_models))
         raise ValidationError(
-            f"model {show_value(model)} has no known rate limits; to use it, set "
-            "INFERENCE_MODEL_ID to it and give its limits in INFERENCE_RPM and INFERENCE_TPM "
-            "(and INFERENCE_CONTEXT_TOKENS)",
+            f"model {show_value(model)} is served by no attachment (served: {served}); to "
+            "use it, attach one that serves it to INFERENCE_POOL, or set INFERENCE_MODEL_ID "
+            "to it with its INFERENCE_RPM and INFERENCE_TPM",
             field=where,
         )
     return model

@@ -113,6 +113,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
             INFERENCE_PRICE_INPUT=str(settings.price.input),
             INFERENCE_PRICE_OUTPUT=str(settings.price.output),
         )
+    if settings.pool:
+        env["INFERENCE_POOL"] = ",".join(a.alias for a in settings.attachments)
+        for a in settings.pool:
+            assert a.url is not None
+            env |= {
+                f"{a.alias}_URL": a.url,
+                f"{a.alias}_KEY": a.key,
+                f"{a.alias}_MODEL_ID": a.model_id,
+                f"{a.alias}_RPM": str(a.rpm),
+                f"{a.alias}_TPM": str(a.tpm),
+                f"{a.alias}_HEADROOM": str(a.headroom),
+            }
     if settings.daily_budget_tokens is not None:
         env["DAILY_BUDGET_TOKENS"] = str(settings.daily_budget_tokens)
     if settings.daily_budget_usd is not None:

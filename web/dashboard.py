@@ -73,10 +73,17 @@ def batch_json(b: BatchSummary, pace: str = "") -> dict[str, Any]:
     }
 
 
+def limits(settings: Settings) -> tuple[int, int]:
+    """The chart's limits: every bucket serving the default model together (the ledger
+    it charts counts the calls of every attachment)."""
+    return settings.limits_for(settings.model_id) or (settings.rpm, settings.tpm)
+
+
 def throttle_json(state: LiveState, usage: list[MinuteUsage], settings: Settings) -> dict[str, Any]:
+    rpm, tpm = limits(settings)
     return {
-        "rpm_limit": settings.rpm,
-        "tpm_limit": settings.tpm,
+        "rpm_limit": rpm,
+        "tpm_limit": tpm,
         "minutes": [
             {"minute": u.start.isoformat(), "requests": u.requests, "tokens": u.tokens}
             for u in usage
@@ -127,7 +134,8 @@ class Dashboard:
 
     def _chart(self) -> tuple[list[MinuteUsage], str]:
         usage = data.throttle_minutes(self.url)
-        return usage, throttle_svg(usage, rpm=self.settings.rpm, tpm=self.settings.tpm)
+        rpm, tpm = limits(self.settings)
+        return usage, throttle_svg(usage, rpm=rpm, tpm=tpm)
 
     def _paces(self, batches: list[BatchSummary]) -> dict[int, str]:
         """The pace of each batch under way (:func:`jobs.dryrun.pace`), as a cell's text;

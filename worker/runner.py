@@ -10,14 +10,17 @@ Outcomes, each logged as one logfmt line:
 * ``succeeded`` / ``failed``: a terminal state was recorded with its attempts.
 * ``handed_back``: the job went back to the queue without a verdict, because
   the worker is shutting down, the remaining wait would outlive the broker's
-  visibility timeout, or the provider rejects the key (the key circuit of
-  :mod:`jobs.circuit` is open: nothing is called until a probe gets through).
+  visibility timeout, or the provider rejects the key of every attachment serving
+  its model (their key circuits of :mod:`jobs.circuit` are open: nothing is called
+  until a probe gets through). While one attachment's key is rejected, its jobs go
+  through the others (:mod:`worker.pool`).
 * ``cancelled``: its batch was cancelled or expired before the job sent its
   request; the throttle slot it held or awaited is released (:mod:`worker.stops`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import random
@@ -26,28 +29,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection
 
 from jobs import budget, daily_budget, store
 from jobs.budget import Admission
 from jobs.calibration import Calibrator
-from jobs.circuit import Gate, KeyCircuit
+from jobs.circuit import CircuitState, Gate
 from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.tokens import Script, dominant_script
-from jobs.validation import RequestLimits, ValidationError, check_request
+from jobs.validation import CheckedRequest, ValidationError, check_request, request_limits
 from worker import spending
-from worker.client import ModelClient
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.outages import OUTAGES
+from worker.pool import Endpoint, NoEndpoint, Pool
 from worker.responses import Completion
 from worker.retry import RetryPolicy
-from worker.slot import Slot, take
+from worker.slot import Slot
 from worker.stops import Stops
-from worker.throttle import RequestTooLarge, Throttle, ThrottleInterrupted, ThrottleTimeout
+from worker.throttle import RequestTooLarge, ThrottleInterrupted, ThrottleTimeout
 
 Outcome = Literal["skipped", "succeeded", "failed", "handed_back", "cancelled"]
 
@@ -61,6 +64,9 @@ OUTAGE_PATIENCE_S = 120.0
 #: How long a job whose call does not fit its batch's budget waits before asking again,
 #: while calls of the batch on the wire may free what they reserved.
 BUDGET_WAIT_S = 0.5
+#: How long a probe call a runner claimed holds its circuit beyond the read timeout,
+#: so that a second probe waits for its answer (the dispatcher's lease, too).
+PROBE_LEASE_MARGIN_S = 60.0
 T = TypeVar("T")
 
 
@@ -84,9 +90,7 @@ class Runner:
     def __init__(
         self,
         settings: Settings,
-        client: ModelClient,
-        throttle_for: Callable[[str], Throttle],
-        circuit: KeyCircuit,
+        pool_for: Callable[[str], Pool],
         *,
         stop: threading.Event | None = None,
         policy: RetryPolicy | None = None,
@@ -94,9 +98,7 @@ class Runner:
     ) -> None:
         assert settings.database_url is not None
         self.settings = settings
-        self.client = client
-        self.throttle_for = throttle_for
-        self.circuit = circuit
+        self.pool_for = pool_for
         self.stop = stop or threading.Event()
         self.stops = Stops(self.stop)
         self.policy = policy or RetryPolicy(
@@ -109,11 +111,7 @@ class Runner:
         self._rng = random.Random()
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
-        self._limits = RequestLimits(
-            context_tokens=settings.context_tokens,
-            tpm=settings.tpm,
-            default_max_tokens=settings.default_max_tokens,
-        )
+        self._limits = request_limits(settings)
 
     def _lease_s(self) -> float:
         return self.settings.job_lease_seconds
@@ -201,31 +199,18 @@ class Runner:
         return None
 
     def _work(self, job: store.ClaimedJob, deadline: float, waiter: threading.Event) -> Outcome:
-        fields = {"job": job.id, "batch": job.batch_id}
+        fields: dict[str, Any] = {"job": job.id, "batch": job.batch_id}
         log_event("started", **fields, status="running")
         try:
             checked = check_request(job.request, self._limits)
         except ValidationError as exc:
             return self._fail(job.id, fields, "invalid_request", str(exc))
-        max_tokens = checked.max_tokens or self.settings.default_max_tokens
-        raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
-        # With the answer's prompt_tokens, the ledger row these go on calibrates the estimate.
-        script = dominant_script(job.request)
-
-        # Priced again each time it is asked: calibration keeps learning.
-        cost = spending.Cost(
-            job,
-            script,
-            raw_prompt,
-            max_tokens,
-            estimate=partial(self._estimate, job, script, raw_prompt),
-            answer_budget=partial(self._answer_budget, job, max_tokens),
-            settings=self.settings,
-        )
-        throttle = self.throttle_for(job.model)
+        cost = self._cost(job, checked)
+        max_tokens = cost.max_tokens
+        pool = self.pool_for(job.model)
         failures = 0
         while True:
-            got = self._acquire(job, fields, throttle, cost, deadline, waiter)
+            got = self._acquire(job, fields, pool, cost, deadline, waiter)
             if got is None:
                 waiter = self._rewatch(waiter, job.batch_id)
                 continue
@@ -233,13 +218,12 @@ class Runner:
                 return got
             # Leaving this block before the call gives the slot back.
             with got as slot:
-                passed = self._pass_gate(job.id, fields)
-                if passed is None:
+                endpoint = pool.endpoint(slot)
+                gate = self._pass_gate(job.id, fields, pool, endpoint)
+                if gate is None:
                     continue
-                if passed not in ("closed", "probe"):
-                    return cast(Outcome, passed)
-                gate = passed
-                number = self._in_tx(partial(self._begin, cost, cost.worst_prompt()))
+                fields = {**fields, "attachment": endpoint.alias}
+                number = self._in_tx(partial(self._begin, cost, cost.worst_prompt(), endpoint))
                 if isinstance(number, Admission):
                     # The slot goes back; calls of the batch on the wire may free budget.
                     waited = self._over_budget(job, fields, number, deadline, waiter)
@@ -262,7 +246,7 @@ class Runner:
                 slot.sending()
                 started = time.monotonic()
                 try:
-                    completion = self.client.chat(
+                    completion = endpoint.client.chat(
                         job.request, client_request_id=call_id(job.id, number), on_sent=slot.sending
                     )
                 except ModelError as exc:
@@ -270,6 +254,10 @@ class Runner:
                     # A 429 is not the job's fault: it waits for the reset, never gives up.
                     slot.failed(exc)
                     self._record_error(job.id, number, exc, latency_ms)
+                    if isinstance(exc, AuthFailed):
+                        # The key, not the job, is wrong: the other attachments go on.
+                        self._key_rejected(fields, number, exc, pool, endpoint)
+                        continue
                     failures += not isinstance(exc, RateLimited)
                     delay = self._next_try(
                         job.id, fields, number, exc, failures, deadline, latency_ms
@@ -284,8 +272,25 @@ class Runner:
                 # The answer is paid for: record it before anything else, so that a worker
                 # killed now loses as few answers as possible.
                 outcome = self._succeed(job.id, fields, number, completion, max_tokens, slot)
-                self._close_circuit(fields, number, gate)
+                self._close_circuit(fields, number, gate, endpoint)
                 return outcome
+
+    def _cost(self, job: store.ClaimedJob, checked: CheckedRequest) -> spending.Cost:
+        """The job's call as the throttle and the budgets price it: again each time it is
+        asked, so that calibration keeps learning."""
+        max_tokens = checked.max_tokens or self.settings.default_max_tokens
+        raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
+        # With the answer's prompt_tokens, the ledger row these go on calibrates the estimate.
+        script = dominant_script(job.request)
+        return spending.Cost(
+            job,
+            script,
+            raw_prompt,
+            max_tokens,
+            estimate=partial(self._estimate, job, script, raw_prompt),
+            answer_budget=partial(self._answer_budget, job, max_tokens),
+            settings=self.settings,
+        )
 
     def _wait(
         self, job: store.ClaimedJob, fields: dict[str, Any], waiter: threading.Event, delay: float
@@ -319,7 +324,7 @@ class Runner:
         return self._wait(job, fields, waiter, BUDGET_WAIT_S)
 
     def _begin(
-        self, cost: spending.Cost, worst_prompt: int, tx: Connection
+        self, cost: spending.Cost, worst_prompt: int, endpoint: Endpoint, tx: Connection
     ) -> int | Admission | None:
         """The call's ledger row and its attempt number, if the budgets let it start
         (:func:`worker.spending.admit`, in the same transaction); else their verdict.
@@ -335,12 +340,16 @@ class Runner:
             script=cost.script,
             max_tokens=cost.max_tokens,
             worst_prompt_tokens=worst_prompt,
+            attachment=endpoint.alias,
+            key_hash=endpoint.key_hash,
         )
 
-    def _close_circuit(self, fields: dict[str, Any], number: int, gate: Gate) -> None:
+    def _close_circuit(
+        self, fields: dict[str, Any], number: int, gate: Gate, endpoint: Endpoint
+    ) -> None:
         """After a recorded answer: a probe's success closes the key circuit."""
         if gate == "probe":
-            self._through_outage(lambda: self.circuit.close(fields["job"]))
+            self._through_outage(lambda: endpoint.circuit.close(fields["job"]))
             log_event("circuit_closed", **fields, attempt=number)
 
     def _next_try(
@@ -354,8 +363,6 @@ class Runner:
         latency_ms: int,
     ) -> Outcome | float:
         """After a failed call: the job's outcome, or how long to wait before calling again."""
-        if isinstance(exc, AuthFailed):
-            return self._key_rejected(job_id, fields, number, exc)
         delay = self.policy.delay(exc, max(failures, 1), rng=self._rng)
         if delay is None:
             # A rejection keeps the provider's answer (an output line's response).
@@ -378,7 +385,7 @@ class Runner:
         self,
         job: store.ClaimedJob,
         fields: dict[str, Any],
-        throttle: Throttle,
+        pool: Pool,
         cost: spending.Cost,
         deadline: float,
         waiter: threading.Event,
@@ -402,14 +409,15 @@ class Runner:
         try:
             return self._through_outage(
                 partial(
-                    take,
-                    throttle,
+                    pool.take,
                     cost.price,
                     max_wait=wait_budget,
                     stop=waiter,
                     priority=job.priority,
                 )
             )
+        except NoEndpoint:
+            return self._paused(job.id, fields, pool)
         except RequestTooLarge as exc:
             return self._fail(job.id, fields, "request_too_large", str(exc))
         except ThrottleTimeout as exc:
@@ -417,17 +425,26 @@ class Runner:
         except ThrottleInterrupted as exc:
             return self._interrupted(job.id, fields, f"throttle: {exc}")
 
-    def _pass_gate(self, job_id: int, fields: dict[str, Any]) -> Gate | Outcome | None:
-        """The key circuit's word on a job that holds its slot: ``closed`` or ``probe`` to
-        call, the job's outcome if the circuit is open, ``None`` to ask for a slot again.
+    def _pass_gate(
+        self, job_id: int, fields: dict[str, Any], pool: Pool, endpoint: Endpoint
+    ) -> Gate | None:
+        """The key circuit of the slot's attachment: ``closed`` or ``probe`` to call
+        there, ``None`` to ask the pool for a slot again (the caller gives this one back).
 
-        The caller gives the slot back in every case but a call.
+        An open circuit whose probe is due makes this job its probe; one not due is set
+        aside in this process until it is, so that jobs go to the other attachments.
         """
         away: list[BaseException] = []
+        circuit = endpoint.circuit
 
         def ask() -> Gate:
             try:
-                return self.circuit.gate(job_id)
+                gate = circuit.gate(job_id)
+                if gate != "open":
+                    return gate
+                lease_s = self.settings.read_timeout + PROBE_LEASE_MARGIN_S
+                claimed = circuit.claim_probe(job_id, lease_s)
+                return "open" if claimed < 0 else "probe" if claimed > 0 else "closed"
             except OUTAGES as exc:
                 away.append(exc)
                 raise
@@ -440,7 +457,9 @@ class Runner:
             log_event("slot_lost", **fields, reason="Redis was away after the slot")
             return None
         if gate == "open":
-            return self._paused(job_id, fields)
+            state = self._through_outage(circuit.state)
+            pool.set_aside(endpoint, _until(state))
+            return None
         return gate
 
     def _rewatch(self, waiter: threading.Event, batch_id: int | None) -> threading.Event:
@@ -573,20 +592,32 @@ class Runner:
         return "failed"
 
     def _key_rejected(
-        self, job_id: int, fields: dict[str, Any], number: int, exc: AuthFailed
-    ) -> Outcome:
-        """Open the key circuit and keep the job queued: the key, not the job, is wrong."""
+        self,
+        fields: dict[str, Any],
+        number: int,
+        exc: AuthFailed,
+        pool: Pool,
+        endpoint: Endpoint,
+    ) -> None:
+        """Open the attachment's key circuit and set it aside: the key, not the job, is
+        wrong. The job asks the pool again; with every attachment set aside, it is handed
+        back (:meth:`_paused`)."""
         status = exc.status or 401
-        wait_s = self._through_outage(lambda: self.circuit.open(str(exc), status, job_id))
+        wait_s = self._through_outage(
+            lambda: endpoint.circuit.open(str(exc), status, fields["job"])
+        )
+        pool.set_aside(endpoint, wait_s)
         log_event(
             "circuit_open", **fields, attempt=number, http_status=status, next_try_s=round(wait_s)
         )
-        return self._paused(job_id, fields)
 
-    def _paused(self, job_id: int, fields: dict[str, Any]) -> Outcome:
-        """Hand the job back while the key circuit is open, its reason as the job's error."""
-        state = self._through_outage(self.circuit.state)
-        reason = state.describe() if state else "calls paused: the provider rejected the key"
+    def _paused(self, job_id: int, fields: dict[str, Any], pool: Pool) -> Outcome:
+        """Hand the job back while every attachment of its pool is set aside, with why as
+        the job's error."""
+        states = self._through_outage(lambda: [e.circuit.state() for e in pool.endpoints])
+        reason = "; ".join(s.describe() for s in states if s is not None) or (
+            "calls paused: the provider rejected the key"
+        )
         return self._hand_back(job_id, fields, reason)
 
     def _hand_back(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome:
@@ -596,3 +627,10 @@ class Runner:
         self._in_tx(_step)
         log_event("handed_back", **fields, status="queued", reason=reason)
         return "handed_back"
+
+
+def _until(state: CircuitState | None) -> float:
+    """Seconds until ``state``'s next probe is due (none: at once)."""
+    if state is None:
+        return 0.0
+    return max(0.0, (state.retry_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds())

@@ -1,4 +1,5 @@
-"""Per-process state of a worker: clients, throttles, the runner and the dispatcher loop.
+"""Per-process state of a worker: the pools of attachments (each one's client, circuit
+and throttle bucket), the runner and the dispatcher loop.
 
 Built lazily on first use, so importing the Celery app stays cheap and a forked
 process never inherits its parent's sockets.
@@ -22,8 +23,9 @@ from jobs.connections import celery_app, shared_redis
 from jobs.db import session_scope
 from jobs.dispatch import dispatch
 from jobs.logfmt import log_event
-from jobs.settings import MODEL_LIMITS, Settings, is_loopback_host
+from jobs.settings import Attachment, Settings, is_loopback_host
 from worker.client import ModelClient, default_timeout
+from worker.pool import Endpoint, Pool
 from worker.runner import Runner
 from worker.throttle import Throttle, ThrottleStats
 
@@ -46,68 +48,84 @@ class Runtime:
         # The one pool of this process, shared with the dispatcher and the circuit.
         self.redis: redis.Redis = shared_redis(settings.redis_url)
         self.app = celery_app(settings)
-        base_url = settings.inference_url
-        assert base_url is not None, "resolve the settings first (simulator URL)"
-        self.client = ModelClient(
-            base_url,
-            settings.inference_key,
-            timeout=default_timeout(settings.connect_timeout, settings.read_timeout),
-            max_connections=settings.worker_concurrency + 10,
-        )
-        self._throttles: dict[str, Throttle] = {}
+        assert settings.inference_url is not None, "resolve the settings first (simulator URL)"
         self._logged_stats: dict[str, ThrottleStats] = {}
         self._lock = threading.Lock()
-        self.circuit = KeyCircuit(
-            self.redis, settings.key_fingerprint, first_wait_s=settings.auth_retry_s
-        )
+        # One endpoint per bucket: two aliases with one key and model are one endpoint.
+        endpoints: dict[str, Endpoint] = {}
+        for attachment in settings.attachments:
+            if attachment.bucket_name not in endpoints:
+                endpoints[attachment.bucket_name] = self._endpoint(attachment)
+        self.endpoints = tuple(endpoints.values())
+        self.pools = {
+            model: Pool(model, [e for e in self.endpoints if e.model == model])
+            for model in settings.served_models
+        }
         self.runner = Runner(
             settings,
-            self.client,
-            self.throttle_for,
-            self.circuit,
+            self.pool_for,
             stop=self.stop,
             calibrator=Calibrator(settings.database_url),
         )
         self._wake = threading.Event()
         self._dispatcher: threading.Thread | None = None
 
-    def throttle_for(self, model: str) -> Throttle:
-        """The shared bucket of ``model`` on this key (same bucket in every process)."""
-        with self._lock:
-            throttle = self._throttles.get(model)
-            if throttle is None:
-                if model == self.settings.model_id:
-                    rpm, tpm = self.settings.rpm, self.settings.tpm
-                else:
-                    known = MODEL_LIMITS[model]
-                    rpm, tpm = known.rpm, known.tpm
-                bucket = f"{model}:{self.settings.key_fingerprint}"
-                window_s = 60.0 + self.settings.window_margin_s
-                throttle = Throttle(
-                    self.redis,
-                    bucket,
-                    rpm=rpm,
-                    tpm=tpm,
-                    margin_s=self.settings.window_margin_s,
-                    interactive_reserve=self.settings.interactive_reserve,
-                    floor=self.settings.headroom,
-                    # A call up to this late still lands outside the next window's
-                    # calls; the other half of the margin is left to network jitter.
-                    late_start_ms=round(self.settings.window_margin_s * 500),
-                    seed=self._seed_for(model, window_s),
-                )
-                self._throttles[model] = throttle
-            return throttle
+    def pool_for(self, model: str) -> Pool:
+        """The attachments serving ``model`` (the same buckets in every process)."""
+        return self.pools[model]
 
-    def _seed_for(self, model: str, window_s: float) -> Callable[[], list[tuple[float, int]]]:
-        """Rebuild a lost bucket from the ledger's calls of the last window."""
+    def _endpoint(self, attachment: Attachment) -> Endpoint:
+        settings = self.settings
+        assert attachment.url is not None
+        window_s = 60.0 + settings.window_margin_s
+        throttle = Throttle(
+            self.redis,
+            attachment.bucket_name,
+            rpm=attachment.rpm,
+            tpm=attachment.tpm,
+            margin_s=settings.window_margin_s,
+            interactive_reserve=settings.interactive_reserve,
+            floor=attachment.headroom,
+            # A call up to this late still lands outside the next window's
+            # calls; the other half of the margin is left to network jitter.
+            late_start_ms=round(settings.window_margin_s * 500),
+            seed=self._seed_for(attachment, window_s),
+        )
+        return Endpoint(
+            alias=attachment.alias,
+            key_hash=attachment.key_hash,
+            model=attachment.model_id,
+            client=ModelClient(
+                attachment.url,
+                attachment.key,
+                timeout=default_timeout(settings.connect_timeout, settings.read_timeout),
+                max_connections=settings.worker_concurrency + 10,
+            ),
+            circuit=KeyCircuit(
+                self.redis,
+                attachment.key_hash,
+                first_wait_s=settings.auth_retry_s,
+                alias=attachment.alias,
+            ),
+            throttle=throttle,
+        )
+
+    def _seed_for(
+        self, attachment: Attachment, window_s: float
+    ) -> Callable[[], list[tuple[float, int]]]:
+        """Rebuild a lost bucket from the ledger's calls of the last window with its key."""
         settings = self.settings
         assert settings.database_url is not None
         url = settings.database_url
 
         def seed() -> list[tuple[float, int]]:
             with session_scope(url) as session:
-                calls = reports.recent_calls(session, window_s=window_s, model=model)
+                calls = reports.recent_calls(
+                    session,
+                    window_s=window_s,
+                    model=attachment.model_id,
+                    key_hash=attachment.key_hash,
+                )
             return [
                 (
                     call.age_s,
@@ -132,6 +150,8 @@ class Runtime:
             model=settings.model_id,
             rpm=settings.rpm,
             tpm=settings.tpm,
+            attachments=",".join(e.alias for e in self.endpoints),
+            pool_rpm=settings.pool_rpm,
             limits_from=",".join(settings.limits_from_env) or "table",
             tpm_charge=settings.tpm_charge,
             bucket=settings.bucket_name,
@@ -178,18 +198,19 @@ class Runtime:
         redis_round_trips=1712 per_admitted=2.28``: the counts are this process's since
         it started, so the last lines of every process add up to the whole run.
         """
-        changed: list[tuple[str, ThrottleStats]] = []
+        changed: list[tuple[Endpoint, ThrottleStats]] = []
         with self._lock:
-            for model, throttle in self._throttles.items():
-                stats = throttle.stats()
-                if self._logged_stats.get(model) != stats:
-                    self._logged_stats[model] = stats
-                    changed.append((model, stats))
-        for model, stats in changed:
+            for endpoint in self.endpoints:
+                stats = endpoint.throttle.stats()
+                if self._logged_stats.get(endpoint.alias) != stats:
+                    self._logged_stats[endpoint.alias] = stats
+                    changed.append((endpoint, stats))
+        for endpoint, stats in changed:
             log_event(
                 "throttle_stats",
                 pid=self.pid,
-                model=model,
+                model=endpoint.model,
+                attachment=endpoint.alias,
                 admitted=stats.admitted,
                 redis_round_trips=stats.redis_round_trips,
                 per_admitted=(

@@ -2,7 +2,7 @@
 
 The runner holds a :class:`Slot` around the ledger row and the HTTP call::
 
-    slot = take(throttle, price, priority=..., max_wait=..., stop=...)
+    slot = pool.take(price, priority=..., max_wait=..., stop=...)   # worker.pool
     with slot:
         ...                      # leave without calling: the slot is given back
         slot.sending()           # the call starts now (again once its bytes are out)
@@ -16,8 +16,6 @@ Every step after the grant is bookkeeping: with Redis away it is skipped and log
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from functools import partial
 from types import TracebackType
 
@@ -25,23 +23,6 @@ from worker.errors import AuthFailed, ModelError, RateLimited
 from worker.outages import quietly
 from worker.reported import RateLimitInfo
 from worker.throttle import Admission, Throttle
-
-
-def take(
-    throttle: Throttle,
-    price: Callable[[], int],
-    *,
-    priority: int,
-    max_wait: float,
-    stop: threading.Event,
-) -> Slot:
-    """Wait for a slot in ``throttle``'s bucket for a request of ``price()`` tokens.
-
-    Raises what :meth:`Throttle.acquire` raises: RequestTooLarge, ThrottleTimeout,
-    ThrottleInterrupted, or a Redis error.
-    """
-    admission = throttle.acquire(price, max_wait=max_wait, stop=stop, priority=priority)
-    return Slot(throttle, admission)
 
 
 class Slot:

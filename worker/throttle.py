@@ -37,6 +37,9 @@ sliding 60 s window. The throttle is built from these concepts, and no others:
 
 In each process, one thread per priority asks Redis at a time: the others wait
 behind it in the process, so a backlog of threads costs one script call per turn.
+:func:`acquire_first` asks several buckets in turn (a pool of keys serving one
+model, :mod:`worker.pool`) and takes the first that admits; :meth:`Throttle.acquire`
+is that with one bucket.
 
 Errors::
 
@@ -57,7 +60,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -133,6 +136,75 @@ class ThrottleStats:
 
     admitted: int
     redis_round_trips: int
+
+
+@dataclass(frozen=True)
+class Turnstiles:
+    """One lock per priority: the thread holding it is the one asking Redis."""
+
+    bulk: threading.Lock = field(default_factory=threading.Lock)
+    interactive: threading.Lock = field(default_factory=threading.Lock)
+
+
+def acquire_first(
+    throttles: Sequence[Throttle],
+    tokens: Callable[[], int],
+    *,
+    turnstiles: Turnstiles,
+    max_wait: float = 3000.0,
+    stop: threading.Event | None = None,
+    priority: int = Priority.BULK,
+) -> tuple[Throttle, Admission]:
+    """Block until one of ``throttles`` admits a call priced ``tokens()``; the first
+    asked that has room takes it. Raises as :meth:`Throttle.acquire` does;
+    :class:`RequestTooLarge` only when the call is too large for every one of them.
+    """
+    interactive = Priority(priority) is Priority.INTERACTIVE
+    kind, rid = ("i." if interactive else "b."), uuid.uuid4().hex
+    deadline = time.monotonic() + min(max(max_wait, 0.0), _LONGEST_WAIT_S)
+    where = ", ".join(t.bucket for t in throttles)
+    turnstile = turnstiles.interactive if interactive else turnstiles.bulk
+    # Queued behind this process's asking thread; never past the deadline.
+    while not turnstile.acquire(timeout=min(_STOP_CHECK_S, _left(deadline))):
+        _check(where, stop, deadline, wait_s=0.0)
+    try:
+        while True:
+            # Only the stop event here: the deadline is checked before each wait, so
+            # a call with no time to wait (max_wait <= 0) still asks once.
+            _check(where, stop, math.inf, wait_s=0.0)
+            waits: list[float] = []
+            too_large: RequestTooLarge | None = None
+            for throttle in throttles:
+                try:
+                    got = throttle.ask(kind, rid, tokens, NEW)
+                except RequestTooLarge as exc:
+                    too_large = exc
+                    continue
+                if isinstance(got, Admission):
+                    throttle.hold(got, tokens)
+                    return throttle, got
+                assert got is not None
+                waits.append(got)
+            if not waits:
+                assert too_large is not None
+                raise too_large
+            wait_s = min(waits)
+            _check(where, stop, deadline, wait_s=wait_s)
+            if stop is None:
+                time.sleep(min(wait_s, POLL_S))
+            else:
+                stop.wait(min(wait_s, POLL_S))
+    finally:
+        turnstile.release()
+
+
+def _check(where: str, stop: threading.Event | None, deadline: float, *, wait_s: float) -> None:
+    if stop is not None and stop.is_set():
+        raise ThrottleInterrupted(f"stop requested while waiting on bucket {where}")
+    if time.monotonic() + wait_s > deadline:
+        raise ThrottleTimeout(
+            f"bucket {where} admits nothing for {wait_s:.1f} s, beyond the time left to wait"
+        )
 
 
 def no_history() -> list[tuple[float, int]]:
@@ -219,7 +291,7 @@ class Throttle:
         self._seed = seed
         self._store = BucketStore(redis, bucket, window_ms=window_ms + round(margin_s * 1000))
         # One thread per priority asks Redis at a time (see the module docstring).
-        self._turnstiles = {False: threading.Lock(), True: threading.Lock()}
+        self._turnstiles = Turnstiles()
         # This process's calls in flight: id -> (tokens charged, price, admitted at, on
         # the monotonic clock), and one thread at a time pricing them again.
         self._held: dict[str, tuple[int, Callable[[], int], float]] = {}
@@ -248,9 +320,14 @@ class Throttle:
         :class:`ThrottleInterrupted` once ``stop`` is set.
         """
         price = tokens if callable(tokens) else lambda: tokens
-        interactive = Priority(priority) is Priority.INTERACTIVE
-        deadline = time.monotonic() + min(max(max_wait, 0.0), _LONGEST_WAIT_S)
-        return self._admit("i." if interactive else "b.", uuid.uuid4().hex, price, deadline, stop)
+        return acquire_first(
+            [self],
+            price,
+            turnstiles=self._turnstiles,
+            max_wait=max_wait,
+            stop=stop,
+            priority=priority,
+        )[1]
 
     def starting(self, admission: Admission, *, sent: bool = False) -> Admission:
         """Call right before sending, and again with ``sent`` once the request is out.
@@ -266,46 +343,26 @@ class Throttle:
         kind, rid = admission.id[:2], admission.id[2:]
         with self._holding:
             tokens = self._held.get(admission.id, (admission.tokens,))[0]
-        again = self._ask(kind, rid, lambda: tokens, SENT if sent else AGAIN)
-        # None: the log was lost meanwhile, and the seed counts the call already sent.
-        return admission if again is None else again
+        while True:
+            again = self.ask(kind, rid, lambda: tokens, SENT if sent else AGAIN)
+            if not isinstance(again, float):
+                # None: the log was lost meanwhile, and the seed counts the call sent.
+                return admission if again is None else again
+            time.sleep(min(again, POLL_S))
 
-    def _admit(
-        self,
-        kind: str,
-        rid: str,
-        price: Callable[[], int],
-        deadline: float,
-        stop: threading.Event | None,
-    ) -> Admission:
-        """Ask until admitted, one thread per process and priority at a time."""
-        turnstile = self._turnstiles[kind == "i."]
-        # Queued behind this process's asking thread; never past the deadline.
-        while not turnstile.acquire(timeout=min(_STOP_CHECK_S, _left(deadline))):
-            self._check(stop, deadline, wait_s=0.0)
-        try:
-            admission = self._ask(kind, rid, price, NEW, deadline, stop)
-        finally:
-            turnstile.release()
-        assert admission is not None
+    def hold(self, admission: Admission, price: Callable[[], int]) -> None:
+        """Count a new admission among this process's calls in flight (priced again by
+        :meth:`reprice` until settled)."""
         with self._holding:
             self._admitted += 1
             self._held[admission.id] = (admission.tokens, price, admission.at)
-        return admission
 
-    def _ask(
-        self,
-        kind: str,
-        rid: str,
-        price: Callable[[], int],
-        mode: Mode,
-        deadline: float = math.inf,
-        stop: threading.Event | None = None,
-    ) -> Admission | None:
+    def ask(
+        self, kind: str, rid: str, price: Callable[[], int], mode: Mode
+    ) -> Admission | float | None:
+        """Ask once: the admission, or the seconds to wait before asking again; ``None``:
+        a call already SENT found the log lost (the seed counts it already)."""
         while True:
-            # Only the stop event here: the deadline is checked before each wait, so
-            # a call with no time to wait (max_wait <= 0) still asks once.
-            self._check(stop, math.inf, wait_s=0.0)
             cost = self._check_cost(price())
             verdict = self._store.admit(
                 kind + rid,
@@ -320,26 +377,11 @@ class Throttle:
             )
             if verdict.admitted:
                 return Admission(kind + rid, cost, verdict.at_ms, time.monotonic(), verdict.ours)
-            if verdict.unseeded:
-                if mode == SENT:
-                    return None
-                self._seed_log()
-                continue
-            wait_s = verdict.wait_ms / 1000
-            self._check(stop, deadline, wait_s=wait_s)
-            if stop is None:
-                time.sleep(min(wait_s, POLL_S))
-            else:
-                stop.wait(min(wait_s, POLL_S))
-
-    def _check(self, stop: threading.Event | None, deadline: float, *, wait_s: float) -> None:
-        if stop is not None and stop.is_set():
-            raise ThrottleInterrupted(f"stop requested while waiting on bucket {self.bucket}")
-        if time.monotonic() + wait_s > deadline:
-            raise ThrottleTimeout(
-                f"bucket {self.bucket} admits nothing for {wait_s:.1f} s, "
-                "beyond the time left to wait"
-            )
+            if not verdict.unseeded:
+                return verdict.wait_ms / 1000
+            if mode == SENT:
+                return None
+            self._seed_log()
 
     def _check_cost(self, tokens: int) -> int:
         if tokens < 0:

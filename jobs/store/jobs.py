@@ -149,6 +149,8 @@ def begin_attempt(
     script: str | None = None,
     max_tokens: int | None = None,
     worst_prompt_tokens: int | None = None,
+    attachment: str | None = None,
+    key_hash: str | None = None,
 ) -> int | None:
     """Write the ledger row for a call about to be made; returns its attempt number.
 
@@ -156,7 +158,8 @@ def begin_attempt(
     The row exists before the call, so a worker killed mid-call still leaves a
     trace of a call the provider may have charged. ``est_prompt_tokens``, ``script``
     and ``max_tokens`` are what the calibration learns from once the answer is recorded;
-    ``worst_prompt_tokens`` and ``max_tokens``, what a budget counts until then.
+    ``worst_prompt_tokens`` and ``max_tokens``, what a budget counts until then;
+    ``attachment`` and ``key_hash``, which attachment of the pool it goes through.
     """
     number = session.execute(
         _ATTEMPT_COUNT, {"job_id": job_id, "lease": _lease(lease_s)}
@@ -173,6 +176,8 @@ def begin_attempt(
             "script": script,
             "max_tokens": max_tokens,
             "worst_prompt_tokens": worst_prompt_tokens,
+            "attachment": attachment,
+            "key_hash": key_hash,
         },
     )
     return int(number.attempts)
@@ -196,6 +201,8 @@ _ATTEMPT_ROW = insert(_attempts).values(
                 "script",
                 "max_tokens",
                 "worst_prompt_tokens",
+                "attachment",
+                "key_hash",
             )
         },
         "started_at": func.now(),

@@ -167,9 +167,9 @@ BAD_FILES: list[tuple[str, bytes, str]] = [
     (
         "unknown-model",
         jsonl(line("a", body={**body(), "model": "llama-9"})),
-        "line 1: body.model: model 'llama-9' has no known rate limits; to use it, set "
-        "INFERENCE_MODEL_ID to it and give its limits in INFERENCE_RPM and INFERENCE_TPM "
-        "(and INFERENCE_CONTEXT_TOKENS)",
+        "line 1: body.model: model 'llama-9' is served by no attachment (served: kimi-k2-5); to "
+        "use it, attach one that serves it to INFERENCE_POOL, or set INFERENCE_MODEL_ID "
+        "to it with its INFERENCE_RPM and INFERENCE_TPM",
     ),
 ]
 
@@ -248,7 +248,7 @@ def test_submit_batch_refuses_10000_deep_values_and_stores_nothing(settings: Set
         ({"custom_id": ""}, "custom_id: must not be empty"),
         ({"max_tokens": 300_000}, "body.max_tokens: the prompt (about"),
         ({"max_tokens": -1}, "body.max_tokens: must be an integer >= 1, got -1"),
-        ({"model": "llama-9"}, "body.model: model 'llama-9' has no known rate limits; to use it"),
+        ({"model": "llama-9"}, "body.model: model 'llama-9' is served by no attachment"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "body.tools[0]"),
     ],
     ids=[
@@ -533,9 +533,9 @@ def test_cli_submit_names_the_variables_for_an_unknown_model(
     proc = run_cli(settings, "submit", str(path))
     assert_one_line_error(
         proc,
-        "line 1: body.model: model 'llama-9' has no known rate limits; to use it, set "
-        "INFERENCE_MODEL_ID to it and give its limits in INFERENCE_RPM and INFERENCE_TPM "
-        "(and INFERENCE_CONTEXT_TOKENS)",
+        "line 1: body.model: model 'llama-9' is served by no attachment (served: kimi-k2-5); to "
+        "use it, attach one that serves it to INFERENCE_POOL, or set INFERENCE_MODEL_ID "
+        "to it with its INFERENCE_RPM and INFERENCE_TPM",
     )
     env = settings_env(settings) | {"INFERENCE_MODEL_ID": "llama-9"}
     del env["INFERENCE_RPM"], env["INFERENCE_TPM"]

@@ -35,6 +35,7 @@ from tests.support import (
     wait_until,
 )
 from worker.client import ModelClient, default_timeout
+from worker.pool import Pool
 from worker.runner import Runner
 from worker.throttle import Throttle, no_history
 
@@ -311,7 +312,8 @@ def test_the_daily_budget_stops_every_batch_and_enqueue_until_midnight_utc(
     client = ModelClient(
         settings.inference_url or "", settings.inference_key, timeout=default_timeout(2.0, 5.0)
     )
-    runner = Runner(settings, client, lambda _model: throttle, circuit)
+    pool = Pool.single(settings.model_id, client, throttle, circuit)
+    runner = Runner(settings, lambda _model: pool)
     app = celery_app(settings)
     try:
         outcomes = [runner.run(job_id) for job_id in job_ids]

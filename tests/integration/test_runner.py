@@ -26,6 +26,7 @@ from jobs.validation import CheckedRequest
 from tests.integration.throttle_helpers import entries, redis_now_ms, wait_until
 from tests.support import TEST_KEY, backoff_range, backoff_waits, make_settings
 from worker.client import ModelClient, default_timeout
+from worker.pool import Pool
 from worker.runner import Runner
 from worker.runtime import Runtime
 from worker.throttle import Throttle, no_history
@@ -73,9 +74,8 @@ class Harness:
         )
         self.stop = threading.Event()
         self.circuit = KeyCircuit(self.redis, settings.key_fingerprint, first_wait_s=1.0)
-        self.runner = Runner(
-            settings, self.client, lambda _model: self.throttle, self.circuit, stop=self.stop
-        )
+        self.pool = Pool.single(settings.model_id, self.client, self.throttle, self.circuit)
+        self.runner = Runner(settings, lambda _model: self.pool, stop=self.stop)
 
     def job(self, job_id: int) -> Job:
         assert self.settings.database_url
@@ -232,7 +232,8 @@ def test_a_hang_past_the_read_timeout_ends_as_a_timeout(clean_db: str, redis_url
         wait_until(lambda: all(c.delivered is not None for c in sim.calls()), timeout=5)
         assert [(c.outcome, c.delivered) for c in sim.calls()] == [("hang", False)] * 2
     finally:
-        runtime.client.close()
+        for endpoint in runtime.endpoints:
+            endpoint.client.close()
         runtime.redis.close()
         sim.stop()
 
@@ -489,10 +490,10 @@ def test_a_crash_after_the_claim_hands_the_job_back(harness: Harness) -> None:
     assert harness.settings.database_url
     job_id = store_job(harness.settings.database_url, body())
 
-    def broken_throttle(_model: str) -> Throttle:
+    def broken_pool(_model: str) -> Pool:
         raise RuntimeError("bug")
 
-    runner = Runner(harness.settings, harness.client, broken_throttle, harness.circuit)
+    runner = Runner(harness.settings, broken_pool)
     with pytest.raises(RuntimeError):
         runner.run(job_id)
     job = harness.job(job_id)

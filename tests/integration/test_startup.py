@@ -117,7 +117,8 @@ def test_on_a_dyno_every_line_is_logfmt_with_the_dyno_and_one_start_up_line(
     started = [t for t in lines if t.startswith("event=worker_started ")]
     assert len(started) == 1
     assert (
-        'model=kimi-k2-5 rpm=120 tpm=800000 limits_from="INFERENCE_RPM,INFERENCE_TPM" '
+        "model=kimi-k2-5 rpm=120 tpm=800000 attachments=INFERENCE pool_rpm=120 "
+        'limits_from="INFERENCE_RPM,INFERENCE_TPM" '
         "tpm_charge=reserve "
         f"bucket={settings.bucket_name} concurrency=5 dispatch_window=200 "
         "dispatch_window_max=200 simulated=true "

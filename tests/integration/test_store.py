@@ -443,11 +443,12 @@ def test_a_worker_rebuilds_a_lost_bucket_from_the_ledger(
         ledger_for_reseeding(clean_db)
         written = redis_now_ms(runtime.redis)
         time.sleep(0.5)  # the calls started half a second before Redis lost the bucket
-        throttle = runtime.throttle_for(settings.model_id)
-        throttle.release(throttle.acquire(0, max_wait=0))
+        (endpoint,) = runtime.pool_for(settings.model_id).endpoints
+        endpoint.throttle.release(endpoint.throttle.acquire(0, max_wait=0))
         log = entries(runtime.redis, settings.bucket_name)
     finally:
-        runtime.client.close()
+        for each in runtime.endpoints:
+            each.client.close()
         runtime.redis.close()
     history = [(score, tokens) for score, tokens, member in log if member.startswith("s.")]
     assert sorted(tokens for _, tokens in history) == sorted(seeded)

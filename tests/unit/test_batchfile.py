@@ -320,7 +320,8 @@ def test_normalize_errors_say_request_and_are_collected() -> None:
 
 def test_unknown_default_model_is_reported() -> None:
     with pytest.raises(
-        ValidationError, match=re.escape("request 1: body.model: model 'nope' has no known")
+        ValidationError,
+        match=re.escape("request 1: body.model: model 'nope' is served by no attachment"),
     ):
         normalize_requests(
             [{"messages": [{"role": "user", "content": "x"}]}], LIMITS, default_model="nope"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from jobs.connections import celery_config, redis_client
 from jobs.pricing import Price
 from jobs.settings import ConfigError, Settings, normalize_database_url
+from jobs.validation import ValidationError, check_request, request_limits
 
 
 def test_defaults_come_from_the_model_table() -> None:
@@ -199,3 +201,133 @@ def test_a_daily_budget_is_read_once_with_its_price() -> None:
     settings = Settings.from_env(env | {"DAILY_BUDGET_TOKENS": "2000000"})
     assert (settings.daily_budget_tokens, settings.daily_budget_usd) == (2_000_000, 12.5)
     assert Settings.from_env({}).daily_budget_tokens is None
+
+
+POOL = {
+    "INFERENCE_POOL": "INFERENCE,INFERENCE_2",
+    "INFERENCE_URL": "https://a.example",
+    "INFERENCE_KEY": "key-a",
+    "INFERENCE_2_URL": "https://b.example/",
+    "INFERENCE_2_KEY": "key-b",
+    "INFERENCE_2_MODEL_ID": "kimi-k2-5",
+}
+
+
+def test_without_a_pool_the_one_attachment_is_inference() -> None:
+    s = Settings.from_env({"INFERENCE_URL": "https://a.example", "INFERENCE_KEY": "k"})
+    (only,) = s.attachments
+    assert (only.alias, only.url, only.rpm, only.tpm) == (
+        "INFERENCE",
+        "https://a.example",
+        150,
+        800_000,
+    )
+    assert only.bucket_name == s.bucket_name and s.pool_rpm == 150
+    assert s.served_models == {"kimi-k2-5"}
+
+
+def test_a_pool_reads_each_attachment_from_its_alias() -> None:
+    s = Settings.from_env(POOL | {"INFERENCE_2_RPM": "200", "INFERENCE_2_HEADROOM": "0.1"})
+    first, second = s.attachments
+    assert (first.alias, first.url, first.rpm, first.headroom) == (
+        "INFERENCE",
+        "https://a.example",
+        150,
+        0.0,
+    )
+    assert (second.alias, second.url, second.rpm, second.tpm, second.headroom) == (
+        "INFERENCE_2",
+        "https://b.example",
+        200,
+        800_000,
+        0.1,
+    )
+    assert second.limits_from_env == ("INFERENCE_2_RPM",)
+    assert "key-b" not in repr(s) and "key-b" not in second.bucket_name
+    assert first.bucket_name != second.bucket_name
+    # The dispatcher feeds both buckets, the dry run paces the model on both.
+    assert s.pool_rpm == 350 and s.limits_for("kimi-k2-5") == (350, 1_600_000)
+    assert s.dispatch_window == 400 and s.dispatch_window_max == 450
+    # INFERENCE_HEADROOM is every attachment's default; its own overrides it.
+    s = Settings.from_env(POOL | {"INFERENCE_HEADROOM": "0.2"})
+    assert [a.headroom for a in s.attachments] == [0.2, 0.2]
+
+
+def test_the_first_alias_of_the_pool_need_not_be_inference() -> None:
+    env = {k: v for k, v in POOL.items() if not k.startswith("INFERENCE_URL")}
+    env |= {"INFERENCE_POOL": "INFERENCE_2,INFERENCE_3", "INFERENCE_3_URL": "https://c.example"}
+    env |= {"INFERENCE_3_KEY": "key-c"}
+    s = Settings.from_env(env)
+    assert (s.alias, s.inference_url, [a.alias for a in s.attachments]) == (
+        "INFERENCE_2",
+        "https://b.example",
+        ["INFERENCE_2", "INFERENCE_3"],
+    )
+
+
+def test_two_aliases_with_one_key_share_a_bucket_and_its_limits() -> None:
+    same = POOL | {"INFERENCE_2_KEY": "key-a"}
+    s = Settings.from_env(same)
+    assert s.attachments[0].bucket_name == s.attachments[1].bucket_name
+    assert s.pool_rpm == 150  # one bucket: its limit counts once
+    with pytest.raises(ConfigError, match="INFERENCE_2 carries the same key as INFERENCE"):
+        Settings.from_env(same | {"INFERENCE_2_RPM": "300"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"INFERENCE_POOL": "INFERENCE,inference_2"},
+            "INFERENCE_POOL must list attachment aliases",
+        ),
+        ({"INFERENCE_POOL": "INFERENCE,INFERENCE"}, "INFERENCE_POOL names INFERENCE twice"),
+        (
+            {"INFERENCE_2_URL": ""},
+            "INFERENCE_2_URL is not set, and INFERENCE_POOL names INFERENCE_2",
+        ),
+        (
+            {"INFERENCE_2_KEY": ""},
+            "INFERENCE_2_KEY is not set, and INFERENCE_POOL names INFERENCE_2",
+        ),
+        ({"INFERENCE_2_URL": "http://b.example"}, "INFERENCE_2_URL must be https://"),
+        (
+            {"INFERENCE_2_MODEL_ID": "llama"},
+            "INFERENCE_2_MODEL_ID='llama' has no known rate limits",
+        ),
+        ({"INFERENCE_2_RPM": "0"}, "INFERENCE_2_RPM must be at least 1"),
+        ({"INFERENCE_2_HEADROOM": "0.9"}, "INFERENCE_2_HEADROOM must be at most 0.5"),
+        (
+            {"INFERENCE_2_PRICE_INPUT": "1"},
+            "INFERENCE_2_PRICE_INPUT is set but INFERENCE_2_PRICE_OUTPUT",
+        ),
+        (
+            {"INFERENCE_2_RPM": "10", "INFERENCE_INTERACTIVE_RESERVE": "20"},
+            "INFERENCE_INTERACTIVE_RESERVE must be below the rpm (10 of INFERENCE_2), got 20",
+        ),
+    ],
+)
+def test_a_bad_pool_is_one_line_naming_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(POOL | env)
+
+
+def test_a_price_belongs_to_the_model_so_the_pool_agrees_on_it() -> None:
+    priced = {"INFERENCE_PRICE_INPUT": "0.6", "INFERENCE_PRICE_OUTPUT": "3"}
+    s = Settings.from_env(POOL | priced)
+    assert [a.price for a in s.attachments] == [Price(0.6, 3.0), Price(0.6, 3.0)]
+    assert s.price_for("kimi-k2-5") == Price(0.6, 3.0)
+    other = {"INFERENCE_2_PRICE_INPUT": "1", "INFERENCE_2_PRICE_OUTPUT": "3"}
+    with pytest.raises(
+        ConfigError, match="INFERENCE_2_PRICE_INPUT/_OUTPUT differ from INFERENCE's"
+    ):
+        Settings.from_env(POOL | priced | other)
+    with pytest.raises(ConfigError, match="DAILY_BUDGET_USD needs the price of kimi-k2-5"):
+        Settings.from_env(POOL | {"DAILY_BUDGET_USD": "5"})
+
+
+def test_a_request_may_name_only_a_served_model() -> None:
+    limits = request_limits(Settings.from_env(POOL))
+    assert limits.known_models == {"kimi-k2-5"}
+    with pytest.raises(ValidationError, match=re.escape("(served: kimi-k2-5)")):
+        check_request({"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]}, limits)

@@ -170,7 +170,12 @@ REFUSALS: list[tuple[str, Mutate, str, str]] = [
     ("model missing", _set("model", _DROP), "body.model", "missing"),
     ("model empty", _set("model", ""), "body.model", "non-empty string"),
     ("model not a string", _set("model", 5), "body.model", "got 5"),
-    ("model unknown", _set("model", "gpt-x"), "body.model", "model 'gpt-x' has no known rate"),
+    (
+        "model unknown",
+        _set("model", "gpt-x"),
+        "body.model",
+        "model 'gpt-x' is served by no attachment",
+    ),
     ("model too long", _set("model", "m" * 201), "body.model", "at most 200"),
     ("messages missing", _set("messages", _DROP), "body.messages", "missing"),
     ("messages not a list", _set("messages", {"role": "user"}), "body.messages", "got object"),
@@ -400,9 +405,9 @@ def test_refusals_name_the_field_and_the_reason(mutate: Mutate, field: str, frag
 def test_unknown_model_message_says_what_to_configure() -> None:
     error = refuse(example(model="llama-9"))
     assert str(error) == (
-        "body.model: model 'llama-9' has no known rate limits; to use it, set "
-        "INFERENCE_MODEL_ID to it and give its limits in INFERENCE_RPM and INFERENCE_TPM "
-        "(and INFERENCE_CONTEXT_TOKENS)"
+        "body.model: model 'llama-9' is served by no attachment (served: kimi-k2-5); to "
+        "use it, attach one that serves it to INFERENCE_POOL, or set INFERENCE_MODEL_ID "
+        "to it with its INFERENCE_RPM and INFERENCE_TPM"
     )
 
 

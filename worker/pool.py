@@ -1,0 +1,108 @@
+"""The attachments serving one model, as a worker calls them.
+
+Each attachment of :mod:`jobs.attachments` becomes an :class:`Endpoint`: its HTTP
+client, its key circuit and its throttle bucket. The :class:`Pool` of a model is its
+endpoints, one per bucket (two aliases with one key are one endpoint, the first alias
+named), and a job takes a slot there:
+
+1. Every endpoint not set aside is asked in turn, by one thread per priority and
+   process at a time (:func:`worker.throttle.acquire_first`); the first that admits
+   gives the slot, which names its endpoint.
+2. An endpoint whose circuit the runner finds open (the provider rejects its key) is
+   set aside in this process until the circuit's next probe is due, so that no job
+   takes a turn of its bucket meanwhile; the others go on.
+3. With one attachment this is today's single bucket: one endpoint, nothing to choose.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from jobs.circuit import KeyCircuit
+from worker.client import ModelClient
+from worker.slot import Slot
+from worker.throttle import Throttle, Turnstiles, acquire_first
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One attachment as a worker calls it; ``key_hash`` names its key, never the key."""
+
+    alias: str
+    key_hash: str
+    model: str
+    client: ModelClient
+    circuit: KeyCircuit
+    throttle: Throttle
+
+
+class NoEndpoint(Exception):  # noqa: N818 - read as "no endpoint is open"
+    """Every endpoint of the pool is set aside (their circuits are open)."""
+
+
+class Pool:
+    """The endpoints serving one model; thread-safe, one per model and process."""
+
+    def __init__(self, model: str, endpoints: Sequence[Endpoint]) -> None:
+        if not endpoints:
+            raise ValueError(f"no attachment serves {model}")
+        self.model = model
+        self.endpoints = tuple(endpoints)
+        self._by_bucket = {e.throttle.bucket: e for e in self.endpoints}
+        self._turnstiles = Turnstiles()
+        self._aside: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def single(
+        cls, model: str, client: ModelClient, throttle: Throttle, circuit: KeyCircuit
+    ) -> Pool:
+        """A pool of one endpoint: the one attachment of a deployment without a pool."""
+        endpoint = Endpoint(circuit.alias, circuit.fingerprint, model, client, circuit, throttle)
+        return cls(model, [endpoint])
+
+    def open_endpoints(self) -> list[Endpoint]:
+        """The endpoints not set aside, in the pool's order."""
+        now = time.monotonic()
+        with self._lock:
+            for bucket in [b for b, until in self._aside.items() if until <= now]:
+                del self._aside[bucket]
+            return [e for e in self.endpoints if e.throttle.bucket not in self._aside]
+
+    def set_aside(self, endpoint: Endpoint, seconds: float) -> None:
+        """Ask ``endpoint`` nothing in this process for ``seconds`` (its circuit is open)."""
+        with self._lock:
+            self._aside[endpoint.throttle.bucket] = time.monotonic() + max(0.0, seconds)
+
+    def endpoint(self, slot: Slot) -> Endpoint:
+        """The endpoint whose bucket granted ``slot``."""
+        return self._by_bucket[slot.throttle.bucket]
+
+    def take(
+        self,
+        price: Callable[[], int],
+        *,
+        priority: int,
+        max_wait: float,
+        stop: threading.Event,
+    ) -> Slot:
+        """A slot in the first open endpoint's bucket with room for ``price()`` tokens.
+
+        Raises :class:`NoEndpoint` when every endpoint is set aside, else what
+        :func:`worker.throttle.acquire_first` raises.
+        """
+        endpoints = self.open_endpoints()
+        if not endpoints:
+            raise NoEndpoint(f"every attachment serving {self.model} is paused")
+        throttle, admission = acquire_first(
+            [e.throttle for e in endpoints],
+            price,
+            turnstiles=self._turnstiles,
+            max_wait=max_wait,
+            stop=stop,
+            priority=priority,
+        )
+        return Slot(throttle, admission)
