@@ -31,13 +31,16 @@ class Call:
     latency_s: float | None
     job_id: int
     priority: int
+    #: The attachment of the pool the call went through (its alias).
+    attachment: str | None = None
 
 
 def calls(database_url: str) -> list[Call]:
     """Every attempt, oldest first; ``status`` is ``None`` while the call is in flight."""
     query = """
         SELECT extract(epoch FROM a.started_at)::float8, a.http_status, a.prompt_tokens,
-               a.completion_tokens, a.total_tokens, a.latency_ms, a.job_id, j.priority
+               a.completion_tokens, a.total_tokens, a.latency_ms, a.job_id, j.priority,
+               a.attachment
         FROM attempts a JOIN jobs j ON j.id = a.job_id
         ORDER BY a.started_at, a.id
     """
@@ -53,6 +56,7 @@ def calls(database_url: str) -> list[Call]:
             latency_s=None if r[5] is None else int(r[5]) / 1000.0,
             job_id=int(r[6]),
             priority=int(r[7]),
+            attachment=r[8],
         )
         for r in rows
     ]

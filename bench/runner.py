@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from bench import lanes
 from bench import scenarios_budget as budgets
 from bench import scenarios_neighbour as neighbour
+from bench import scenarios_pool as pools
 from bench import scenarios_rate as rate
 from bench import scenarios_system as system
 from bench.measure import processes
@@ -115,6 +116,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     *_one("tpm-reserve-cjk", "TPM-bound, charge=reserve, CJK", rate.tpm, "reserve", 1.5),
     *_one("tpm-actual-cjk", "TPM-bound, charge=actual, CJK", rate.tpm, "actual", 1.5),
     *_one("long-docs", "Long documents (~130,000 tokens)", rate.long_docs),
+    # Full mode only: at ten times the limits a pool asks one process for 50-100 jobs/s.
+    *_one("pool-2x150", "Two keys of 150 RPM against one", pools.two_keys),
+    *_one("pool-mixed", "Three keys of 150, 200, 250 RPM", pools.mixed_keys),
+    *_one("pool-401", "Two keys, one rejected mid-batch", pools.rejected_key),
     *_both("restart", "Start-up and Redis FLUSHDB mid-run", rate.restart),
     *_both("shared-key", "Another client on the same key", rate.shared_key),
     *_both("neighbour", "A retrying client on the same key", neighbour.neighbour),

@@ -1,4 +1,5 @@
-"""The real stack one scenario runs on: database, Redis, simulator process, worker processes.
+"""The real stack one scenario runs on: database, Redis, simulator processes (one per
+attachment of the pool), worker processes.
 
 Everything here talks to the system from the outside, the way an operator would: a fresh
 database migrated with :mod:`jobs.migrate`, environment variables read by
@@ -179,10 +180,25 @@ class SimulatorProcess:
         """Clear its counters and rate-limit window (``POST /reset``)."""
         self._http.post("/reset").raise_for_status()
 
+    def outage(self, seconds: float, status: int) -> None:
+        """Answer every call with ``status`` for ``seconds`` (``POST /outage``); 401: the
+        key is rejected."""
+        self._http.post("/outage", json={"seconds": seconds, "status": status}).raise_for_status()
+
     def stop(self) -> None:
         self._http.close()
         stop_process(self.proc, 15.0)
         self._log.close()
+
+
+@dataclass(frozen=True)
+class Attached:
+    """One more attachment of the pool: its own simulator, key and limits."""
+
+    sim: SimSpec
+    #: <ALIAS>_RPM / <ALIAS>_TPM given to the system.
+    rpm: int
+    tpm: int
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,13 @@ class StackSpec:
     interactive_reserve: int = Settings().interactive_reserve
     #: Further variables given to the system (prices, budgets).
     env: tuple[tuple[str, str], ...] = ()
+    #: Attachments beyond ``INFERENCE`` (named INFERENCE_2, INFERENCE_3, ...): with any,
+    #: the system runs on INFERENCE_POOL.
+    pool: tuple[Attached, ...] = ()
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return ("INFERENCE", *(f"INFERENCE_{n}" for n in range(2, len(self.pool) + 2)))
 
 
 class Stack:
@@ -221,6 +244,8 @@ class Stack:
         self.database_url = ""
         self.redis: redis.Redis | None = None
         self.sim: SimulatorProcess | None = None
+        #: Every attachment's simulator by alias, ``INFERENCE``'s (``sim``) first.
+        self.sims: dict[str, SimulatorProcess] = {}
         self.env: dict[str, str] = {}
         self.settings = Settings()
 
@@ -258,6 +283,12 @@ class Stack:
         migrate.upgrade(self.database_url)
         self.sim = SimulatorProcess(self.spec.sim, self.key, self.logs / f"{self.name}-sim.log")
         self._later(self.sim.stop)
+        self.sims = {"INFERENCE": self.sim}
+        for alias, other in zip(self.spec.aliases[1:], self.spec.pool, strict=True):
+            log = self.logs / f"{self.name}-sim-{alias.lower()}.log"
+            sim = SimulatorProcess(other.sim, f"{self.key}-{alias.lower()}", log)
+            self._later(sim.stop)
+            self.sims[alias] = sim
         self._later(self.stop_workers)
         self.env = self._environment()
         self.settings = Settings.from_env(self.env)
@@ -293,6 +324,16 @@ class Stack:
             PYTHONUNBUFFERED="1",
             # Heroku's SIGTERM, handled as the Procfile's worker does.
         )
+        if self.spec.pool:
+            env["INFERENCE_POOL"] = ",".join(self.spec.aliases)
+            for alias, other in zip(self.spec.aliases[1:], self.spec.pool, strict=True):
+                sim = self.sims[alias]
+                env |= {
+                    f"{alias}_URL": sim.url,
+                    f"{alias}_KEY": f"{self.key}-{alias.lower()}",
+                    f"{alias}_RPM": str(other.rpm),
+                    f"{alias}_TPM": str(other.tpm),
+                }
         if self.spec.concurrency is not None:
             env["WORKER_CONCURRENCY"] = str(self.spec.concurrency)
         if self.spec.dispatch_window is not None:

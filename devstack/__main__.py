@@ -2,7 +2,8 @@
 
 | command | what it does |
 |---|---|
-| ``demo [--requests N]`` | the demo batch end to end on embedded defaults (``make demo``) |
+| ``demo [--requests N]`` | the demo batch end to end on embedded defaults (``make demo``); |
+|  | ``--pool N`` runs N simulators as N attachments of a pool |
 | ``up`` | migrate, then the Procfile's long-running processes under honcho (``make up``),|
 |  | printing the dashboard's URL and key |
 | ``status`` | the embedded servers and simulator running under VAR_DIR |
@@ -90,7 +91,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(requests=args.requests, out=sys.stdout)
+    return run_demo(requests=args.requests, out=sys.stdout, pool=args.pool)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the demo batch end to end on embedded defaults")
     p.add_argument("--requests", type=int, default=240, help="demo batch size (default 240)")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=1,
+        choices=range(1, 5),
+        metavar="N",
+        help="run N simulators as N attachments of a pool, each its own key (1-4, default 1)",
+    )
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("up", help="migrate, then run the Procfile's processes under honcho")
     p.set_defaults(func=cmd_up)

@@ -3,13 +3,17 @@ settings point at.
 
 With nothing set this starts the embedded PostgreSQL and Redis, the bundled
 simulator and one worker process, runs a demo batch through them, prints a
-summary and stops everything it started.
+summary and stops everything it started. ``--pool N`` runs N simulators as N
+attachments of a pool (:mod:`jobs.attachments`), each with its own key and limits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -17,13 +21,14 @@ from sqlalchemy import select
 
 from devstack import daemons, services
 from devstack.procs import WorkerProcess
+from devstack.simulator import Simulator, SimulatorConfig
 from devstack.simulator.limits import max_in_window
 from jobs import api, dryrun, environment, migrate, reports
 from jobs.db import session_scope
 from jobs.environment import child_env, worker_argv
 from jobs.models import Attempt, Job
 from jobs.progress import ProgressPrinter
-from jobs.settings import Settings
+from jobs.settings import Attachment, ConfigError, Settings
 
 TOPICS = (
     "the water cycle",
@@ -117,29 +122,117 @@ def pace(database_url: str, *, batch_id: int, window_s: float = 60.0) -> Pace:
     return Pace(len(starts), starts[-1] - starts[0], most)
 
 
-def run_demo(*, requests: int, out: TextIO) -> int:
+def _pool_env(settings: Settings) -> dict[str, str]:
+    """The variables that give a worker the pool's attachments beyond the first."""
+    if not settings.pool:
+        return {}
+    env = {"INFERENCE_POOL": ",".join(a.alias for a in settings.attachments)}
+    for a in settings.pool:
+        env |= {
+            f"{a.alias}_URL": a.url or "",
+            f"{a.alias}_KEY": a.key,
+            f"{a.alias}_MODEL_ID": a.model_id,
+            f"{a.alias}_RPM": str(a.rpm),
+            f"{a.alias}_TPM": str(a.tpm),
+        }
+    return env
+
+
+def _simulated_pool(
+    settings: Settings, size: int, stack: contextlib.ExitStack
+) -> tuple[Attachment, ...]:
+    """``size - 1`` more simulators in this process, each an attachment of the pool with
+    the first one's limits and a key of its own; stopped with ``stack``."""
+    low, high = (float(x) for x in services.SIMULATOR_LATENCY.split(":"))
+    attachments = []
+    for n in range(2, size + 1):
+        key = "sim-" + secrets.token_hex(12)
+        config = SimulatorConfig(
+            key=key, rpm=settings.rpm, tpm=settings.tpm, latency_min=low, latency_max=high
+        )
+        sim = stack.enter_context(Simulator(config))
+        attachments.append(
+            Attachment(
+                alias=f"INFERENCE_{n}",
+                url=sim.url,
+                key=key,
+                model_id=settings.model_id,
+                rpm=settings.rpm,
+                tpm=settings.tpm,
+                context_tokens=settings.context_tokens,
+                headroom=settings.headroom,
+                price=settings.price,
+            )
+        )
+    return tuple(attachments)
+
+
+def _summary(
+    out: TextIO, settings: Settings, batch_id: int, final: api.BatchProgress, elapsed: float
+) -> None:
+    """What the batch did: its jobs, tokens, time and pace against the limit."""
+    assert settings.database_url is not None
+    ledger = reports.usage(settings.database_url, batch_id=batch_id)
+    paced = pace(settings.database_url, batch_id=batch_id)
+    limit = settings.pool_rpm
+    out.write(
+        f"\nbatch {batch_id}: {final.succeeded} succeeded, {final.failed} failed, "
+        f"{final.cancelled} cancelled of {final.total}\n"
+        f"tokens: {sum(r.prompt_tokens for r in ledger)} prompt + "
+        f"{sum(r.completion_tokens for r in ledger)} completion = "
+        f"{sum(r.total_tokens for r in ledger)} total, in {paced.calls} calls\n"
+        f"elapsed: {elapsed:.1f} s from submission to the last result\n"
+        f"achieved: {paced.max_in_window} calls started in the busiest 60 s window = "
+        f"{100.0 * paced.max_in_window / limit:.1f}% of the {limit} "
+        f"requests/min limit ({paced.calls} calls over {paced.span_s:.1f} s; calls take "
+        f"turns, one every {(60.0 + settings.window_margin_s) / settings.rpm:.2f} s"
+        f"{' on each key' if settings.pool else ''})\n"
+    )
+    if settings.pool:
+        by = Counter[str]()
+        for row in ledger:
+            by[row.attachment or "-"] += row.calls
+        out.write("calls by attachment: " + ", ".join(f"{a} {n}" for a, n in by.items()) + "\n")
+
+
+def run_demo(*, requests: int, out: TextIO, pool: int = 1) -> int:
     """The demo batch through a worker of its own; stops whatever it started."""
     env_settings = Settings.from_env()
     simulated = env_settings.simulated
+    if pool > 1 and (not simulated or env_settings.pool):
+        raise ConfigError(
+            "--pool runs simulators as the attachments: with INFERENCE_URL or INFERENCE_POOL "
+            "set, the pool is yours already (unset them, or drop --pool)"
+        )
     var_dir = daemons.var_dir_of(env_settings)
     before = set(services.running(var_dir))
     settings = environment.resolve(env_settings)
     started = set(services.running(var_dir)) - before
-    assert settings.database_url is not None
+    database_url = settings.database_url
+    assert database_url is not None
     worker: WorkerProcess | None = None
+    extra = contextlib.ExitStack()
     try:
+        if pool > 1:
+            settings = settings.replace(pool=_simulated_pool(settings, pool, extra))
         if simulated:
             out.write(
                 "INFERENCE_URL is unset: calls go to the bundled simulator at "
-                f"{settings.inference_url}; results are SIMULATED, not the real model's.\n"
+                f"{settings.inference_url}"
+                + "".join(f" and {a.alias} at {a.url}" for a in settings.pool)
+                + "; results are SIMULATED, not the real model's.\n"
             )
         out.write("migrating the database...\n")
-        migrate.upgrade(settings.database_url)
+        migrate.upgrade(database_url)
         log_path = var_dir / "demo-worker.log"
         out.write(f"starting a worker (log: {log_path})...\n")
-        worker = WorkerProcess(worker_argv(settings), child_env(settings), log_path, append=True)
+        env = child_env(settings) | _pool_env(settings)
+        worker = WorkerProcess(worker_argv(settings), env, log_path, append=True)
         worker.wait_ready()
-        out.write(f"submitting {requests} requests (limit {settings.rpm} requests/min)...\n")
+        keys = f" over {len(settings.attachments)} keys" if settings.pool else ""
+        out.write(
+            f"submitting {requests} requests (limit {settings.pool_rpm} requests/min{keys})...\n"
+        )
         out.flush()
         t0 = time.monotonic()
         batch = api.submit_batch(
@@ -149,27 +242,14 @@ def run_demo(*, requests: int, out: TextIO) -> int:
             sys.stderr, every_s=5.0, pace=lambda: dryrun.pace(settings, batch.id).describe()
         )
         final = batch.wait(on_progress=printer, on_notice=printer.notice)
-        elapsed = time.monotonic() - t0
-        ledger = reports.usage(settings.database_url, batch_id=batch.id)
-        paced = pace(settings.database_url, batch_id=batch.id)
-        out.write(
-            f"\nbatch {batch.id}: {final.succeeded} succeeded, {final.failed} failed, "
-            f"{final.cancelled} cancelled of {final.total}\n"
-            f"tokens: {sum(r.prompt_tokens for r in ledger)} prompt + "
-            f"{sum(r.completion_tokens for r in ledger)} completion = "
-            f"{sum(r.total_tokens for r in ledger)} total, in {paced.calls} calls\n"
-            f"elapsed: {elapsed:.1f} s from submission to the last result\n"
-            f"achieved: {paced.max_in_window} calls started in the busiest 60 s window = "
-            f"{100.0 * paced.max_in_window / settings.rpm:.1f}% of the {settings.rpm} "
-            f"requests/min limit ({paced.calls} calls over {paced.span_s:.1f} s; calls take "
-            f"turns, one every {(60.0 + settings.window_margin_s) / settings.rpm:.2f} s)\n"
-        )
+        _summary(out, settings, batch.id, final, time.monotonic() - t0)
         if simulated:
             out.write("(simulated results: the simulator answered, not Kimi K2.5)\n")
         return 0 if final.failed == 0 and final.succeeded == final.total else 1
     finally:
         if worker is not None:
             worker.stop(30.0)
+        extra.close()
         if started:
             services.stop(var_dir, tuple(started))
             out.write(f"stopped the embedded services this demo started: {sorted(started)}\n")

@@ -80,13 +80,18 @@ def make_settings(
     return Settings(**values)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment that makes a child process read exactly ``settings``."""
-    env = {
+def scrubbed_env() -> dict[str, str]:
+    """This process's environment without the settings a test gives a child itself."""
+    return {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("INFERENCE_", "NIGHTLY_", "WEBHOOK_", "DAILY_BUDGET_"))
     }
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes a child process read exactly ``settings``."""
+    env = scrubbed_env()
     assert settings.database_url and settings.redis_url and settings.inference_url
     env.update(
         DATABASE_URL=settings.database_url,
