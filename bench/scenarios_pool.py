@@ -78,6 +78,9 @@ def _per_key(row: Row, st: Stack, rpms: dict[str, int]) -> None:
             pct is not None and pct >= STEADY_TARGET_PCT,
             f"{pct}%" if pct is not None else "not measurable (under two windows)",
         )
+    held = [m[f"{a.lower()}_steady_pct_of_rpm"] for a in rpms]
+    # The summary's column: the key held least.
+    m["steady_pct_of_binding"] = min((p for p in held if isinstance(p, float)), default=None)
     limited = sum(st.sims[a].stats()["rate_limited"] for a in rpms)
     dupes = sum(st.sims[a].stats()["duplicate_bodies"] for a in rpms)
     m["sim_rate_limited"] = limited

@@ -173,7 +173,17 @@ class KeyCircuit:
             ],
         )
         now_s, now_us = self.client.time()
-        return max(0.0, int(retry_at) / 1000 - (now_s + now_us / 1e6))
+        return max(0.0, int(retry_at) / 1000 - (int(now_s) + int(now_us) / 1e6))
+
+    def due_in(self) -> float:
+        """Seconds until the next probe is due, by Redis time (0.0: due, or closed)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key, "retry_at")
+            pipe.time()
+            retry_at, (now_s, now_us) = pipe.execute()
+        if retry_at is None:
+            return 0.0
+        return max(0.0, int(retry_at) / 1000 - (int(now_s) + int(now_us) / 1e6))
 
     def claim_probe(self, job_id: int, lease_s: float) -> int:
         """Make ``job_id`` the probe if due: 0 closed, 1 claimed, -1 open and not due."""

@@ -20,7 +20,6 @@ Outcomes, each logged as one logfmt line:
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import random
@@ -36,7 +35,7 @@ from sqlalchemy import Connection
 from jobs import budget, daily_budget, store
 from jobs.budget import Admission
 from jobs.calibration import Calibrator
-from jobs.circuit import CircuitState, Gate
+from jobs.circuit import Gate
 from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
@@ -457,8 +456,7 @@ class Runner:
             log_event("slot_lost", **fields, reason="Redis was away after the slot")
             return None
         if gate == "open":
-            state = self._through_outage(circuit.state)
-            pool.set_aside(endpoint, _until(state))
+            pool.set_aside(endpoint, self._through_outage(circuit.due_in))
             return None
         return gate
 
@@ -627,10 +625,3 @@ class Runner:
         self._in_tx(_step)
         log_event("handed_back", **fields, status="queued", reason=reason)
         return "handed_back"
-
-
-def _until(state: CircuitState | None) -> float:
-    """Seconds until ``state``'s next probe is due (none: at once)."""
-    if state is None:
-        return 0.0
-    return max(0.0, (state.retry_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds())

@@ -165,3 +165,12 @@ def test_status_shows_why_calls_are_paused(clean_db: str, redis_url: str) -> Non
         batch_id = s.get_one(Job, ids[0]).batch_id
     assert batch_id is not None
     assert api.get_batch(batch_id, settings=settings).calls_paused() == reason
+
+
+def test_the_next_probe_is_due_in_redis_time(redis_url: str) -> None:
+    circuit = KeyCircuit(redis_client(redis_url), "due", first_wait_s=2.0)
+    assert circuit.due_in() == 0.0  # closed
+    circuit.open("invalid key", 401, job_id=1)
+    assert 1.5 < circuit.due_in() <= 2.0
+    time.sleep(0.5)
+    assert 1.0 < circuit.due_in() <= 1.5
