@@ -233,6 +233,8 @@ def admit(
     if row is None or (row.budget_tokens, row.budget_usd, row.paused_reason) == (None,) * 3:
         return FITS
     if lock:
+        # Read again under the lock: the row read without one (so that a batch without
+        # a budget is never locked) may have changed since.
         row = session.execute(
             select(b.budget_tokens, b.budget_usd, b.paused_reason)
             .where(b.id == batch_id)

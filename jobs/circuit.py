@@ -12,6 +12,11 @@ every worker on the key (one Redis hash per key fingerprint, see
   holding that job may call. A success closes the circuit; another rejection
   reopens it with the wait doubled, up to :data:`MAX_RETRY_S`.
 
+In a pool of attachments (:mod:`jobs.attachments`) each key has its circuit. While
+one key is accepted the dispatcher publishes as usual: a worker sets an attachment
+whose circuit is open aside until its probe is due (:mod:`worker.pool`), and the
+first job to find it due becomes its probe (:meth:`KeyCircuit.claim_probe`).
+
 A new key has a new fingerprint and therefore starts closed: on Heroku,
 changing INFERENCE_KEY restarts the dynos and work resumes at once. A key
 fixed at the provider's side is found by the next probe.
