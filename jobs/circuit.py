@@ -122,6 +122,15 @@ class CircuitState:
             f"fix {self.alias}_KEY to resume"
         )
 
+    def describe_aside(self) -> str:
+        """One line for an attachment of a pool set aside while others take its calls."""
+        return (
+            f"{self.alias} set aside: the provider rejected its key (HTTP {self.status}: "
+            f"{self.reason}) since {self.opened_at:%Y-%m-%d %H:%M:%S}Z; its calls go to "
+            f"the other attachments; next try at {self.retry_at:%H:%M:%S}Z "
+            f"({self.failures} rejected so far); fix {self.alias}_KEY to use it again"
+        )
+
 
 @dataclass(frozen=True)
 class _Scripts:
@@ -251,3 +260,14 @@ def paused_reason(settings: Settings) -> str | None:
         ]
     found = [s.describe() for s in states if s is not None]
     return "; ".join(found) or None
+
+
+def set_aside(settings: Settings) -> str | None:
+    """The attachments of the pool whose key the provider rejects while another's is
+    accepted (calls flow, through fewer keys), or ``None``."""
+    if not settings.inference_key:
+        return None
+    states = [circuit.state() for circuit in for_settings(settings)]
+    if all(state is not None for state in states):
+        return None  # every key rejected: paused_reason says so
+    return "; ".join(s.describe_aside() for s in states if s is not None) or None

@@ -168,10 +168,11 @@ def _dry_run(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     batch = api.get_batch(args.batch)
     progress = batch.progress()
-    paused = None
+    paused = aside = None
     if not progress.finished:
         try:
             paused = batch.calls_paused()
+            aside = None if paused else batch.keys_set_aside()
         except redis.RedisError:
             paused = "(Redis is unreachable: whether calls are paused is unknown)"
     ctx = api.context()
@@ -181,7 +182,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     paused = standing.paused_reason or paused
     pace = None if progress.finished or paused else dryrun.pace(ctx.settings, progress.id)
     if args.json:
-        extra = {"paused": paused, "usage": usage, "usage_usd": usd}
+        extra = {"paused": paused, "set_aside": aside, "usage": usage, "usage_usd": usd}
         extra["budget"] = standing.as_dict() if standing.budget else None
         if pace is not None:
             extra["pace"] = {"per_minute": pace.per_minute, "finish_s": pace.finish_s}
@@ -199,6 +200,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"pace: {pace.describe()}\n")
         if paused:
             out.write(f"paused: {paused}\n" if standing.paused_reason else paused + "\n")
+        if aside:
+            out.write(aside + "\n")
     return 0
 
 

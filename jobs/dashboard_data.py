@@ -20,6 +20,7 @@ import redis
 from sqlalchemy import Row, func, select
 
 from jobs import circuit, daily_budget, presence, store
+from jobs.attachments import distinct_buckets
 from jobs.connections import shared_redis
 from jobs.constants import KEY_PREFIX, throttle_pause_key
 from jobs.db import session_scope
@@ -260,7 +261,11 @@ def live_state(settings: Settings) -> LiveState:
     try:
         client = shared_redis(_redis_url(settings))
         paused = pause_remaining_s(client, settings)
-        reason = circuit.paused_reason(settings) or daily_budget.pause_reason(settings)
+        reason = (
+            circuit.paused_reason(settings)
+            or daily_budget.pause_reason(settings)
+            or circuit.set_aside(settings)
+        )
         workers = presence.live_workers(client)
     except redis.RedisError as exc:
         return LiveState(backlog, running, in_flight, None, None, None, _one_line(exc))
@@ -273,13 +278,14 @@ def _redis_url(settings: Settings) -> str:
 
 
 def pause_remaining_s(client: redis.Redis, settings: Settings) -> float | None:
-    """Seconds left of the bucket's pause (a provider 429), by Redis's clock; ``None``: none.
+    """Seconds left of the longest bucket's pause (a provider 429) of the pool, by Redis's
+    clock; ``None``: none.
 
     Without INFERENCE_KEY in this process (a web dyno may not have it), any paused bucket
     of the model is reported, as :func:`jobs.circuit.paused_reason` does for circuits.
     """
     if settings.inference_key:
-        keys = [throttle_pause_key(settings.bucket_name)]
+        keys = [throttle_pause_key(a.bucket_name) for a in distinct_buckets(settings.attachments)]
     else:
         pattern = f"{KEY_PREFIX}throttle:{{{settings.model_id}:*}}:pause"
         keys = [k.decode() for k in client.scan_iter(match=pattern, count=100)]

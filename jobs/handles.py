@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from jobs import daily_budget, finalizing, outputs, store
 from jobs.budget import Budget, Standing, standing
-from jobs.circuit import paused_reason
+from jobs.circuit import paused_reason, set_aside
 from jobs.context import Context, publish
 from jobs.db import session_scope
 from jobs.logfmt import log_event
@@ -204,6 +204,11 @@ class BatchHandle:
         day's budget is spent), or ``None``."""
         settings = self._ctx.settings
         return paused_reason(settings) or daily_budget.pause_reason(settings)
+
+    def keys_set_aside(self) -> str | None:
+        """Which attachments of the pool are set aside (their key rejected) while the
+        others take the calls, or ``None``."""
+        return set_aside(self._ctx.settings)
 
     def wait(
         self,

@@ -18,6 +18,7 @@ from devstack.simulator import Simulator, SimulatorConfig
 from jobs import api, reports
 from jobs.attachments import Attachment, key_hash
 from jobs.circuit import for_settings, paused_reason
+from jobs.dashboard_data import live_state
 from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
@@ -127,8 +128,14 @@ def test_a_rejected_key_stops_its_attachment_only_and_heals(
     state = rotated.state()
     assert state is not None and state.alias == "INFERENCE_2" and state.status == 401
     assert "fix INFERENCE_2_KEY" in state.describe()
-    # The other key is accepted: calls are not paused.
-    assert paused_reason(pooled) is None
+    # The other key is accepted: calls are not paused, and status and the dashboard say
+    # which attachment is set aside.
+    assert paused_reason(pooled) is None and batch.calls_paused() is None
+    aside = batch.keys_set_aside()
+    assert aside is not None
+    assert aside.startswith("INFERENCE_2 set aside: the provider rejected its key (HTTP 401")
+    assert "fix INFERENCE_2_KEY to use it again" in aside
+    assert live_state(pooled).circuit == aside
 
     # The key is restored at the provider: the next probe finds it, and INFERENCE_2
     # takes calls again.
@@ -142,3 +149,4 @@ def test_a_rejected_key_stops_its_attachment_only_and_heals(
     assert again.wait(timeout=120).succeeded == 40
     assert second.stats().ok > before
     assert rotated.state() is None
+    assert again.keys_set_aside() is None and live_state(pooled).circuit is None
