@@ -24,6 +24,7 @@ from devstack.procs import WorkerProcess
 from devstack.simulator import Simulator, SimulatorConfig
 from devstack.simulator.limits import max_in_window
 from jobs import api, dryrun, environment, migrate, reports
+from jobs.attachments import pool_variables
 from jobs.db import session_scope
 from jobs.environment import child_env, worker_argv
 from jobs.models import Attempt, Job
@@ -122,22 +123,6 @@ def pace(database_url: str, *, batch_id: int, window_s: float = 60.0) -> Pace:
     return Pace(len(starts), starts[-1] - starts[0], most)
 
 
-def _pool_env(settings: Settings) -> dict[str, str]:
-    """The variables that give a worker the pool's attachments beyond the first."""
-    if not settings.pool:
-        return {}
-    env = {"INFERENCE_POOL": ",".join(a.alias for a in settings.attachments)}
-    for a in settings.pool:
-        env |= {
-            f"{a.alias}_URL": a.url or "",
-            f"{a.alias}_KEY": a.key,
-            f"{a.alias}_MODEL_ID": a.model_id,
-            f"{a.alias}_RPM": str(a.rpm),
-            f"{a.alias}_TPM": str(a.tpm),
-        }
-    return env
-
-
 def _simulated_pool(
     settings: Settings, size: int, stack: contextlib.ExitStack
 ) -> tuple[Attachment, ...]:
@@ -226,7 +211,7 @@ def run_demo(*, requests: int, out: TextIO, pool: int = 1) -> int:
         migrate.upgrade(database_url)
         log_path = var_dir / "demo-worker.log"
         out.write(f"starting a worker (log: {log_path})...\n")
-        env = child_env(settings) | _pool_env(settings)
+        env = child_env(settings) | pool_variables(settings.attachments)
         worker = WorkerProcess(worker_argv(settings), env, log_path, append=True)
         worker.wait_ready()
         keys = f" over {len(settings.attachments)} keys" if settings.pool else ""

@@ -165,6 +165,29 @@ def limits_of(attachments: tuple[Attachment, ...], model: str) -> tuple[int, int
     return sum(a.rpm for a in serving), sum(a.tpm for a in serving)
 
 
+def pool_variables(attachments: tuple[Attachment, ...]) -> dict[str, str]:
+    """What makes a process started with them read ``attachments``: INFERENCE_POOL and
+    the ``<ALIAS>_*`` variables of each attachment after the first (whose variables the
+    caller passes as it always has); empty for one attachment."""
+    if len(attachments) < 2:
+        return {}
+    env = {"INFERENCE_POOL": ",".join(a.alias for a in attachments)}
+    for a in attachments[1:]:
+        env |= {
+            f"{a.alias}_URL": a.url or "",
+            f"{a.alias}_KEY": a.key,
+            f"{a.alias}_MODEL_ID": a.model_id,
+            f"{a.alias}_RPM": str(a.rpm),
+            f"{a.alias}_TPM": str(a.tpm),
+            f"{a.alias}_CONTEXT_TOKENS": str(a.context_tokens),
+            f"{a.alias}_HEADROOM": str(a.headroom),
+        }
+        if a.price is not None:
+            env[f"{a.alias}_PRICE_INPUT"] = str(a.price.input)
+            env[f"{a.alias}_PRICE_OUTPUT"] = str(a.price.output)
+    return env
+
+
 def usd_price(env: Mapping[str, str], prefix: str, default: Price | None) -> Price | None:
     """``<prefix>_PRICE_INPUT`` and ``<prefix>_PRICE_OUTPUT``, both or neither."""
     names = (f"{prefix}_PRICE_INPUT", f"{prefix}_PRICE_OUTPUT")

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from devstack import procs
 from devstack.procs import free_port
 from jobs import db
+from jobs.attachments import pool_variables
 from jobs.environment import worker_argv
 from jobs.settings import Settings
 from jobs.validation import RequestLimits
@@ -118,18 +119,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             INFERENCE_PRICE_INPUT=str(settings.price.input),
             INFERENCE_PRICE_OUTPUT=str(settings.price.output),
         )
-    if settings.pool:
-        env["INFERENCE_POOL"] = ",".join(a.alias for a in settings.attachments)
-        for a in settings.pool:
-            assert a.url is not None
-            env |= {
-                f"{a.alias}_URL": a.url,
-                f"{a.alias}_KEY": a.key,
-                f"{a.alias}_MODEL_ID": a.model_id,
-                f"{a.alias}_RPM": str(a.rpm),
-                f"{a.alias}_TPM": str(a.tpm),
-                f"{a.alias}_HEADROOM": str(a.headroom),
-            }
+    env |= pool_variables(settings.attachments)
     if settings.daily_budget_tokens is not None:
         env["DAILY_BUDGET_TOKENS"] = str(settings.daily_budget_tokens)
     if settings.daily_budget_usd is not None:

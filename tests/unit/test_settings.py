@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import ssl
 
 import pytest
 
+from jobs.attachments import Attachment, pool_variables
 from jobs.connections import celery_config, redis_client
 from jobs.pricing import Price
 from jobs.settings import ConfigError, Settings, normalize_database_url
@@ -331,3 +333,16 @@ def test_a_request_may_name_only_a_served_model() -> None:
     assert limits.known_models == {"kimi-k2-5"}
     with pytest.raises(ValidationError, match=re.escape("(served: kimi-k2-5)")):
         check_request({"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]}, limits)
+
+
+def test_pool_variables_read_back_as_the_same_attachments() -> None:
+    priced = {"INFERENCE_PRICE_INPUT": "0.6", "INFERENCE_PRICE_OUTPUT": "3"}
+    s = Settings.from_env(POOL | priced | {"INFERENCE_2_RPM": "200", "INFERENCE_2_HEADROOM": "0.1"})
+    first = {k: v for k, v in POOL.items() if k.startswith(("INFERENCE_URL", "INFERENCE_KEY"))}
+    again = Settings.from_env(first | priced | pool_variables(s.attachments))
+
+    def bare(s: Settings) -> list[Attachment]:
+        return [dataclasses.replace(a, limits_from_env=()) for a in s.attachments]
+
+    assert bare(again) == bare(s) and len(again.attachments) == 2
+    assert pool_variables(Settings.from_env({}).attachments) == {}
