@@ -205,15 +205,21 @@ def scan_worker_logs(row: Row, logs: Path, name: str) -> None:
 def _throttle_round_trips(row: Row, texts: Sequence[str]) -> None:
     """Redis commands the throttle sent per admitted call, from each process's last count.
 
-    Workers log cumulative ``event=throttle_stats`` lines (:mod:`worker.runtime`); a
-    restarted worker writes to the same file under a new pid.
+    Workers log cumulative ``event=throttle_stats`` lines (:mod:`worker.runtime`), one
+    per bucket (a pool's attachment); a restarted worker writes to the same file under
+    a new pid.
     """
-    last: dict[tuple[int, str, str], tuple[int, int]] = {}
+    last: dict[tuple[int, str, str, str], tuple[int, int]] = {}
     for n, text in enumerate(texts):
         for line in text.splitlines():
             if line.startswith("event=throttle_stats "):
                 fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-                key = (n, fields.get("pid", ""), fields.get("model", ""))
+                key = (
+                    n,
+                    fields.get("pid", ""),
+                    fields.get("model", ""),
+                    fields.get("attachment", ""),
+                )
                 last[key] = (int(fields["admitted"]), int(fields["redis_round_trips"]))
     admitted = sum(a for a, _ in last.values())
     trips = sum(t for _, t in last.values())

@@ -39,10 +39,6 @@ class Endpoint:
     throttle: Throttle
 
 
-class NoEndpoint(Exception):  # noqa: N818 - read as "no endpoint is open"
-    """Every endpoint of the pool is set aside (their circuits are open)."""
-
-
 class Pool:
     """The endpoints serving one model; thread-safe, one per model and process."""
 
@@ -91,14 +87,11 @@ class Pool:
     ) -> Slot:
         """A slot in the first open endpoint's bucket with room for ``price()`` tokens.
 
-        Raises :class:`NoEndpoint` when every endpoint is set aside, else what
-        :func:`worker.throttle.acquire_first` raises.
+        Raises what :func:`worker.throttle.acquire_first` raises: :class:`NoBucket`
+        when every endpoint is set aside, or becomes so while the call waits.
         """
-        endpoints = self.open_endpoints()
-        if not endpoints:
-            raise NoEndpoint(f"every attachment serving {self.model} is paused")
         throttle, admission = acquire_first(
-            [e.throttle for e in endpoints],
+            lambda: [e.throttle for e in self.open_endpoints()],
             price,
             turnstiles=self._turnstiles,
             max_wait=max_wait,

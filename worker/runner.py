@@ -44,12 +44,12 @@ from jobs.validation import CheckedRequest, ValidationError, check_request, requ
 from worker import spending
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.outages import OUTAGES
-from worker.pool import Endpoint, NoEndpoint, Pool
+from worker.pool import Endpoint, Pool
 from worker.responses import Completion
 from worker.retry import RetryPolicy
 from worker.slot import Slot
 from worker.stops import Stops
-from worker.throttle import RequestTooLarge, ThrottleInterrupted, ThrottleTimeout
+from worker.throttle import NoBucket, RequestTooLarge, ThrottleInterrupted, ThrottleTimeout
 
 Outcome = Literal["skipped", "succeeded", "failed", "handed_back", "cancelled"]
 
@@ -415,7 +415,7 @@ class Runner:
                     priority=job.priority,
                 )
             )
-        except NoEndpoint:
+        except NoBucket:
             return self._paused(job.id, fields, pool)
         except RequestTooLarge as exc:
             return self._fail(job.id, fields, "request_too_large", str(exc))

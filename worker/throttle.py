@@ -47,6 +47,7 @@ Errors::
     +-- RequestTooLarge      one request costs more than the whole tpm budget
     +-- ThrottleTimeout      not admitted within ``max_wait``
     +-- ThrottleInterrupted  the ``stop`` event was set while waiting
+    +-- NoBucket             every bucket the caller may use is set aside
 
 Redis failures and failures of the ``seed`` callable propagate unchanged so
 callers can retry the task; a call stranded by such a failure only costs capacity
@@ -108,6 +109,10 @@ class ThrottleInterrupted(ThrottleError):  # noqa: N818
     """The caller's stop event was set while waiting."""
 
 
+class NoBucket(ThrottleError):  # noqa: N818
+    """Every bucket the caller may use is set aside (a pool whose keys are rejected)."""
+
+
 @dataclass(frozen=True)
 class Admission:
     """An admitted call: its id in the log, its cost, Redis time of the admission and
@@ -147,7 +152,7 @@ class Turnstiles:
 
 
 def acquire_first(
-    throttles: Sequence[Throttle],
+    buckets: Callable[[], Sequence[Throttle]],
     tokens: Callable[[], int],
     *,
     turnstiles: Turnstiles,
@@ -155,47 +160,69 @@ def acquire_first(
     stop: threading.Event | None = None,
     priority: int = Priority.BULK,
 ) -> tuple[Throttle, Admission]:
-    """Block until one of ``throttles`` admits a call priced ``tokens()``; the first
-    asked that has room takes it. Raises as :meth:`Throttle.acquire` does;
-    :class:`RequestTooLarge` only when the call is too large for every one of them.
+    """Block until one of the throttles ``buckets()`` names admits a call priced
+    ``tokens()``; the first asked that has room takes it.
+
+    ``buckets()`` is read again at every pass (its caller may set a bucket aside
+    meanwhile), and each bucket is asked again only once the wait it told has passed,
+    or :data:`POLL_S`, so that several buckets cost no more asking than one each.
+    Raises as :meth:`Throttle.acquire` does; :class:`RequestTooLarge` only when the call
+    is too large for every bucket, and :class:`NoBucket` when ``buckets()`` is empty.
     """
     interactive = Priority(priority) is Priority.INTERACTIVE
     kind, rid = ("i." if interactive else "b."), uuid.uuid4().hex
     deadline = time.monotonic() + min(max(max_wait, 0.0), _LONGEST_WAIT_S)
-    where = ", ".join(t.bucket for t in throttles)
+    where = _where(buckets())
     turnstile = turnstiles.interactive if interactive else turnstiles.bulk
     # Queued behind this process's asking thread; never past the deadline.
     while not turnstile.acquire(timeout=min(_STOP_CHECK_S, _left(deadline))):
         _check(where, stop, deadline, wait_s=0.0)
     try:
+        # Per bucket: when to ask it again, and when it said it may admit.
+        ask_at: dict[str, float] = {}
+        told_at: dict[str, float] = {}
+        too_large: RequestTooLarge | None = None
         while True:
+            current = buckets()
+            where = _where(current)
             # Only the stop event here: the deadline is checked before each wait, so
             # a call with no time to wait (max_wait <= 0) still asks once.
             _check(where, stop, math.inf, wait_s=0.0)
-            waits: list[float] = []
-            too_large: RequestTooLarge | None = None
-            for throttle in throttles:
+            for throttle in current:
+                if ask_at.get(throttle.bucket, 0.0) > time.monotonic():
+                    continue
                 try:
                     got = throttle.ask(kind, rid, tokens, NEW)
                 except RequestTooLarge as exc:
-                    too_large = exc
+                    too_large, ask_at[throttle.bucket] = exc, math.inf
                     continue
                 if isinstance(got, Admission):
                     throttle.hold(got, tokens)
                     return throttle, got
                 assert got is not None
-                waits.append(got)
-            if not waits:
+                now = time.monotonic()
+                ask_at[throttle.bucket] = now + min(got, POLL_S)
+                told_at[throttle.bucket] = now + got
+            told = [told_at[t.bucket] for t in current if ask_at[t.bucket] < math.inf]
+            if not told:
                 assert too_large is not None
                 raise too_large
-            wait_s = min(waits)
-            _check(where, stop, deadline, wait_s=wait_s)
-            if stop is None:
-                time.sleep(min(wait_s, POLL_S))
-            else:
-                stop.wait(min(wait_s, POLL_S))
+            _check(where, stop, deadline, wait_s=min(told) - time.monotonic())
+            pause = min(ask_at[t.bucket] for t in current) - time.monotonic()
+            if pause > 0:
+                if stop is None:
+                    time.sleep(pause)
+                else:
+                    stop.wait(pause)
     finally:
         turnstile.release()
+
+
+def _where(throttles: Sequence[Throttle]) -> str:
+    """The buckets named in an error message."""
+    if not throttles:
+        raise NoBucket("every bucket the call may use is set aside")
+    return ", ".join(t.bucket for t in throttles)
 
 
 def _check(where: str, stop: threading.Event | None, deadline: float, *, wait_s: float) -> None:
@@ -321,7 +348,7 @@ class Throttle:
         """
         price = tokens if callable(tokens) else lambda: tokens
         return acquire_first(
-            [self],
+            lambda: [self],
             price,
             turnstiles=self._turnstiles,
             max_wait=max_wait,
