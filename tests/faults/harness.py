@@ -69,7 +69,8 @@ COMMIT_GAP_S = 0.5
 
 #: A worker's log lines for a job it claimed, and for a call it is about to make.
 _STARTED = re.compile(r"event=started job=(\d+) ")
-_ATTEMPT = re.compile(r"event=attempt job=(\d+) batch=\d+ attempt=(\d+)")
+# The fields between them (batch, attachment) are not positional.
+_ATTEMPT = re.compile(r"event=attempt job=(\d+) (?:\S+ )*?attempt=(\d+)")
 
 #: The ``error_kind`` a worker records for each outcome it reads (``None``: success).
 RECORDED_KIND: dict[str, str | None] = {
