@@ -143,6 +143,13 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _seconds_until(at_ms: int, now: tuple[int, int]) -> float:
+    """Seconds from Redis ``TIME`` (``now``: seconds, microseconds) to ``at_ms``, never
+    negative."""
+    now_s, now_us = now
+    return max(0.0, at_ms / 1000 - (int(now_s) + int(now_us) / 1e6))
+
+
 def _utc(ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).replace(tzinfo=None)
 
@@ -186,18 +193,15 @@ class KeyCircuit:
                 self.alias,
             ],
         )
-        now_s, now_us = self.client.time()
-        return max(0.0, int(retry_at) / 1000 - (int(now_s) + int(now_us) / 1e6))
+        return _seconds_until(int(retry_at), self.client.time())
 
     def due_in(self) -> float:
         """Seconds until the next probe is due, by Redis time (0.0: due, or closed)."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(self.key, "retry_at")
             pipe.time()
-            retry_at, (now_s, now_us) = pipe.execute()
-        if retry_at is None:
-            return 0.0
-        return max(0.0, int(retry_at) / 1000 - (int(now_s) + int(now_us) / 1e6))
+            retry_at, now = pipe.execute()
+        return 0.0 if retry_at is None else _seconds_until(int(retry_at), now)
 
     def claim_probe(self, job_id: int, lease_s: float) -> int:
         """Make ``job_id`` the probe if due: 0 closed, 1 claimed, -1 open and not due."""

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import redis
 
 from jobs import housekeeping, presence, reports, store
+from jobs.attachments import distinct_buckets
 from jobs.calibration import Calibrator
 from jobs.circuit import KeyCircuit
 from jobs.connections import celery_app, shared_redis
@@ -52,11 +53,7 @@ class Runtime:
         self._logged_stats: dict[str, ThrottleStats] = {}
         self._lock = threading.Lock()
         # One endpoint per bucket: two aliases with one key and model are one endpoint.
-        endpoints: dict[str, Endpoint] = {}
-        for attachment in settings.attachments:
-            if attachment.bucket_name not in endpoints:
-                endpoints[attachment.bucket_name] = self._endpoint(attachment)
-        self.endpoints = tuple(endpoints.values())
+        self.endpoints = tuple(self._endpoint(a) for a in distinct_buckets(settings.attachments))
         self.pools = {
             model: Pool(model, [e for e in self.endpoints if e.model == model])
             for model in settings.served_models
