@@ -84,14 +84,22 @@ class Pool:
         priority: int,
         max_wait: float,
         stop: threading.Event,
+        only: Endpoint | None = None,
     ) -> Slot:
-        """A slot in the first open endpoint's bucket with room for ``price()`` tokens.
+        """A slot in the first open endpoint's bucket with room for ``price()`` tokens;
+        ``only``: in that endpoint's, set aside or not (a probe's).
 
         Raises what :func:`worker.throttle.acquire_first` raises: :class:`NoBucket`
         when every endpoint is set aside, or becomes so while the call waits.
         """
+
+        def buckets() -> list[Throttle]:
+            if only is not None:
+                return [only.throttle]
+            return [e.throttle for e in self.open_endpoints()]
+
         throttle, admission = acquire_first(
-            lambda: [e.throttle for e in self.open_endpoints()],
+            buckets,
             price,
             turnstiles=self._turnstiles,
             max_wait=max_wait,

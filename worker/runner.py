@@ -405,24 +405,32 @@ class Runner:
                 return self._interrupted(job.id, fields, "worker shutting down")
             return None
         wait_budget = deadline - time.monotonic() - self.settings.read_timeout
+        take = partial(
+            pool.take, cost.price, max_wait=wait_budget, stop=waiter, priority=job.priority
+        )
         try:
-            return self._through_outage(
-                partial(
-                    pool.take,
-                    cost.price,
-                    max_wait=wait_budget,
-                    stop=waiter,
-                    priority=job.priority,
-                )
-            )
-        except NoBucket:
-            return self._paused(job.id, fields, pool)
+            try:
+                return self._through_outage(take)
+            except NoBucket:
+                # Every attachment is set aside in this process, but this job may be the
+                # probe a dispatcher picked for one of them: it calls there, or nobody does
+                # until the probe's lease ends.
+                probe = self._probe_of(job.id, pool)
+                if probe is None:
+                    return self._paused(job.id, fields, pool)
+                return self._through_outage(partial(take, only=probe))
         except RequestTooLarge as exc:
             return self._fail(job.id, fields, "request_too_large", str(exc))
         except ThrottleTimeout as exc:
             return self._hand_back(job.id, fields, f"throttle: {exc}")
         except ThrottleInterrupted as exc:
             return self._interrupted(job.id, fields, f"throttle: {exc}")
+
+    def _probe_of(self, job_id: int, pool: Pool) -> Endpoint | None:
+        """The endpoint whose circuit has ``job_id`` as its probe, if any."""
+        return self._through_outage(
+            lambda: next((e for e in pool.endpoints if e.circuit.gate(job_id) == "probe"), None)
+        )
 
     def _pass_gate(
         self, job_id: int, fields: dict[str, Any], pool: Pool, endpoint: Endpoint

@@ -174,3 +174,21 @@ def test_the_next_probe_is_due_in_redis_time(redis_url: str) -> None:
     assert 1.5 < circuit.due_in() <= 2.0
     time.sleep(0.5)
     assert 1.0 < circuit.due_in() <= 1.5
+
+
+def test_the_probe_calls_even_where_its_attachment_is_set_aside(
+    wrong_key: Harness, simulator: Simulator
+) -> None:
+    db = wrong_key.settings.database_url
+    assert db is not None
+    first, second = make_batch(db, 2)
+    assert wrong_key.runner.run(first) == "handed_back"  # opens the circuit, 1 s
+    simulator.set_key("wrong-key")  # the key is fixed at the provider's side
+    time.sleep(1.05)
+    # A dispatcher makes the second job the probe, while this process still sets the
+    # attachment aside (another job found the circuit open a moment before).
+    assert wrong_key.circuit.claim_probe(second, lease_s=30) == 1
+    (endpoint,) = wrong_key.pool.endpoints
+    wrong_key.pool.set_aside(endpoint, 30.0)
+    assert wrong_key.runner.run(second) == "succeeded"
+    assert wrong_key.circuit.state() is None
