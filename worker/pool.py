@@ -8,10 +8,14 @@ named), and a job takes a slot there:
 1. Every endpoint not set aside is asked in turn, by one thread per priority and
    process at a time (:func:`worker.throttle.acquire_first`); the first that admits
    gives the slot, which names its endpoint.
-2. An endpoint whose circuit the runner finds open (the provider rejects its key) is
-   set aside in this process until the circuit's next probe is due, so that no job
-   takes a turn of its bucket meanwhile; the others go on.
-3. With one attachment this is today's single bucket: one endpoint, nothing to choose.
+2. Before calling, the slot's endpoint is checked against its key circuit
+   (:meth:`Pool.gate`). An open circuit whose probe is due makes the job its probe;
+   one not due is set aside in this process until it is, so that no job takes a turn
+   of its bucket meanwhile and the others go on. A 401 opens the circuit and sets the
+   endpoint aside the same way (:meth:`Pool.reject`).
+3. With every endpoint set aside the job is handed back (:meth:`Pool.paused_reason`
+   says why), unless it is the probe a dispatcher picked (:meth:`Pool.probe_of`).
+4. With one attachment this is today's single bucket: one endpoint, nothing to choose.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from jobs.circuit import KeyCircuit
+from jobs.circuit import Gate, KeyCircuit
 from worker.client import ModelClient
 from worker.slot import Slot
 from worker.throttle import Throttle, Turnstiles, acquire_first
@@ -107,3 +111,36 @@ class Pool:
             priority=priority,
         )
         return Slot(throttle, admission)
+
+    def gate(self, endpoint: Endpoint, job_id: int, probe_lease_s: float) -> Gate:
+        """Whether ``job_id`` may call through ``endpoint``: ``closed``, or ``probe`` (it
+        is the call that tries a rejected key again, holding that for ``probe_lease_s``);
+        ``open``: not now, and the endpoint is set aside until its probe is due."""
+        circuit = endpoint.circuit
+        gate = circuit.gate(job_id)
+        if gate != "open":
+            return gate
+        claimed = circuit.claim_probe(job_id, probe_lease_s)
+        if claimed > 0:
+            return "probe"
+        if claimed == 0:
+            return "closed"
+        self.set_aside(endpoint, circuit.due_in())
+        return "open"
+
+    def reject(self, endpoint: Endpoint, reason: str, status: int, job_id: int) -> float:
+        """The provider rejected ``endpoint``'s key: open its circuit and set it aside
+        until the next probe is due; returns the seconds until then."""
+        wait_s = endpoint.circuit.open(reason, status, job_id)
+        self.set_aside(endpoint, wait_s)
+        return wait_s
+
+    def probe_of(self, job_id: int) -> Endpoint | None:
+        """The endpoint whose circuit has ``job_id`` as its probe, if any."""
+        return next((e for e in self.endpoints if e.circuit.gate(job_id) == "probe"), None)
+
+    def paused_reason(self) -> str:
+        """Why no endpoint takes calls: each rejected key, with its next try."""
+        states = [e.circuit.state() for e in self.endpoints]
+        found = "; ".join(s.describe() for s in states if s is not None)
+        return found or "calls paused: the provider rejected the key"

@@ -415,7 +415,7 @@ class Runner:
                 # Every attachment is set aside in this process, but this job may be the
                 # probe a dispatcher picked for one of them: it calls there, or nobody does
                 # until the probe's lease ends.
-                probe = self._probe_of(job.id, pool)
+                probe = self._through_outage(partial(pool.probe_of, job.id))
                 if probe is None:
                     return self._paused(job.id, fields, pool)
                 return self._through_outage(partial(take, only=probe))
@@ -426,32 +426,18 @@ class Runner:
         except ThrottleInterrupted as exc:
             return self._interrupted(job.id, fields, f"throttle: {exc}")
 
-    def _probe_of(self, job_id: int, pool: Pool) -> Endpoint | None:
-        """The endpoint whose circuit has ``job_id`` as its probe, if any."""
-        return self._through_outage(
-            lambda: next((e for e in pool.endpoints if e.circuit.gate(job_id) == "probe"), None)
-        )
-
     def _pass_gate(
         self, job_id: int, fields: dict[str, Any], pool: Pool, endpoint: Endpoint
     ) -> Gate | None:
-        """The key circuit of the slot's attachment: ``closed`` or ``probe`` to call
-        there, ``None`` to ask the pool for a slot again (the caller gives this one back).
-
-        An open circuit whose probe is due makes this job its probe; one not due is set
-        aside in this process until it is, so that jobs go to the other attachments.
-        """
+        """The key circuit of the slot's attachment (:meth:`Pool.gate`): ``closed`` or
+        ``probe`` to call there, ``None`` to ask the pool for a slot again (the caller
+        gives this one back)."""
         away: list[BaseException] = []
-        circuit = endpoint.circuit
+        lease_s = self.settings.read_timeout + PROBE_LEASE_MARGIN_S
 
         def ask() -> Gate:
             try:
-                gate = circuit.gate(job_id)
-                if gate != "open":
-                    return gate
-                lease_s = self.settings.read_timeout + PROBE_LEASE_MARGIN_S
-                claimed = circuit.claim_probe(job_id, lease_s)
-                return "open" if claimed < 0 else "probe" if claimed > 0 else "closed"
+                return pool.gate(endpoint, job_id, lease_s)
             except OUTAGES as exc:
                 away.append(exc)
                 raise
@@ -463,10 +449,7 @@ class Runner:
             # no ledger row yet). Ask for a slot again rather than call unseen.
             log_event("slot_lost", **fields, reason="Redis was away after the slot")
             return None
-        if gate == "open":
-            pool.set_aside(endpoint, self._through_outage(circuit.due_in))
-            return None
-        return gate
+        return None if gate == "open" else gate
 
     def _rewatch(self, waiter: threading.Event, batch_id: int | None) -> threading.Event:
         self.stops.forget(waiter)
@@ -598,21 +581,15 @@ class Runner:
         return "failed"
 
     def _key_rejected(
-        self,
-        fields: dict[str, Any],
-        number: int,
-        exc: AuthFailed,
-        pool: Pool,
-        endpoint: Endpoint,
+        self, fields: dict[str, Any], number: int, exc: AuthFailed, pool: Pool, endpoint: Endpoint
     ) -> None:
-        """Open the attachment's key circuit and set it aside: the key, not the job, is
-        wrong. The job asks the pool again; with every attachment set aside, it is handed
-        back (:meth:`_paused`)."""
+        """The key, not the job, is wrong: its attachment is set aside (:meth:`Pool.reject`)
+        and the job asks the pool again; with every attachment set aside, it is handed back
+        (:meth:`_paused`)."""
         status = exc.status or 401
         wait_s = self._through_outage(
-            lambda: endpoint.circuit.open(str(exc), status, fields["job"])
+            partial(pool.reject, endpoint, str(exc), status, fields["job"])
         )
-        pool.set_aside(endpoint, wait_s)
         log_event(
             "circuit_open", **fields, attempt=number, http_status=status, next_try_s=round(wait_s)
         )
@@ -620,11 +597,7 @@ class Runner:
     def _paused(self, job_id: int, fields: dict[str, Any], pool: Pool) -> Outcome:
         """Hand the job back while every attachment of its pool is set aside, with why as
         the job's error."""
-        states = self._through_outage(lambda: [e.circuit.state() for e in pool.endpoints])
-        reason = "; ".join(s.describe() for s in states if s is not None) or (
-            "calls paused: the provider rejected the key"
-        )
-        return self._hand_back(job_id, fields, reason)
+        return self._hand_back(job_id, fields, self._through_outage(pool.paused_reason))
 
     def _hand_back(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome:
         def _step(tx: Connection) -> None:
