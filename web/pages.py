@@ -169,7 +169,8 @@ def throttle_section(state: LiveState, chart_svg: str) -> str:
 {redis}
 <div id="chart" class="chart">{chart_svg}</div>
 <p class="muted">Calls started per minute over the last hour, from the ledger (a call's
-tokens count once it is answered), against INFERENCE_RPM and INFERENCE_TPM.</p>
+tokens count once it is answered), against the key's limits (INFERENCE_RPM and
+INFERENCE_TPM; with INFERENCE_POOL, every attachment's added up).</p>
 </section>"""
 
 

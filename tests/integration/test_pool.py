@@ -24,6 +24,7 @@ from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
 from tests.integration.test_end_to_end import assert_key_nowhere, batch_lines
 from tests.support import WorkerProcess, make_settings, wait_until
+from web.dashboard import limits
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +151,10 @@ def test_a_rejected_key_stops_its_attachment_only_and_heals(
     assert second.stats().ok > before
     assert rotated.state() is None
     assert again.keys_set_aside() is None and live_state(pooled).circuit is None
+
+
+def test_the_dashboard_charts_the_limits_of_every_key(pooled: Settings) -> None:
+    # The chart's ledger counts every attachment's calls, so its limit is the pool's.
+    (first,) = [a for a in pooled.attachments if a.alias == "INFERENCE"]
+    assert limits(pooled) == (2 * RPM, first.tpm + 80_000_000)
+    assert limits(pooled.replace(pool=())) == (RPM, first.tpm)
