@@ -144,7 +144,7 @@ def batch_row(b: BatchSummary, pace: str = "") -> str:
 <td class="num">{_count("failed", b.failed)}</td>
 <td class="num">{_count("cancelled", b.cancelled)}</td>
 <td class="num"><span data-field="elapsed">{esc(duration(b.elapsed_s))}</span></td>
-<td class="num"><span data-field="pace">{esc(pace)}</span></td>
+<td class="num pace"><span data-field="pace">{esc(pace)}</span></td>
 </tr>"""
 
 
