@@ -526,6 +526,7 @@ class Runner:
                 http_status=completion.status,
                 request_id=completion.request_id,
                 usage=triple,
+                ends_job=True,
             )
             store.record_success(
                 tx,

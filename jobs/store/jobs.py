@@ -221,12 +221,16 @@ def finish_attempt(
     error_message: str | None = None,
     request_id: str | None = None,
     usage: tuple[int, int, int] = (0, 0, 0),
+    ends_job: bool = False,
 ) -> None:
     """Complete the ledger row of one call with what the provider reported.
 
-    The job is no longer ``calling``: until its next call, a cancel stops it.
+    The job is no longer ``calling``: until its next call, a cancel stops it. With
+    ``ends_job`` the caller ends the job in the same transaction, which says so in the
+    same write of the job's row (:func:`record_success`).
     """
-    session.execute(_NOT_CALLING, {"job_id": job_id})
+    if not ends_job:
+        session.execute(_NOT_CALLING, {"job_id": job_id})
     session.execute(
         _ATTEMPT_END,
         {
