@@ -178,11 +178,16 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     ctx = api.context()
     spent = shapes.batch_usage(ctx.database_url, [progress.id], ctx.settings.price_for)
     usage, usd = spent[progress.id]["usage"], spent[progress.id]["usd"]
+    split = shapes.attachment_split(spent[progress.id]["attachments"])
     standing = batch.budget()
     paused = standing.paused_reason or paused
     pace = None if progress.finished or paused else dryrun.pace(ctx.settings, progress.id)
     if args.json:
         extra = {"paused": paused, "set_aside": aside, "usage": usage, "usage_usd": usd}
+        extra["attachments"] = {
+            alias: {"calls": calls, "tokens": tokens}
+            for alias, (calls, tokens) in spent[progress.id]["attachments"].items()
+        }
         extra["budget"] = standing.as_dict() if standing.budget else None
         if pace is not None:
             extra["pace"] = {"per_minute": pace.per_minute, "finish_s": pace.finish_s}
@@ -194,6 +199,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         prompt, completion = usage["input_tokens"], usage["output_tokens"]
         cost = dollars(usd) if usd is not None else f"({NO_PRICE})"
         out.write(f"usage: {prompt:,} prompt + {completion:,} completion tokens, {cost}\n")
+        if split is not None:
+            out.write(f"by attachment: {split}\n")
         if standing.budget:
             out.write(standing.describe() + "\n")
         if pace is not None:

@@ -194,6 +194,9 @@ class Dashboard:
         prompt, completion = found["usage"]["input_tokens"], found["usage"]["output_tokens"]
         cost = dollars(found["usd"]) if found["usd"] is not None else f"({NO_PRICE})"
         text = f"{prompt:,} prompt + {completion:,} completion tokens, {cost}"
+        split = shapes.attachment_split(found["attachments"])
+        if split is not None:
+            text += f" (by attachment: {split})"
         with session_scope(self.url) as session:
             standing = budget.standing(session, batch_id, self.settings.price_for)
         return f"{text}; {standing.describe()}" if standing.budget else text

@@ -5,12 +5,14 @@ rejected key stopping its attachment only."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -23,7 +25,7 @@ from jobs.db import session_scope
 from jobs.models import Attempt, Job, JobStatus
 from jobs.settings import Settings
 from tests.integration.test_end_to_end import assert_key_nowhere, batch_lines
-from tests.support import WorkerProcess, make_settings, wait_until
+from tests.support import WEB_KEY, WorkerProcess, make_settings, run_cli, start_web, wait_until
 from web.dashboard import limits
 
 pytestmark = pytest.mark.integration
@@ -78,7 +80,11 @@ def ledger(settings: Settings) -> list[tuple[str | None, str | None, int | None,
 
 
 def test_a_batch_runs_on_both_keys_and_the_ledger_says_which(
-    pooled: Settings, simulator: Simulator, second: Simulator, worker: WorkerProcess
+    pooled: Settings,
+    simulator: Simulator,
+    second: Simulator,
+    worker: WorkerProcess,
+    tmp_path: Path,
 ) -> None:
     batch = api.submit_batch(batch_lines(40), name="pool", settings=pooled)
     progress = batch.wait(timeout=120)
@@ -99,6 +105,30 @@ def test_a_batch_runs_on_both_keys_and_the_ledger_says_which(
         ("INFERENCE", first_calls, simulator.stats().total_tokens),
         ("INFERENCE_2", second_calls, second.stats().total_tokens),
     ]
+    # status and the batch's page say how the batch split over the keys, busiest first.
+    tokens = {
+        "INFERENCE": simulator.stats().total_tokens,
+        "INFERENCE_2": second.stats().total_tokens,
+    }
+    calls = {"INFERENCE": first_calls, "INFERENCE_2": second_calls}
+    busiest = sorted(calls, key=lambda a: (-calls[a], a))
+    split = "; ".join(f"{a} {calls[a]:,} calls, {tokens[a]:,} tokens" for a in busiest)
+    status = run_cli(pooled, "status", str(batch.id))
+    assert status.returncode == 0, status.stderr
+    assert f"by attachment: {split}\n" in status.stdout
+    shown = json.loads(run_cli(pooled, "status", str(batch.id), "--json").stdout)
+    assert shown["attachments"] == {a: {"calls": calls[a], "tokens": tokens[a]} for a in calls}
+    web = start_web(pooled, tmp_path / "web.log")
+    try:
+        page = httpx.get(
+            f"{web.url}/batches/batch_{batch.id}/state.json",
+            auth=httpx.BasicAuth("anyone", WEB_KEY),
+            timeout=30,
+        )
+    finally:
+        web.stop(10)
+    assert page.status_code == 200, page.text
+    assert page.json()["batch"]["usage"].endswith(f" (by attachment: {split})")
     log = worker.log()
     assert 'attachments="INFERENCE,INFERENCE_2"' in log
     assert_key_nowhere(pooled, log)
