@@ -79,13 +79,20 @@ def test_circuit_scripts_open_probe_and_close(redis_url: str) -> None:
     assert circuit.gate(5) == "closed" and circuit.claim_probe(6, lease_s=30) == 0
 
 
+def first_rejected(harness: Harness) -> tuple[int, int]:
+    """Two jobs of one batch, the first run once: the provider rejects the key, the circuit
+    opens and the job goes back to the queue."""
+    db = harness.settings.database_url
+    assert db is not None
+    first, second = make_batch(db, 2)
+    assert harness.runner.run(first) == "handed_back"
+    return first, second
+
+
 def test_rejected_key_opens_the_circuit_and_keeps_jobs_queued(
     wrong_key: Harness, simulator: Simulator
 ) -> None:
-    db = wrong_key.settings.database_url
-    assert db is not None
-    first, second = make_batch(db, 2)
-    assert wrong_key.runner.run(first) == "handed_back"
+    first, second = first_rejected(wrong_key)
     assert simulator.stats().calls == 1
     # The next job makes no call at all while the circuit is open.
     assert wrong_key.runner.run(second) == "handed_back"
@@ -104,10 +111,7 @@ def test_rejected_key_opens_the_circuit_and_keeps_jobs_queued(
 def test_probe_after_the_key_is_fixed_closes_the_circuit(
     wrong_key: Harness, simulator: Simulator
 ) -> None:
-    db = wrong_key.settings.database_url
-    assert db is not None
-    first, second = make_batch(db, 2)
-    assert wrong_key.runner.run(first) == "handed_back"
+    first, second = first_rejected(wrong_key)
     time.sleep(1.05)  # the harness circuit waits 1 s before its first probe
     # Still wrong: the probe is rejected, the job stays queued, the wait doubles.
     assert wrong_key.circuit.claim_probe(first, lease_s=30) == 1
@@ -179,10 +183,7 @@ def test_the_next_probe_is_due_in_redis_time(redis_url: str) -> None:
 def test_the_probe_calls_even_where_its_attachment_is_set_aside(
     wrong_key: Harness, simulator: Simulator
 ) -> None:
-    db = wrong_key.settings.database_url
-    assert db is not None
-    first, second = make_batch(db, 2)
-    assert wrong_key.runner.run(first) == "handed_back"  # opens the circuit, 1 s
+    _, second = first_rejected(wrong_key)  # opens the circuit, 1 s
     simulator.set_key("wrong-key")  # the key is fixed at the provider's side
     time.sleep(1.05)
     # A dispatcher makes the second job the probe, while this process still sets the
