@@ -8,10 +8,12 @@ Postgres holds every job; Redis holds only a window of them. Each sweep:
    window follows the calls' latency (:func:`window_for`): between
    DISPATCH_WINDOW and DISPATCH_WINDOW_MAX, a minute's requests plus the calls
    that the recent latency keeps in flight at the limit;
-3. publishes one small message per job (its id, no body) by task name, then
-   marks the rows. The rows stay locked (``FOR UPDATE SKIP LOCKED``) until
-   commit, so two dispatchers never publish the same job, and a failed publish
-   rolls back and loses nothing.
+3. publishes the jobs' ids by task name, no bodies: bulk jobs up to
+   :data:`JOBS_PER_MESSAGE` a message, claimed and run together by one worker
+   (:meth:`worker.runner.Runner.run_many`), and each interactive job in its own
+   message, to start on the first free worker; then marks the rows. The rows stay
+   locked (``FOR UPDATE SKIP LOCKED``) until commit, so two dispatchers never
+   publish the same job, and a failed publish rolls back and loses nothing.
 
 A redelivered or duplicated message is harmless: the worker's claim ignores a
 job that is finished or leased to someone else.
@@ -94,16 +96,37 @@ def dispatch(settings: Settings, app: Celery, *, requeue: bool = True) -> int:
             )
         if picked:
             with app.producer_or_acquire() as producer:
-                for job_id, priority, _ in picked:
-                    app.send_task(
-                        TASK_RUN_JOB, args=[job_id], queue=queue_for(priority), producer=producer
-                    )
+                for ids, queue in messages(picked):
+                    app.send_task(TASK_RUN_JOB, args=[ids], queue=queue, producer=producer)
             mark_dispatched(tx, [job_id for job_id, _, _ in picked])
     if recovered:
         log_event("requeued", jobs=recovered, reason="lease expired")
     for job_id, priority, batch_id in picked:
         log_event("queued", job=job_id, batch=batch_id, status="queued", queue=queue_for(priority))
     return len(picked)
+
+
+#: Most bulk jobs one message carries.
+JOBS_PER_MESSAGE = 10
+
+
+def messages(picked: Sequence[tuple[int, int, int | None]]) -> list[tuple[list[int], str]]:
+    """The messages that carry ``picked`` jobs, each as ``(job ids, queue)``.
+
+    A message is a Celery delivery and a claim transaction, whatever the jobs it
+    carries: sharing them is most of what a job costs the worker beyond its call.
+    Bulk jobs are bounded by the dispatch window, so a message of several waits for
+    no thread; interactive ones are not, and go one a message.
+    """
+    bulk = [job_id for job_id, priority, _ in picked if priority != Priority.INTERACTIVE]
+    out = [
+        ([job_id], QUEUE_INTERACTIVE)
+        for job_id, priority, _ in picked
+        if priority == Priority.INTERACTIVE
+    ]
+    for at in range(0, len(bulk), JOBS_PER_MESSAGE):
+        out.append((bulk[at : at + JOBS_PER_MESSAGE], QUEUE_BULK))
+    return out
 
 
 def _detect_lost_queue(settings: Settings) -> None:

@@ -1,7 +1,10 @@
-"""Run one job: claim, check, throttle, call, record. No Celery in here.
+"""Run jobs: claim, check, throttle, call, record. No Celery in here.
 
-The Celery task is a thin wrapper around :meth:`Runner.run`, so this logic is
-tested directly against the real Postgres, Redis and simulator.
+The Celery task is a thin wrapper around :meth:`Runner.run_many`, so this logic is
+tested directly against the real Postgres, Redis and simulator. A message carries
+several bulk jobs (:func:`jobs.dispatch.messages`): they are claimed in one
+transaction and run side by side, each on a thread of its own, and the message is
+acknowledged once every one has ended.
 
 Outcomes, each logged as one logfmt line:
 
@@ -21,12 +24,11 @@ Outcomes, each logged as one logfmt line:
 from __future__ import annotations
 
 import json
-import math
 import random
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent import futures
 from functools import partial
 from typing import Any, Literal, TypeVar
 
@@ -39,8 +41,7 @@ from jobs.circuit import Gate
 from jobs.db import transaction
 from jobs.logfmt import log_event
 from jobs.settings import Settings
-from jobs.tokens import Script, dominant_script
-from jobs.validation import CheckedRequest, ValidationError, check_request, request_limits
+from jobs.validation import ValidationError, check_request, request_limits
 from worker import spending
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.outages import OUTAGES
@@ -74,15 +75,6 @@ def call_id(job_id: int, attempt: int) -> str:
     return f"bi-{job_id}-{attempt}"
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Limits of the model a job uses (what its throttle bucket enforces)."""
-
-    rpm: int
-    tpm: int
-    context_tokens: int
-
-
 class Runner:
     """Runs jobs for one worker process; thread-safe, one instance per process."""
 
@@ -94,6 +86,7 @@ class Runner:
         stop: threading.Event | None = None,
         policy: RetryPolicy | None = None,
         calibrator: Calibrator | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         assert settings.database_url is not None
         self.settings = settings
@@ -110,6 +103,9 @@ class Runner:
         self._rng = random.Random()
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
+        self._executor: futures.ThreadPoolExecutor | None = None
+        # Told when a claimed job ends: its room in the dispatch window is free now.
+        self._on_end = on_end or (lambda: None)
         self._limits = request_limits(settings)
 
     def _lease_s(self) -> float:
@@ -149,14 +145,50 @@ class Runner:
 
     def run(self, job_id: int) -> Outcome:
         """Run one job to a terminal state, or hand it back; see the module docstring."""
+        return self.run_many([job_id])[0]
+
+    def run_many(self, job_ids: Sequence[int]) -> list[Outcome]:
+        """Run the jobs of one message side by side, claimed in one transaction; their
+        outcomes in the order given. One job's crash does not stop the others: the first
+        is raised once every job has ended."""
         deadline = time.monotonic() + self.settings.visibility_timeout - VISIBILITY_MARGIN_S
-        job = self._in_tx(lambda tx: store.claim(tx, job_id, lease_s=self._lease_s()))
-        if job is None:
-            log_event("skipped", job=job_id, reason="finished or leased elsewhere")
-            return "skipped"
+        claimed = self._in_tx(lambda tx: store.claim_many(tx, job_ids, lease_s=self._lease_s()))
         # Only a job this runner claimed is renewed by the heartbeat or handed back.
         with self._held_lock:
-            self._held.add(job_id)
+            self._held.update(job.id for job in claimed)
+        outcomes: dict[int, Outcome] = {}
+        taken = {job.id for job in claimed}
+        for job_id in [job_id for job_id in dict.fromkeys(job_ids) if job_id not in taken]:
+            outcomes[job_id] = "skipped"
+            log_event("skipped", job=job_id, reason="finished or leased elsewhere")
+        crashes: list[BaseException] = []
+
+        def run_one(job: store.ClaimedJob) -> None:
+            try:
+                outcomes[job.id] = self._run_claimed(job, deadline)
+            except BaseException as exc:  # noqa: BLE001 - raised below, once all have ended
+                crashes.append(exc)
+
+        others = [self._threads().submit(run_one, job) for job in claimed[1:]]
+        if claimed:
+            run_one(claimed[0])
+        futures.wait(others)
+        if crashes:
+            raise crashes[0]
+        return [outcomes[job_id] for job_id in job_ids]
+
+    def _threads(self) -> futures.ThreadPoolExecutor:
+        """The threads that run the jobs of a message beyond its first (which runs on the
+        task's own thread); as many as a process may have jobs in flight."""
+        with self._held_lock:
+            if self._executor is None:
+                self._executor = futures.ThreadPoolExecutor(
+                    max_workers=self.settings.worker_concurrency, thread_name_prefix="job"
+                )
+            return self._executor
+
+    def _run_claimed(self, job: store.ClaimedJob, deadline: float) -> Outcome:
+        job_id = job.id
         waiter = self.stops.watch(job.batch_id)
         try:
             # A paused batch or a spent day: back to the queue before taking a throttle turn.
@@ -180,6 +212,7 @@ class Runner:
             self.stops.forget(waiter)
             with self._held_lock:
                 self._held.discard(job_id)
+            self._on_end()
 
     def _interrupted(self, job_id: int, fields: dict[str, Any], reason: str) -> Outcome | None:
         """A wait of the job was cut short: the worker shuts down, or its batch stopped.
@@ -204,7 +237,7 @@ class Runner:
             checked = check_request(job.request, self._limits)
         except ValidationError as exc:
             return self._fail(job.id, fields, "invalid_request", str(exc))
-        cost = self._cost(job, checked)
+        cost = spending.cost_of(job, checked, self.settings, self.calibrator, self._through_outage)
         max_tokens = cost.max_tokens
         pool = self.pool_for(job.model)
         failures = 0
@@ -273,23 +306,6 @@ class Runner:
                 outcome = self._succeed(job.id, fields, number, completion, max_tokens, slot)
                 self._close_circuit(fields, number, gate, endpoint)
                 return outcome
-
-    def _cost(self, job: store.ClaimedJob, checked: CheckedRequest) -> spending.Cost:
-        """The job's call as the throttle and the budgets price it: again each time it is
-        asked, so that calibration keeps learning."""
-        max_tokens = checked.max_tokens or self.settings.default_max_tokens
-        raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
-        # With the answer's prompt_tokens, the ledger row these go on calibrates the estimate.
-        script = dominant_script(job.request)
-        return spending.Cost(
-            job,
-            script,
-            raw_prompt,
-            max_tokens,
-            estimate=partial(self._estimate, job, script, raw_prompt),
-            answer_budget=partial(self._answer_budget, job, max_tokens),
-            settings=self.settings,
-        )
 
     def _wait(
         self, job: store.ClaimedJob, fields: dict[str, Any], waiter: threading.Event, delay: float
@@ -455,31 +471,9 @@ class Runner:
         self.stops.forget(waiter)
         return self.stops.watch(batch_id)
 
-    def _estimate(self, job: store.ClaimedJob, script: Script, raw_prompt: int) -> int:
-        """Prompt tokens to reserve: the raw estimate, corrected by calibration if any."""
-        calibrator = self.calibrator
-        if calibrator is None:
-            return raw_prompt
-        return self._through_outage(lambda: calibrator.estimate(job.model, script, raw_prompt))
-
-    def _answer_budget(self, job: store.ClaimedJob, max_tokens: int) -> int:
-        """Completion tokens to reserve: all of ``max_tokens`` where the provider charges
-        it, else the share recent answers used (``max_tokens`` until that is known)."""
-        calibrator = self.calibrator
-        if self.settings.tpm_charge != "actual" or calibrator is None:
-            return max_tokens
-        share = self._through_outage(lambda: calibrator.completion_share(job.model))
-        return min(max_tokens, math.ceil(max_tokens * share))
-
     def _body(self, body: dict[str, Any]) -> str | None:
         """A body for the log only when LOG_BODIES is set (``None`` fields are dropped)."""
         return json.dumps(body, separators=(",", ":")) if self.settings.log_bodies else None
-
-    def _charge(self, completion: Completion, max_tokens: int) -> int:
-        usage = completion.usage
-        if self.settings.tpm_charge == "actual":
-            return usage.prompt_tokens + usage.completion_tokens
-        return usage.prompt_tokens + max_tokens
 
     def _record_error(self, job_id: int, number: int, exc: ModelError, latency_ms: int) -> None:
         usage = getattr(exc, "usage", None)
@@ -542,7 +536,9 @@ class Runner:
 
         # Recorded first: the answer is paid for, the bucket's bookkeeping is not.
         self._in_tx(_step)
-        slot.answered(self._charge(completion, max_tokens), completion.rate_limits)
+        slot.answered(
+            spending.charge(self.settings, completion.usage, max_tokens), completion.rate_limits
+        )
         log_event(
             "succeeded",
             **fields,

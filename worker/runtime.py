@@ -46,6 +46,7 @@ class Runtime:
         #: How this process is named among the live workers (:mod:`jobs.presence`).
         self.node = f"{socket.gethostname()}:{self.pid}"
         self.stop = threading.Event()
+        self._wake = threading.Event()
         # The one pool of this process, shared with the dispatcher and the circuit.
         self.redis: redis.Redis = shared_redis(settings.redis_url)
         self.app = celery_app(settings)
@@ -63,8 +64,8 @@ class Runtime:
             self.pool_for,
             stop=self.stop,
             calibrator=Calibrator(settings.database_url),
+            on_end=self.wake_dispatcher,
         )
-        self._wake = threading.Event()
         self._dispatcher: threading.Thread | None = None
 
     def pool_for(self, model: str) -> Pool:

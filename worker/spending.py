@@ -6,6 +6,7 @@ whether the day's budget and its batch's let it start.
    max_tokens), both from the calibrated estimate, which keeps learning.
 2. :func:`look` asks before a throttle turn is taken, binding nothing, so a job that
    must wait for budget leaves the turn to one that may call.
+   :func:`cost_of` builds it for a job's checked request.
 3. :func:`admit` decides, in the transaction that writes the call's ledger row: the
    day's budget first (its advisory lock), then the batch's (its row, before the
    job's), recording a pause where one is reached (:mod:`jobs.daily_budget`,
@@ -14,15 +15,19 @@ whether the day's budget and its batch's let it start.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs import budget, daily_budget, store
 from jobs.budget import Admission, Spend
+from jobs.calibration import Calibrator
 from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.store import ClaimedJob, Tx
-from jobs.tokens import Script
+from jobs.tokens import Script, dominant_script
+from jobs.validation import CheckedRequest
+from worker.reported import Usage
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,44 @@ class Cost:
         """What a budget counts the call at until its answer."""
         prompt = self.worst_prompt() if worst_prompt is None else worst_prompt
         return budget.worst_case(self.job.model, prompt, self.max_tokens, self.settings.price_for)
+
+
+def cost_of(
+    job: ClaimedJob,
+    checked: CheckedRequest,
+    settings: Settings,
+    calibrator: Calibrator | None,
+    patient: Callable[[Callable[[], int]], int],
+) -> Cost:
+    """The job's call as the throttle and the budgets price it. ``patient`` runs a read of
+    the calibration through a brief outage."""
+    max_tokens = checked.max_tokens or settings.default_max_tokens
+    raw_prompt = max(checked.est_prompt_tokens, job.est_prompt_tokens)
+    # With the answer's prompt_tokens, the ledger row these go on calibrates the estimate.
+    script = dominant_script(job.request)
+
+    def estimate() -> int:
+        """Prompt tokens to reserve: the raw estimate, corrected by calibration if any."""
+        if calibrator is None:
+            return raw_prompt
+        return patient(lambda: calibrator.estimate(job.model, script, raw_prompt))
+
+    def answer_budget() -> int:
+        """Completion tokens to reserve: all of ``max_tokens`` where the provider charges
+        it, else the share recent answers used (``max_tokens`` until that is known)."""
+        if settings.tpm_charge != "actual" or calibrator is None:
+            return max_tokens
+        share = patient(lambda: math.ceil(max_tokens * calibrator.completion_share(job.model)))
+        return min(max_tokens, share)
+
+    return Cost(job, script, raw_prompt, max_tokens, estimate, answer_budget, settings)
+
+
+def charge(settings: Settings, usage: Usage, max_tokens: int) -> int:
+    """What an answered call counts in the bucket: what the provider counts in its window."""
+    if settings.tpm_charge == "actual":
+        return usage.prompt_tokens + usage.completion_tokens
+    return usage.prompt_tokens + max_tokens
 
 
 def needs_look(cost: Cost) -> bool:

@@ -22,12 +22,10 @@ from worker.runtime import get_runtime
 
 
 @app.task(name=TASK_RUN_JOB, ignore_result=True)
-def run_job(job_id: int) -> str:
-    runtime = get_runtime(settings)
-    try:
-        return runtime.runner.run(job_id)
-    finally:
-        runtime.wake_dispatcher()
+def run_job(job_ids: int | list[int]) -> list[str]:
+    # One id: a message published before messages carried several jobs.
+    ids = [job_ids] if isinstance(job_ids, int) else job_ids
+    return list(get_runtime(settings).runner.run_many(ids))
 
 
 @app.task(name=TASK_DISPATCH, ignore_result=True)

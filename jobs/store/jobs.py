@@ -11,8 +11,10 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Interval,
     and_,
+    any_,
     bindparam,
     case,
     func,
@@ -21,7 +23,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
@@ -81,31 +83,55 @@ class ClaimedJob:
 
 def claim(session: Tx, job_id: int, *, lease_s: float) -> ClaimedJob | None:
     """Take a job for running, or ``None`` when it is finished or leased elsewhere."""
-    job = session.execute(_CLAIM_READ, {"job_id": job_id}).one_or_none()
-    # A purged job has no body to send; purging only touches finished jobs and
-    # retry_batch leaves purged ones alone, so this is a guard, not a path.
-    if job is None or job.request is None:
-        return None
-    if job.status == JobStatus.QUEUED:
-        move_counts(session, job.batch_id, "queued", "running")
-    elif not (job.status == JobStatus.RUNNING and job.lease_until and job.lease_until < job.now):
-        return None
-    session.execute(_CLAIM_WRITE, {"job_id": job_id, "lease": _lease(lease_s)})
-    return ClaimedJob(
-        id=job.id,
-        batch_id=job.batch_id,
-        custom_id=job.custom_id,
-        model=job.model,
-        request=job.request,
-        est_prompt_tokens=job.est_prompt_tokens,
-        priority=job.priority,
-        attempts=job.attempts,
-        paused_reason=job.paused_reason,
-        budgeted=bool(job.budgeted),
-    )
+    claimed = claim_many(session, [job_id], lease_s=lease_s)
+    return claimed[0] if claimed else None
+
+
+def claim_many(session: Tx, job_ids: Sequence[int], *, lease_s: float) -> list[ClaimedJob]:
+    """Take the jobs of one message for running, in id order (the lock order of cancels):
+    those that are finished or leased elsewhere are left out. Three statements whatever
+    the number of jobs."""
+    rows = session.execute(_CLAIM_READ, {"job_ids": sorted(set(job_ids))}).all()
+    claimed: list[ClaimedJob] = []
+    moved: dict[int | None, int] = {}
+    for job in rows:
+        # A purged job has no body to send; purging only touches finished jobs and
+        # retry_batch leaves purged ones alone, so this is a guard, not a path.
+        if job.request is None:
+            continue
+        if job.status == JobStatus.QUEUED:
+            moved[job.batch_id] = moved.get(job.batch_id, 0) + 1
+        elif not (
+            job.status == JobStatus.RUNNING and job.lease_until and job.lease_until < job.now
+        ):
+            continue
+        claimed.append(
+            ClaimedJob(
+                id=job.id,
+                batch_id=job.batch_id,
+                custom_id=job.custom_id,
+                model=job.model,
+                request=job.request,
+                est_prompt_tokens=job.est_prompt_tokens,
+                priority=job.priority,
+                attempts=job.attempts,
+                paused_reason=job.paused_reason,
+                budgeted=bool(job.budgeted),
+            )
+        )
+    for batch_id, n in moved.items():
+        move_counts(session, batch_id, "queued", "running", n)
+    if claimed:
+        session.execute(
+            _CLAIM_WRITE, {"job_ids": [job.id for job in claimed], "lease": _lease(lease_s)}
+        )
+    return claimed
 
 
 _j, _b, _a = _jobs.c, _batches.c, _attempts.c
+
+#: The jobs of one claim: bind ``job_ids`` to a list.
+_JOB_IDS = bindparam("job_ids", type_=ARRAY(BigInteger))
 
 _CLAIM_READ = (
     select(
@@ -124,14 +150,15 @@ _CLAIM_READ = (
         or_(_b.budget_tokens.is_not(None), _b.budget_usd.is_not(None)).label("budgeted"),
     )
     .select_from(_jobs.outerjoin(_batches, _b.id == _j.batch_id))
-    .where(_j.id == bindparam("job_id", type_=_j.id.type))
-    # Wait for a dispatcher that still holds the row: it publishes before it commits.
-    # Only the job's row: the batch's is left to cancels and folds.
+    .where(_j.id == any_(_JOB_IDS))
+    .order_by(_j.id)
+    # Wait for a dispatcher that still holds the rows: it publishes before it commits.
+    # Only the jobs' rows, locked in id order: the batch's is left to cancels and folds.
     .with_for_update(of=_jobs)
 )
 _CLAIM_WRITE = (
     update(_jobs)
-    .where(_j.id == bindparam("job_id", type_=_j.id.type))
+    .where(_j.id == any_(_JOB_IDS))
     .values(
         status=JobStatus.RUNNING,
         started_at=func.coalesce(_j.started_at, func.now()),

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import func, select
 
 from devstack.simulator import Simulator, SimulatorConfig
-from jobs import intake
+from jobs import intake, store
 from jobs.batchfile import BatchItem
 from jobs.calibration import TRUSTED_SAMPLES, Calibrator
 from jobs.circuit import KeyCircuit
@@ -500,3 +500,53 @@ def test_a_crash_after_the_claim_hands_the_job_back(harness: Harness) -> None:
     assert (job.status, job.last_error) == (JobStatus.QUEUED, "worker error: RuntimeError")
     assert runner.held() == []
     assert harness.sim.stats().calls == 0
+
+
+def test_the_jobs_of_one_message_are_claimed_together_and_run_side_by_side(
+    clean_db: str, redis_url: str
+) -> None:
+    # Calls of a second each: only jobs running side by side have three on the wire at once.
+    sim = Simulator(SimulatorConfig(key=TEST_KEY, latency_min=1.0, latency_max=1.0)).start()
+    h = Harness(make_settings(clean_db, redis_url, sim.url), sim)
+    try:
+        done, leased, *fresh = (store_job(clean_db, body(f"job {n}")) for n in range(5))
+        assert h.runner.run(done) == "succeeded"
+        with session_scope(clean_db) as s:
+            assert store.claim(s, leased, lease_s=600) is not None  # another worker's now
+        outcomes: list[list[str]] = []
+        message = [fresh[0], done, leased, *fresh[1:]]
+        runner = threading.Thread(target=lambda: outcomes.append(h.runner.run_many(message)))
+        runner.start()
+        stats = sim.stats
+        wait_until(lambda: stats().calls == 4 and stats().delivered == 1, timeout=5.0)
+        runner.join(timeout=30)
+        assert outcomes == [["succeeded", "skipped", "skipped", "succeeded", "succeeded"]]
+        assert [h.job(job_id).status for job_id in fresh] == [JobStatus.SUCCEEDED] * 3
+        assert h.job(leased).status == JobStatus.RUNNING
+        assert sim.stats().calls == 4
+    finally:
+        h.close()
+        sim.stop()
+
+
+def test_a_crash_of_one_job_of_a_message_leaves_the_others_to_finish(harness: Harness) -> None:
+    assert harness.settings.database_url
+    db = harness.settings.database_url
+    job_ids = [store_job(db, body(f"job {n}")) for n in range(3)]
+    asked: list[str] = []
+    lock = threading.Lock()
+
+    def pool_for(model: str) -> Pool:
+        with lock:
+            asked.append(model)
+            if len(asked) == 1:
+                raise RuntimeError("a bug in one job")
+        return harness.pool
+
+    runner = Runner(harness.settings, pool_for, stop=harness.stop)
+    with pytest.raises(RuntimeError, match="a bug in one job"):
+        runner.run_many(job_ids)
+    statuses = sorted(harness.job(job_id).status for job_id in job_ids)
+    assert statuses == sorted([JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.SUCCEEDED])
+    assert runner.held() == []
+    assert harness.sim.stats().calls == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from jobs.batchfile import BatchItem
 from jobs.connections import celery_app, redis_client
 from jobs.constants import QUEUE_BULK, QUEUE_INTERACTIVE
 from jobs.db import session_scope
-from jobs.dispatch import dispatch, window_for
+from jobs.dispatch import JOBS_PER_MESSAGE, dispatch, window_for
 from jobs.finalizing import finalize
 from jobs.models import Attempt, Batch, BatchStatus, Job, JobStatus, Priority
 from jobs.settings import Settings, TpmCharge
@@ -268,12 +270,25 @@ def test_idempotency_key_creates_a_batch_once(clean_db: str) -> None:
     assert counters(clean_db, first)["total"] == 1
 
 
-def _queue_lengths(redis_url: str) -> tuple[int, int]:
+def _queued_jobs(redis_url: str) -> tuple[list[int], list[int]]:
+    """The job ids of the messages waiting in the interactive and the bulk queues."""
     client = redis_client(redis_url)
     try:
-        return int(client.llen(QUEUE_INTERACTIVE)), int(client.llen(QUEUE_BULK))
+        queues = [client.lrange(name, 0, -1) for name in (QUEUE_INTERACTIVE, QUEUE_BULK)]
     finally:
         client.close()
+    found: tuple[list[int], list[int]] = ([], [])
+    for ids, raw in zip(found, queues, strict=True):
+        for message in raw:
+            args = json.loads(base64.b64decode(json.loads(message)["body"]))[0]
+            ids.extend(args[0] if isinstance(args[0], list) else args)
+    return found
+
+
+def _queue_lengths(redis_url: str) -> tuple[int, int]:
+    """Jobs waiting in the interactive and the bulk queues."""
+    interactive, bulk = _queued_jobs(redis_url)
+    return len(interactive), len(bulk)
 
 
 def test_dispatch_fills_the_window_and_publishes_each_job_once(
@@ -302,6 +317,40 @@ def test_dispatch_fills_the_window_and_publishes_each_job_once(
         store.record_failure(s, first_bulk, code="x", message="y")
     assert dispatch(settings, app) == 1  # one slot freed, one more published
     assert _queue_lengths(redis_url) == (1, 6)
+
+
+def test_bulk_jobs_go_several_to_a_message_and_interactive_ones_alone(
+    clean_db: str, redis_url: str
+) -> None:
+    settings = Settings(
+        database_url=clean_db, redis_url=redis_url, dispatch_window=25, dispatch_window_max=25
+    )
+    make_batch(clean_db, 30)
+    with session_scope(clean_db) as s:
+        interactive = [
+            intake.create_job(s, item(n), priority=Priority.INTERACTIVE) for n in (98, 99)
+        ]
+        bulk = (
+            s.execute(select(Job.id).where(Job.priority == Priority.BULK).order_by(Job.id))
+            .scalars()
+            .all()
+        )
+    assert dispatch(settings, celery_app(settings)) == 27
+    client = redis_client(redis_url)
+    try:
+        raw = {name: client.lrange(name, 0, -1) for name in (QUEUE_INTERACTIVE, QUEUE_BULK)}
+    finally:
+        client.close()
+    carried = {
+        name: [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in messages]
+        for name, messages in raw.items()
+    }
+    # LPUSH: the first message published is the last in the list.
+    assert carried[QUEUE_INTERACTIVE][::-1] == [[job_id] for job_id in interactive]
+    per = JOBS_PER_MESSAGE
+    assert carried[QUEUE_BULK][::-1] == [
+        list(bulk[at : min(at + per, 25)]) for at in range(0, 25, per)
+    ]
 
 
 def _attempt(session: Session, job_id: int, age_s: float, latency_s: float | None) -> None:
@@ -370,13 +419,8 @@ def test_concurrent_dispatchers_never_publish_the_same_job(clean_db: str, redis_
         t.join()
     assert not errors
     assert sum(published) == 300
-    assert _queue_lengths(redis_url) == (0, 300)
-    client = redis_client(redis_url)
-    try:
-        bodies = client.lrange(QUEUE_BULK, 0, -1)
-    finally:
-        client.close()
-    assert len(set(bodies)) == 300
+    interactive, bulk = _queued_jobs(redis_url)
+    assert not interactive and sorted(bulk) == sorted(set(bulk)) and len(bulk) == 300
 
 
 def test_lost_messages_are_published_again(clean_db: str, redis_url: str) -> None:
