@@ -43,6 +43,7 @@ from jobs.logfmt import log_event
 from jobs.settings import Settings
 from jobs.validation import ValidationError, check_request, request_limits
 from worker import spending
+from worker.commits import GroupCommit
 from worker.errors import AuthFailed, ModelError, RateLimited, RequestRejected
 from worker.outages import OUTAGES
 from worker.pool import Endpoint, Pool
@@ -101,6 +102,7 @@ class Runner:
         self._db = settings.database_url
         self.calibrator = calibrator
         self._rng = random.Random()
+        self._commits = GroupCommit(self._db)
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
         self._executor: futures.ThreadPoolExecutor | None = None
@@ -111,10 +113,13 @@ class Runner:
     def _lease_s(self) -> float:
         return self.settings.job_lease_seconds
 
-    def _in_tx(self, step: Callable[[Connection], T]) -> T:
-        """Run ``step`` in one transaction, retried whole through a brief outage."""
+    def _in_tx(self, step: Callable[[Connection], T], *, job_id: int | None = None) -> T:
+        """Run ``step`` in one transaction, retried whole through a brief outage; with
+        ``job_id``, a transaction shared with other jobs' steps (:mod:`worker.commits`)."""
 
         def op() -> T:
+            if job_id is not None:
+                return self._commits.run(job_id, step)
             with transaction(self._db) as tx:
                 return step(tx)
 
@@ -255,7 +260,7 @@ class Runner:
                 if gate is None:
                     continue
                 fields = {**fields, "attachment": endpoint.alias}
-                number = self._in_tx(partial(self._begin, cost, cost.worst_prompt(), endpoint))
+                number = self._ledger_row(cost, endpoint)
                 if isinstance(number, Admission):
                     # The slot goes back; calls of the batch on the wire may free budget.
                     waited = self._over_budget(job, fields, number, deadline, waiter)
@@ -338,26 +343,11 @@ class Runner:
             return self._hand_back(job.id, fields, f"budget: {admission.reason}")
         return self._wait(job, fields, waiter, BUDGET_WAIT_S)
 
-    def _begin(
-        self, cost: spending.Cost, worst_prompt: int, endpoint: Endpoint, tx: Connection
-    ) -> int | Admission | None:
-        """The call's ledger row and its attempt number, if the budgets let it start
-        (:func:`worker.spending.admit`, in the same transaction); else their verdict.
-        ``None``: the job is no longer running."""
-        admission = spending.admit(tx, cost, worst_prompt)
-        if admission.verdict != "fits":
-            return admission
-        return store.begin_attempt(
-            tx,
-            cost.job.id,
-            lease_s=self._lease_s(),
-            est_prompt_tokens=cost.raw_prompt,
-            script=cost.script,
-            max_tokens=cost.max_tokens,
-            worst_prompt_tokens=worst_prompt,
-            attachment=endpoint.alias,
-            key_hash=endpoint.key_hash,
-        )
+    def _ledger_row(self, cost: spending.Cost, endpoint: Endpoint) -> int | Admission | None:
+        """:func:`worker.spending.begin` in a transaction shared with other jobs' writes,
+        but where a budget's locks must keep their own order."""
+        begin = partial(spending.begin, cost, endpoint, lease_s=self._lease_s())
+        return self._in_tx(begin, job_id=None if spending.needs_look(cost) else cost.job.id)
 
     def _close_circuit(
         self, fields: dict[str, Any], number: int, gate: Gate, endpoint: Endpoint
@@ -535,7 +525,7 @@ class Runner:
             )
 
         # Recorded first: the answer is paid for, the bucket's bookkeeping is not.
-        self._in_tx(_step)
+        self._in_tx(_step, job_id=job_id)
         slot.answered(
             spending.charge(self.settings, completion.usage, max_tokens), completion.rate_limits
         )

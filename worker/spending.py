@@ -7,7 +7,8 @@ whether the day's budget and its batch's let it start.
 2. :func:`look` asks before a throttle turn is taken, binding nothing, so a job that
    must wait for budget leaves the turn to one that may call.
    :func:`cost_of` builds it for a job's checked request.
-3. :func:`admit` decides, in the transaction that writes the call's ledger row: the
+3. :func:`admit` decides, in the transaction that writes the call's ledger row
+   (:func:`begin`): the
    day's budget first (its advisory lock), then the batch's (its row, before the
    job's), recording a pause where one is reached (:mod:`jobs.daily_budget`,
    :mod:`jobs.budget`).
@@ -27,6 +28,7 @@ from jobs.settings import Settings
 from jobs.store import ClaimedJob, Tx
 from jobs.tokens import Script, dominant_script
 from jobs.validation import CheckedRequest
+from worker.pool import Endpoint
 from worker.reported import Usage
 
 
@@ -124,3 +126,24 @@ def admit(tx: Tx, cost: Cost, worst_prompt: int) -> Admission:
     if admission.verdict == "paused" and store.pause_batch(tx, job.batch_id, reason):
         log_event("batch_paused", batch=job.batch_id, reason=reason)
     return admission
+
+
+def begin(cost: Cost, endpoint: Endpoint, tx: Tx, *, lease_s: float) -> int | Admission | None:
+    """The call's ledger row and its attempt number, if the budgets let it start
+    (:func:`admit`, in the same transaction); else their verdict. ``None``: the job is no
+    longer running."""
+    worst_prompt = cost.worst_prompt()
+    admission = admit(tx, cost, worst_prompt)
+    if admission.verdict != "fits":
+        return admission
+    return store.begin_attempt(
+        tx,
+        cost.job.id,
+        lease_s=lease_s,
+        est_prompt_tokens=cost.raw_prompt,
+        script=cost.script,
+        max_tokens=cost.max_tokens,
+        worst_prompt_tokens=worst_prompt,
+        attachment=endpoint.alias,
+        key_hash=endpoint.key_hash,
+    )
