@@ -252,11 +252,21 @@ def dispatchable(
 
 
 def forget_published(session: Tx) -> int:
-    """Mark every published, unstarted job unpublished: Redis lost their messages."""
+    """Mark every published, unstarted job unpublished: Redis lost their messages.
+
+    The rows are locked in id order, the order in which a worker claims the jobs of a
+    message, so that the two never wait on each other in a circle.
+    """
     j = _jobs.c
+    published = (
+        select(j.id)
+        .where(j.status == JobStatus.QUEUED, j.dispatched_at.is_not(None))
+        .order_by(j.id)
+        .with_for_update()
+    )
     rows = session.execute(
         update(_jobs)
-        .where(j.status == JobStatus.QUEUED, j.dispatched_at.is_not(None))
+        .where(j.id.in_(published.scalar_subquery()), j.status == JobStatus.QUEUED)
         .values(dispatched_at=None)
         .returning(j.id)
     )

@@ -10,8 +10,8 @@ of them then writes all of theirs in the next one:
    order of cancels, so two writers never wait on each other in a circle), and runs
    them in one transaction;
 3. if that transaction fails, each of its steps is run again alone, so that an error
-   reaches only the thread whose step raised it (an outage reaches every one, and
-   each caller retries it as before);
+   reaches only the thread whose step raised it; an outage (:data:`OUTAGES`) reaches
+   every one at once, and each caller retries it as before;
 4. each thread gets its own step's result once its transaction has committed: a call
    recorded here is recorded before the thread goes on, as with a transaction of its
    own.
@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 
 from jobs.db import transaction
+from worker.outages import OUTAGES
 
 T = TypeVar("T")
 
@@ -81,6 +82,11 @@ class GroupCommit:
         try:
             with transaction(self._url) as tx:
                 results = [step.run(tx) for step in group]
+        except OUTAGES as exc:
+            # The database is away, not a step wrong: every caller retries for itself.
+            for step in group:
+                step.error, step.done = exc, True
+            return
         except Exception as exc:  # noqa: BLE001 - handed to the step's thread
             if len(group) > 1:
                 for step in group:

@@ -409,11 +409,22 @@ def hand_back(session: Tx, job_id: int, *, reason: str | None = None) -> bool:
 
 
 def renew_leases(session: Tx, job_ids: Sequence[int], *, lease_s: float) -> None:
-    """Extend the leases of running jobs whose worker is alive (its heartbeat)."""
+    """Extend the leases of running jobs whose worker is alive (its heartbeat).
+
+    A row another transaction holds is skipped, never waited for: the worker's own
+    writes lock several of its jobs at once, in id order, and a renewal waiting in
+    another order would deadlock with them. A job skipped is being written (a call's
+    ledger row renews its lease) or is renewed at the next beat, well inside its lease.
+    """
     j = _jobs.c
+    free = (
+        select(j.id)
+        .where(j.id.in_(job_ids), j.status == JobStatus.RUNNING)
+        .with_for_update(skip_locked=True)
+    )
     session.execute(
         update(_jobs)
-        .where(j.id.in_(job_ids), j.status == JobStatus.RUNNING)
+        .where(j.id.in_(free.scalar_subquery()))
         .values(lease_until=func.now() + dt.timedelta(seconds=lease_s))
     )
 
