@@ -38,8 +38,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-#: Requests of the batch, and the worker's threads: with 0.5 to 1.5 s a call, the batch
-#: takes several seconds, so the page's two-second refresh sees it move.
+#: Requests of the batch, and the jobs under way at once (the worker's threads and its
+#: dispatch window: a message carries up to ten jobs): with 0.5 to 1.5 s a call, the
+#: batch takes several seconds, so the page's two-second refresh sees it move.
 REQUESTS, THREADS = 24, 3
 
 
@@ -61,7 +62,7 @@ def slow_simulator() -> Iterator[Simulator]:
 
 @pytest.fixture
 def slow_settings(clean_db: str, redis_url: str, slow_simulator: Simulator) -> Settings:
-    return make_settings(clean_db, redis_url, slow_simulator.url)
+    return make_settings(clean_db, redis_url, slow_simulator.url, dispatch_window=THREADS)
 
 
 def create_batch(base_url: str, tmp_path: Path) -> str:
