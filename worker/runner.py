@@ -346,7 +346,9 @@ class Runner:
     def _ledger_row(self, cost: spending.Cost, endpoint: Endpoint) -> int | Admission | None:
         """:func:`worker.spending.begin` in a transaction shared with other jobs' writes,
         but where a budget's locks must keep their own order."""
-        begin = partial(spending.begin, cost, endpoint, lease_s=self._lease_s())
+        # Priced first: the calibration may read the database on a connection of its own.
+        worst_prompt = cost.worst_prompt()
+        begin = partial(spending.begin, cost, worst_prompt, endpoint, lease_s=self._lease_s())
         return self._in_tx(begin, job_id=None if spending.needs_look(cost) else cost.job.id)
 
     def _close_circuit(

@@ -128,11 +128,12 @@ def admit(tx: Tx, cost: Cost, worst_prompt: int) -> Admission:
     return admission
 
 
-def begin(cost: Cost, endpoint: Endpoint, tx: Tx, *, lease_s: float) -> int | Admission | None:
+def begin(
+    cost: Cost, worst_prompt: int, endpoint: Endpoint, tx: Tx, *, lease_s: float
+) -> int | Admission | None:
     """The call's ledger row and its attempt number, if the budgets let it start
     (:func:`admit`, in the same transaction); else their verdict. ``None``: the job is no
-    longer running."""
-    worst_prompt = cost.worst_prompt()
+    longer running. ``worst_prompt`` is priced before the transaction, as for :func:`look`."""
     admission = admit(tx, cost, worst_prompt)
     if admission.verdict != "fits":
         return admission
