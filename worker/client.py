@@ -1,13 +1,20 @@
 """HTTP client for an OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
-One :class:`ModelClient` owns one pooled ``httpx.Client`` and turns every
+One :class:`ModelClient` sends every call of one endpoint and turns every
 outcome into either a :class:`~worker.responses.Completion` or one exception
 from the :mod:`worker.errors` tree.
+
+Each thread that calls gets an ``httpx.Client`` of its own, holding its one
+keep-alive connection, and all of them share one TLS context. A thread makes one
+call at a time, so it never waits for a connection; and a pool shared by a hundred
+threads costs every request a walk over all its connections (httpcore checks each
+idle one for a server-side close) under the pool's lock.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -71,7 +78,7 @@ _TIMEOUT_PHASES: tuple[tuple[type[httpx.TimeoutException], str], ...] = (
 
 
 class ModelClient:
-    """Sends chat-completion requests over one shared, pooled ``httpx.Client``.
+    """Sends chat-completion requests, each thread over its own ``httpx.Client``.
 
     Safe to share between threads. Redirects are not followed, so the key is
     only ever sent to ``base_url``.
@@ -84,32 +91,48 @@ class ModelClient:
         *,
         timeout: httpx.Timeout,
         transport: httpx.BaseTransport | None = None,
-        max_connections: int = 200,
     ) -> None:
         url = httpx.URL(base_url.rstrip("/") + CHAT_PATH)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("base_url must be an absolute http:// or https:// URL")
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
         self._url = url
         self._secret = key
         self._timeout = timeout
-        self._http = httpx.Client(
+        self._transport = transport
+        # Loading the CA bundle is the costly part of a client: done once, here.
+        self._tls = httpx.create_ssl_context()
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
+        self._closed = False
+
+    def _http(self) -> httpx.Client:
+        """This thread's client, made at its first call."""
+        client: httpx.Client | None = getattr(self._local, "client", None)
+        if client is not None:
+            return client
+        client = httpx.Client(
             headers={
-                "Authorization": f"Bearer {key}",
+                "Authorization": f"Bearer {self._secret}",
                 "Content-Type": "application/json",
                 "Accept": "application/json",
                 "User-Agent": USER_AGENT,
             },
-            timeout=timeout,
+            timeout=self._timeout,
             limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+                max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_EXPIRY_S
             ),
-            transport=transport,
+            verify=self._tls,
+            transport=self._transport,
             follow_redirects=False,
         )
+        with self._clients_lock:
+            if self._closed:
+                client.close()
+                raise RuntimeError("ModelClient is closed")
+            self._clients.append(client)
+        self._local.client = client
+        return client
 
     def __repr__(self) -> str:
         return f"ModelClient(url={str(self._url)!r})"
@@ -126,8 +149,12 @@ class ModelClient:
         self.close()
 
     def close(self) -> None:
-        """Close pooled connections; the client is unusable afterwards."""
-        self._http.close()
+        """Close every thread's connection; the client is unusable afterwards."""
+        with self._clients_lock:
+            self._closed = True
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
     def chat(
         self,
@@ -177,7 +204,7 @@ class ModelClient:
 
             extensions = {"trace": trace}
         try:
-            return self._http.post(
+            return self._http().post(
                 self._url, content=payload, headers=headers, extensions=extensions
             )
         except httpx.TimeoutException as exc:

@@ -97,7 +97,6 @@ class Runtime:
                 attachment.url,
                 attachment.key,
                 timeout=default_timeout(settings.connect_timeout, settings.read_timeout),
-                max_connections=settings.worker_concurrency + 10,
             ),
             circuit=KeyCircuit(
                 self.redis,
