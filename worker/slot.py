@@ -64,9 +64,12 @@ class Slot:
     def answered(self, charge: int, limits: RateLimitInfo | None) -> None:
         """The provider answered and charged ``charge`` tokens; it reported ``limits``."""
         self._done = True
-        quietly("settle", partial(self.throttle.settle, self.admission, charge))
+        limits = limits or RateLimitInfo()
+        # The headers show what others use (someone else may share the key); an answer
+        # without them still lets a room grown by 429s shrink.
+        remaining = (limits.remaining_requests, limits.remaining_tokens)
+        quietly("settle", partial(self.throttle.settle, self.admission, charge, remaining))
         quietly("reprice", self.throttle.reprice)
-        quietly("observe", partial(_observe, self.throttle, self.admission, limits))
 
     def failed(self, exc: ModelError) -> None:
         """The call failed with ``exc``.
@@ -91,11 +94,10 @@ class Slot:
             return
         if isinstance(exc, AuthFailed):
             quietly("release", partial(self.throttle.release, self.admission))
-        quietly("observe", partial(_observe, self.throttle, self.admission, limits))
-
-
-def _observe(throttle: Throttle, admission: Admission, limits: RateLimitInfo | None) -> None:
-    """Let the bucket see what the provider says is left (someone else may share the key);
-    an answer without headers still lets a room grown by 429s shrink."""
-    limits = limits or RateLimitInfo()
-    throttle.observe(admission, limits.remaining_requests, limits.remaining_tokens)
+        observe = partial(
+            self.throttle.observe,
+            self.admission,
+            limits.remaining_requests,
+            limits.remaining_tokens,
+        )
+        quietly("observe", observe)

@@ -439,21 +439,72 @@ class Throttle:
         finally:
             self._seeding.release()
 
-    def settle(self, admission: Admission, tokens: int) -> None:
-        """Charge ``tokens`` for an answered call instead of what it reserved."""
+    def settle(
+        self,
+        admission: Admission,
+        tokens: int,
+        remaining: tuple[int | None, int | None] | None = None,
+    ) -> None:
+        """Charge ``tokens`` for an answered call instead of what it reserved. With
+        ``remaining``, the answer's ``x-ratelimit-remaining-*`` requests and tokens
+        (``None`` where absent), learn from them as :meth:`observe` does, in the same
+        round trip."""
         if tokens < 0:
             raise ValueError(f"settled tokens must not be negative, got {tokens}")
-        self._let_go(admission)
-        self._store.settle(admission.id, tokens)
+        self._end(admission, tokens, remaining)
 
     def release(self, admission: Admission) -> None:
         """Take a call that was never sent out of the log."""
-        self._let_go(admission)
-        self._store.settle(admission.id, -1)
+        self._end(admission, -1, None)
 
-    def _let_go(self, admission: Admission) -> None:
+    def observe(
+        self, admission: Admission, remaining_requests: int | None, remaining_tokens: int | None
+    ) -> None:
+        """Learn from the ``x-ratelimit-remaining-*`` headers (``None``: absent) of the
+        answer to ``admission``: what the provider counted beyond our calls then is
+        somebody else's."""
+        self._end(admission, None, (remaining_requests, remaining_tokens))
+
+    def _end(
+        self,
+        admission: Admission,
+        tokens: int | None,
+        remaining: tuple[int | None, int | None] | None,
+        *,
+        refused: bool = False,
+    ) -> None:
+        """Charge the call ``tokens`` (``-1``: take it out; ``None``: as it is); then, given
+        ``remaining`` (see :meth:`observe`), learn the room for others."""
         with self._holding:
             self._held.pop(admission.id, None)
+        changes = [] if tokens is None else [(admission.id, tokens, None)]
+        # Our calls admitted just after this one may have reached the provider first.
+        look = self._store.settle(
+            changes, self._provider_window_ms, admission.at_ms, self._late_start_ms
+        )
+        if remaining is None:
+            return
+        room, idle_ms = look.room, look.now_ms - look.room.at_ms
+
+        def learn(current: int, limit: int, left: int | None, ours: int) -> int | None:
+            seen = None if left is None else max(0, limit - max(0, left) - ours)
+            # A 429 says which limit ran out when it carries the headers.
+            used_up = left is None or left < limit * ROOM_STEP
+            return next_room(
+                current, limit=limit, seen=seen, refused=refused and used_up, idle_ms=idle_ms
+            )
+
+        ours_r, ours_t = (a + b for a, b in zip(admission.ours, look.later, strict=True))
+        requests = learn(room.requests, self.rpm, remaining[0], ours_r)
+        learnt = learn(room.tokens, self.tpm, remaining[1], ours_t)
+        if requests is None and learnt is None:
+            return
+        grown = Room(
+            requests=room.requests if requests is None else requests,
+            tokens=room.tokens if learnt is None else learnt,
+            at_ms=look.now_ms,
+        )
+        self._store.set_room(grown, keep_ms=ROOM_KEEP_WINDOWS * self._store.window_ms)
 
     def reprice(self) -> None:
         """Charge this process's calls in flight their price now: an answer just taught the
@@ -469,12 +520,12 @@ class Throttle:
                     del self._held[rid]
                 held = list(self._held.items())
             prices = [(rid, was, min(price(), self.tpm)) for rid, (was, price, _) in held]
-            changed = [(rid, was, now) for rid, was, now in prices if now != was]
+            changed = [(rid, now, was) for rid, was, now in prices if now != was]
             if not changed:
                 return
-            self._store.reprice(changed)
+            self._store.settle(changed, self._provider_window_ms)
             with self._holding:
-                for rid, _, now in changed:
+                for rid, now, _ in changed:
                     if rid in self._held:
                         self._held[rid] = (now, *self._held[rid][1:])
         finally:
@@ -492,11 +543,10 @@ class Throttle:
         grows in each limit that the 429's headers show used up (in both without
         headers; see :func:`next_room`), and the bucket pauses until the provider's
         reset; without one, for the turns that the grown room takes to come free."""
-        self._let_go(admission)
         if reset_s is None:
             reset_s = 2 * max(1, math.ceil(self.rpm * ROOM_STEP)) * self.window_s / self.rpm
         self.pause(reset_s)
-        self._learn(admission, remaining_requests, remaining_tokens, refused=True)
+        self._end(admission, None, (remaining_requests, remaining_tokens), refused=True)
 
     def pause(self, seconds: float) -> None:
         """Admit nothing for ``seconds`` from now (Redis time); a longer pause stays."""
@@ -507,55 +557,15 @@ class Throttle:
 
     def paused_for(self) -> float:
         """Seconds until the bucket admits again because of a pause (0.0 if none)."""
-        return self._store.look(self._provider_window_ms).pause_ms / 1000
-
-    def observe(
-        self, admission: Admission, remaining_requests: int | None, remaining_tokens: int | None
-    ) -> None:
-        """Learn from the ``x-ratelimit-remaining-*`` headers (``None``: absent) of the
-        answer to ``admission``: what the provider counted beyond our calls then is
-        somebody else's."""
-        self._learn(admission, remaining_requests, remaining_tokens, refused=False)
-
-    def _learn(
-        self,
-        admission: Admission,
-        remaining_r: int | None,
-        remaining_t: int | None,
-        *,
-        refused: bool,
-    ) -> None:
-        # Our calls admitted just after this one may have reached the provider first.
-        look = self._store.look(self._provider_window_ms, admission.at_ms, self._late_start_ms)
-        room, idle_ms = look.room, look.now_ms - look.room.at_ms
-
-        def learn(current: int, limit: int, remaining: int | None, ours: int) -> int | None:
-            seen = None if remaining is None else max(0, limit - max(0, remaining) - ours)
-            # A 429 says which limit ran out when it carries the headers.
-            used_up = remaining is None or remaining < limit * ROOM_STEP
-            return next_room(
-                current, limit=limit, seen=seen, refused=refused and used_up, idle_ms=idle_ms
-            )
-
-        ours_r, ours_t = (a + b for a, b in zip(admission.ours, look.later, strict=True))
-        requests = learn(room.requests, self.rpm, remaining_r, ours_r)
-        tokens = learn(room.tokens, self.tpm, remaining_t, ours_t)
-        if requests is None and tokens is None:
-            return
-        grown = Room(
-            requests=room.requests if requests is None else requests,
-            tokens=room.tokens if tokens is None else tokens,
-            at_ms=look.now_ms,
-        )
-        self._store.set_room(grown, keep_ms=ROOM_KEEP_WINDOWS * self._store.window_ms)
+        return self._store.settle([], self._provider_window_ms).pause_ms / 1000
 
     def room(self) -> Room:
         """The room currently learnt for other clients of the key (floor not included)."""
-        return self._store.look(self._provider_window_ms).room
+        return self._store.settle([], self._provider_window_ms).room
 
     def usage(self) -> WindowUsage:
         """Requests and tokens logged in the window ending now, seeded calls included."""
-        look = self._store.look(self._store.window_ms)
+        look = self._store.settle([], self._store.window_ms)
         return WindowUsage(requests=look.requests, tokens=look.tokens)
 
 

@@ -192,15 +192,24 @@ return log_it()
 """
 )
 
-#: Charge logged calls another amount, or take them out of the log.
+#: Charge logged calls another amount, or take them out of the log; then say what the
+#: bucket holds: the calls of the last ``span`` ms and the learnt room.
 #:
-#: KEYS: log, costs, total.  ARGV: (id, tokens, was) triples; tokens -1 takes the call out;
-#: ``was`` not empty: only if the call is still charged exactly that (a new price for a
-#: call in flight never overwrites its settlement). A call already gone from the window
-#: is left alone. Returns how many calls were changed.
-SETTLE = """
-local log, costs, total_key, changed, delta = KEYS[1], KEYS[2], KEYS[3], 0, 0
-for i = 1, #ARGV, 3 do
+#: KEYS: log, costs, total, room, pause.
+#: ARGV: span ms, after ms (Redis time), within ms, then (id, tokens, was) triples;
+#: tokens -1 takes the call out; ``was`` not empty: only if the call is still charged
+#: exactly that (a new price for a call in flight never overwrites its settlement). A
+#: call already gone from the window is left alone.
+#: Returns ``{now, requests, tokens, room requests, room tokens, room at, pause left,
+#: later requests, later tokens}``, the last two for our calls admitted in
+#: ``(after, after + within]``: they may have reached the provider before the call
+#: admitted at ``after``.
+SETTLE = (
+    _COMMON
+    + """
+local log, costs, total_key, room, pause = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local delta = 0
+for i = 4, #ARGV, 3 do
   local id, tokens, was = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local current = redis.call('ZSCORE', log, id) and redis.call('HGET', costs, id)
   if current and (was == '' or current == was) then
@@ -212,14 +221,33 @@ for i = 1, #ARGV, 3 do
       redis.call('HSET', costs, id, tokens)
       delta = delta + tokens - (tonumber(current) or 0)
     end
-    changed = changed + 1
   end
 end
-if delta ~= 0 and redis.call('EXISTS', total_key) == 1 then
-  redis.call('INCRBY', total_key, delta)
+local total = redis.call('GET', total_key)
+if delta ~= 0 and total then total = redis.call('INCRBY', total_key, delta) end
+local now, after, within = now_ms(), tonumber(ARGV[2]), tonumber(ARGV[3])
+local since = now - tonumber(ARGV[1])
+-- The calls since then: with the total, the log less its older calls; without (the log
+-- is lost), those calls themselves.
+local requests, tokens
+if total then
+  local older = redis.call('ZRANGEBYSCORE', log, '-inf', since)
+  requests = redis.call('ZCARD', log) - #older
+  tokens = tonumber(total) - sum_of(costs, older)
+else
+  local ids = redis.call('ZRANGEBYSCORE', log, '(' .. since, '+inf')
+  requests, tokens = #ids, sum_of(costs, ids)
 end
-return changed
+local later = {}
+if within > 0 then
+  later = redis.call('ZRANGEBYSCORE', log, '(' .. after, after + within)
+end
+local learnt = redis.call('HMGET', room, 'requests', 'tokens', 'at')
+local paused = tonumber(redis.call('GET', pause) or '0')
+return {now, requests, tokens, tonumber(learnt[1]) or 0, tonumber(learnt[2]) or 0,
+        tonumber(learnt[3]) or 0, math.max(0, paused - now), #later, sum_of(costs, later)}
 """
+)
 
 #: Rebuild a lost log from the caller's history, once.
 #:
@@ -260,42 +288,6 @@ return ends
 """
 )
 
-#: What the bucket holds now: the calls of the last ``span`` ms and the learnt room.
-#:
-#: KEYS: log, costs, room, pause, total.  ARGV: span ms, after ms (Redis time), within ms.
-#: Returns ``{now, requests, tokens, room requests, room tokens, room at, pause left,
-#: later requests, later tokens}``, the last two for our calls admitted in
-#: ``(after, after + within]``: they may have reached the provider before the call
-#: admitted at ``after``.
-LOOK = (
-    _COMMON
-    + """
-local log, costs, room, pause, total_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local now, after, within = now_ms(), tonumber(ARGV[2]), tonumber(ARGV[3])
-local since = now - tonumber(ARGV[1])
--- The calls since then: with the total, the log less its older calls; without (the log
--- is lost), those calls themselves.
-local requests, tokens
-local total = redis.call('GET', total_key)
-if total then
-  local older = redis.call('ZRANGEBYSCORE', log, '-inf', since)
-  requests = redis.call('ZCARD', log) - #older
-  tokens = tonumber(total) - sum_of(costs, older)
-else
-  local ids = redis.call('ZRANGEBYSCORE', log, '(' .. since, '+inf')
-  requests, tokens = #ids, sum_of(costs, ids)
-end
-local later = {}
-if within > 0 then
-  later = redis.call('ZRANGEBYSCORE', log, '(' .. after, after + within)
-end
-local learnt = redis.call('HMGET', room, 'requests', 'tokens', 'at')
-local paused = tonumber(redis.call('GET', pause) or '0')
-return {now, requests, tokens, tonumber(learnt[1]) or 0, tonumber(learnt[2]) or 0,
-        tonumber(learnt[3]) or 0, math.max(0, paused - now), #later, sum_of(costs, later)}
-"""
-)
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -322,7 +314,7 @@ class Room:
 
 @dataclass(frozen=True)
 class Look:
-    """:data:`LOOK`'s answer."""
+    """What :data:`SETTLE` says the bucket holds."""
 
     now_ms: int
     requests: int
@@ -338,7 +330,6 @@ class _Scripts:
     settle: Script
     seed: Script
     pause: Script
-    look: Script
 
 
 class BucketStore:
@@ -347,7 +338,7 @@ class BucketStore:
     def __init__(self, client: redis.Redis, bucket: str, *, window_ms: int) -> None:
         self._client = client
         # Registering only hashes the source; the client loads it again after a flush.
-        scripts = (ADMIT, SETTLE, SEED, PAUSE, LOOK)
+        scripts = (ADMIT, SETTLE, SEED, PAUSE)
         self._scripts = _Scripts(*(client.register_script(script) for script in scripts))
         self.window_ms = window_ms
         self.log = throttle_log_key(bucket)
@@ -393,16 +384,24 @@ class BucketStore:
             return Verdict(admitted=True, at_ms=int(value), ours=(int(ours[0]), int(ours[1])))
         return Verdict(admitted=False, wait_ms=int(value), unseeded=status == 2)
 
-    def settle(self, rid: str, tokens: int) -> bool:
-        """Charge ``tokens`` for the call, or with ``-1`` take it out of the log."""
-        return bool(
-            self._run(self._scripts.settle, [self.log, self.costs, self.total], (rid, tokens, ""))
+    def settle(
+        self,
+        changes: Sequence[tuple[str, int, int | None]],
+        span_ms: int,
+        after_ms: int = 0,
+        within_ms: int = 0,
+    ) -> Look:
+        """Charge ``(id, tokens, was)`` calls ``tokens`` (``-1``: take the call out) where
+        they are still charged ``was`` (``None``: whatever they are), then look."""
+        keys = [self.log, self.costs, self.total, self.room_key, self.pause_key]
+        args: list[int | str] = [span_ms, after_ms, within_ms]
+        args += [v for rid, now, was in changes for v in (rid, now, "" if was is None else was)]
+        now, requests, tokens, room_r, room_t, at, paused, later_r, later_t = self._run(
+            self._scripts.settle, keys, args
         )
-
-    def reprice(self, prices: Sequence[tuple[str, int, int]]) -> int:
-        """Charge ``(id, was, now)`` calls ``now`` where they are still charged ``was``."""
-        args = [v for rid, was, now in prices for v in (rid, now, was)]
-        return int(self._run(self._scripts.settle, [self.log, self.costs, self.total], args))
+        room = Room(requests=int(room_r), tokens=int(room_t), at_ms=int(at))
+        later = (int(later_r), int(later_t))
+        return Look(int(now), int(requests), int(tokens), room, int(paused), later)
 
     def seed(self, history: Sequence[tuple[int, int]]) -> bool:
         """Log ``(age ms, tokens)`` pairs if the log is still lost."""
@@ -411,15 +410,6 @@ class BucketStore:
 
     def pause(self, pause_ms: int) -> int:
         return int(self._run(self._scripts.pause, [self.pause_key], (pause_ms,)))
-
-    def look(self, span_ms: int, after_ms: int = 0, within_ms: int = 0) -> Look:
-        keys = [self.log, self.costs, self.room_key, self.pause_key, self.total]
-        now, requests, tokens, room_r, room_t, at, paused, later_r, later_t = self._run(
-            self._scripts.look, keys, (span_ms, after_ms, within_ms)
-        )
-        room = Room(requests=int(room_r), tokens=int(room_t), at_ms=int(at))
-        later = (int(later_r), int(later_t))
-        return Look(int(now), int(requests), int(tokens), room, int(paused), later)
 
     def set_room(self, room: Room, *, keep_ms: int) -> None:
         """Store the learnt room; it is forgotten ``keep_ms`` after its last change."""

@@ -51,6 +51,7 @@ from worker.throttle import (
     WindowUsage,
     no_history,
 )
+from worker.throttle_scripts import Look
 
 pytestmark = pytest.mark.integration
 
@@ -276,14 +277,15 @@ def test_calls_in_flight_are_priced_again_after_an_answer(r: CountingRedis) -> N
     d = throttle.acquire(price, max_wait=0, priority=INTERACTIVE)  # fits only thanks to it
     # Another thread settles b between the pricing and the script: its charge stays.
     factor[0] = 0.6
-    store, reprice = throttle._store, throttle._store.reprice
+    store, settle = throttle._store, throttle._store.settle
 
-    def settled_meanwhile(prices: Sequence[tuple[str, int, int]]) -> int:
-        store.settle(b.id, 7)
-        return reprice(prices)
+    def settled_meanwhile(changes: Sequence[tuple[str, int, int | None]], span_ms: int) -> Look:
+        settle([(b.id, 7, None)], span_ms)
+        return settle(changes, span_ms)
 
-    store.reprice = settled_meanwhile  # type: ignore[method-assign]
+    store.settle = settled_meanwhile  # type: ignore[assignment,method-assign]
     throttle.reprice()
+    store.settle = settle  # type: ignore[method-assign]
     assert costs(r) == {a.id: 50, b.id: 7, c.id: 60, d.id: 60}
     throttle.settle(b, 7)
     sent = throttle.stats().redis_round_trips
