@@ -119,8 +119,8 @@ class Settings:
     price: Price | None = None
     #: INFERENCE_WINDOW_MARGIN, seconds added to the 60 s window the throttle
     #: enforces, so that a call admitted exactly one window later cannot reach
-    #: the provider before the earlier call's slot has left its window. Default 1.
-    window_margin_s: float = 1.0
+    #: the provider before the earlier call's slot has left its window. Default 0.5.
+    window_margin_s: float = 0.5
     #: INFERENCE_INTERACTIVE_RESERVE. Requests of every window that bulk jobs leave
     #: free for bursts of interactive ones (and the same share of tpm). Must be below
     #: the rpm. Default 0: interactive jobs take turns ahead of bulk ones anyway.
