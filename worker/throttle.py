@@ -478,10 +478,10 @@ class Throttle:
         with self._holding:
             self._held.pop(admission.id, None)
         changes = [] if tokens is None else [(admission.id, tokens, None)]
-        # Our calls admitted just after this one may have reached the provider first.
-        look = self._store.settle(
-            changes, self._provider_window_ms, admission.at_ms, self._late_start_ms
-        )
+        # Our calls admitted just after this one may have reached the provider first;
+        # they matter only to learning, so without headers to learn from, none are read.
+        within_ms = 0 if remaining is None else self._late_start_ms
+        look = self._store.settle(changes, self._provider_window_ms, admission.at_ms, within_ms)
         if remaining is None:
             return
         room, idle_ms = look.room, look.now_ms - look.room.at_ms
