@@ -82,22 +82,11 @@ class Slot:
         """
         self._done = True
         limits = exc.rate_limits or RateLimitInfo()
+        remaining = (limits.remaining_requests, limits.remaining_tokens)
         if isinstance(exc, RateLimited):
-            refused = partial(
-                self.throttle.refused,
-                self.admission,
-                exc.retry_after,
-                limits.remaining_requests,
-                limits.remaining_tokens,
-            )
+            refused = partial(self.throttle.refused, self.admission, exc.retry_after, *remaining)
             quietly("refused", refused)
-            return
-        if isinstance(exc, AuthFailed):
-            quietly("release", partial(self.throttle.release, self.admission))
-        observe = partial(
-            self.throttle.observe,
-            self.admission,
-            limits.remaining_requests,
-            limits.remaining_tokens,
-        )
-        quietly("observe", observe)
+        elif isinstance(exc, AuthFailed):
+            quietly("release", partial(self.throttle.release, self.admission, remaining))
+        else:
+            quietly("observe", partial(self.throttle.observe, self.admission, *remaining))

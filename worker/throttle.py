@@ -453,9 +453,12 @@ class Throttle:
             raise ValueError(f"settled tokens must not be negative, got {tokens}")
         self._end(admission, tokens, remaining)
 
-    def release(self, admission: Admission) -> None:
-        """Take a call that was never sent out of the log."""
-        self._end(admission, -1, None)
+    def release(
+        self, admission: Admission, remaining: tuple[int | None, int | None] | None = None
+    ) -> None:
+        """Take a call that the provider did not count (never sent, or refused its key) out
+        of the log; with ``remaining``, learn from them as :meth:`settle` does."""
+        self._end(admission, -1, remaining)
 
     def observe(
         self, admission: Admission, remaining_requests: int | None, remaining_tokens: int | None
