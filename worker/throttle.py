@@ -1,45 +1,35 @@
 """Global rate limiter shared by every worker thread, process and dyno using one key.
 
-The provider counts requests per minute (rpm) and tokens per minute (tpm) over a
-sliding 60 s window. The throttle is built from these concepts, and no others:
+The provider counts requests (rpm) and tokens (tpm) over a sliding 60 s window. The
+throttle has these concepts, and no others:
 
-1. **Bucket.** Model plus key fingerprint: every process calling with that key
-   shares its keys in Redis (:mod:`worker.throttle_scripts`).
-2. **Log.** Each admitted call is logged with its Redis time and its cost. A call
-   fits when the window ending now, with it, stays within the limits. The window is
-   60 s plus a margin, so that a call that reaches the provider a little after its
-   admission still lies inside it. The log's token total is kept beside it, so no
-   step reads the whole log.
-3. **Admit now.** One script either admits a call at once or says how long to wait.
-   Nothing is booked ahead, so nothing has to be moved later.
-4. **Price.** A call is priced (``price()``, the calibrated estimate) each time it
-   asks, and the calls in flight are priced again after each answer, so that every
-   reservation follows what the answers have taught so far.
-5. **Pace.** Where requests bind, calls take turns one window / limit apart,
-   shared by every process: a bulk call waits for its turn, an interactive call
-   takes the next one without waiting. The window then fills evenly, the first
-   one included, and a call leaves it every turn, so that room keeps coming free
-   for interactive calls and other clients. Where tokens bind, bulk calls start as
-   soon as tokens are free.
-6. **Precedence.** While an interactive call waits for room, bulk calls wait
-   too, so that the next room to come free is the interactive call's. Bulk also
-   leaves ``interactive_reserve`` requests (and that share of tpm) of every window
-   free, for bursts of interactive calls.
-7. **Room for others.** Other clients of the key get requests and tokens of every
-   window that we leave free. It is learnt (:func:`next_room`): it grows when the
-   provider's headers show the others using what we leave or when our call is
-   refused with a 429, and shrinks when they use less. ``floor`` is its minimum.
-8. **Settle.** An answered call is charged what it cost; a call never sent is
-   taken out. Tokens reserved above the charge come free at once.
-9. **Pause.** A 429 pauses the bucket until the provider's reset.
-10. **Seed.** A lost log (Redis restart, flush, or idle for a window) is rebuilt
-    from the ledger's calls of the last window before anything is admitted.
+1. **Bucket**: model plus key fingerprint; every process on that key shares its
+   Redis keys (:mod:`worker.throttle_scripts`).
+2. **Log**: each admitted call with its Redis time and cost. A call fits when the
+   window ending now, with it, stays within the limits; the window is 60 s plus a
+   margin, for calls that reach the provider a little after their admission.
+3. **Admit now**: one script admits a call at once or says how long to wait;
+   nothing is booked ahead, so nothing is ever moved.
+4. **Price**: a call is priced (``price()``) each time it asks, and the calls in
+   flight again after each answer.
+5. **Pace**: where requests bind, calls take turns one window / limit apart: bulk
+   waits for its turn, interactive takes the next one at once. Where tokens bind,
+   bulk starts as soon as tokens are free.
+6. **Precedence**: while an interactive call waits for room, bulk waits too; bulk
+   also leaves ``interactive_reserve`` requests (and that share of tpm) free.
+7. **Room for others**: requests and tokens we leave to other clients of the key,
+   learnt from the provider's headers and our 429s (:func:`next_room`); ``floor``
+   is its minimum.
+8. **Settle**: an answered call is charged what it cost; a call never sent leaves
+   the log.
+9. **Pause**: a 429 pauses the bucket until the provider's reset.
+10. **Seed**: a lost log (Redis restart, flush, idle window) is rebuilt from the
+    ledger's calls of the last window before anything is admitted.
 
-In each process, one thread per priority asks Redis at a time: the others wait
-behind it in the process, so a backlog of threads costs one script call per turn.
-:func:`acquire_first` asks several buckets in turn (a pool of keys serving one
-model, :mod:`worker.pool`) and takes the first that admits; :meth:`Throttle.acquire`
-is that with one bucket.
+In each process one thread per priority asks Redis at a time, so a backlog of
+threads costs one script call per turn. :func:`acquire_first` asks the buckets of
+a pool of keys (:mod:`worker.pool`) in turn; :meth:`Throttle.acquire` is that with
+one bucket.
 
 Errors::
 
@@ -49,9 +39,8 @@ Errors::
     +-- ThrottleInterrupted  the ``stop`` event was set while waiting
     +-- NoBucket             every bucket the caller may use is set aside
 
-Redis failures and failures of the ``seed`` callable propagate unchanged so
-callers can retry the task; a call stranded by such a failure only costs capacity
-until it leaves the window.
+Redis failures and failures of ``seed`` propagate unchanged, so that callers can
+retry the task; a call they strand only costs capacity until it leaves the window.
 """
 
 from __future__ import annotations
