@@ -471,8 +471,9 @@ class Throttle:
             self._held.pop(admission.id, None)
         changes = [] if tokens is None else [(admission.id, tokens, None)]
         # Our calls admitted just after this one may have reached the provider first;
-        # they matter only to learning, so without headers to learn from, none are read.
-        within_ms = 0 if remaining is None else self._late_start_ms
+        # they matter only to what a header shows, so without one, none are read.
+        headers = remaining is not None and any(v is not None for v in remaining)
+        within_ms = self._late_start_ms if headers else 0
         look = self._store.settle(changes, self._provider_window_ms, admission.at_ms, within_ms)
         if remaining is None:
             return
