@@ -39,7 +39,7 @@ from jobs.environment import Needs, ServiceError
 from jobs.handles import Which
 from jobs.logfmt import configure as configure_logging
 from jobs.logfmt import log_event
-from jobs.pricing import NO_PRICE, dollars
+from jobs.pricing import NO_PRICE, dollars, usage_text
 from jobs.progress import ProgressPrinter, progress_line
 from jobs.settings import ConfigError, Settings
 from jobs.validation import ValidationError
@@ -197,8 +197,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"batch {progress.id} ({progress.name}, {progress.source}): {progress.status}\n")
         out.write(progress_line(progress) + "\n")
         prompt, completion = usage["input_tokens"], usage["output_tokens"]
-        cost = dollars(usd) if usd is not None else f"({NO_PRICE})"
-        out.write(f"usage: {prompt:,} prompt + {completion:,} completion tokens, {cost}\n")
+        out.write(f"usage: {usage_text(prompt, completion, usd)}\n")
         if split is not None:
             out.write(f"by attachment: {split}\n")
         if standing.budget:

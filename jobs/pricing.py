@@ -31,6 +31,13 @@ class Price:
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
 
 
+def usage_text(prompt_tokens: int, completion_tokens: int, usd: float | None) -> str:
+    """``1,200 prompt + 300 completion tokens, $0.0012``, or the tokens followed by
+    :data:`NO_PRICE` in parentheses where the model has no price."""
+    tokens = f"{prompt_tokens:,} prompt + {completion_tokens:,} completion tokens"
+    return f"{tokens}, {dollars(usd)}" if usd is not None else f"{tokens} ({NO_PRICE})"
+
+
 def dollars(usd: float | None) -> str:
     """``$1.2346`` (four decimals: a call can cost a fraction of a cent), or ``-``."""
     return "-" if usd is None else f"${usd:,.4f}"

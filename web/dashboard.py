@@ -28,7 +28,7 @@ from jobs import budget, dryrun, shapes
 from jobs import dashboard_data as data
 from jobs.dashboard_data import BatchDetail, BatchSummary, LiveState, MinuteUsage
 from jobs.db import session_scope
-from jobs.pricing import NO_PRICE, dollars
+from jobs.pricing import usage_text
 from jobs.settings import Settings
 from jobs.shapes import batch_public_id, parse_batch_id
 from web import pages
@@ -192,8 +192,7 @@ class Dashboard:
         """The batch's tokens by the ledger and their dollars, and its budget if any."""
         found = shapes.batch_usage(self.url, [batch_id], self.settings.price_for)[batch_id]
         prompt, completion = found["usage"]["input_tokens"], found["usage"]["output_tokens"]
-        cost = dollars(found["usd"]) if found["usd"] is not None else f"({NO_PRICE})"
-        text = f"{prompt:,} prompt + {completion:,} completion tokens, {cost}"
+        text = usage_text(prompt, completion, found["usd"])
         split = shapes.attachment_split(found["attachments"])
         if split is not None:
             text += f" (by attachment: {split})"

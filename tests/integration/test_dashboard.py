@@ -368,7 +368,7 @@ def test_a_batch_page_shows_its_usage_its_dollars_and_its_budget(
     job_id, request = first
     answer(settings.database_url, job_id, request, 30, 25, completion=5, max_tokens=50)
     expected = (
-        f"25 prompt + 5 completion tokens, ({NO_PRICE}); budget: 30 tokens spent of 10,000 tokens"
+        f"25 prompt + 5 completion tokens ({NO_PRICE}); budget: 30 tokens spent of 10,000 tokens"
     )
     detail = state(browser_client, f"/batches/batch_{batch.id}/state.json")
     assert detail["batch"]["usage"] == expected
