@@ -17,6 +17,7 @@ from bench.loads import CJK_BELOW, PacedClient, bodies
 from bench.measure import (
     BATCH_TIME_SLACK,
     MB,
+    Admissions,
     admissions,
     limits_text,
     processes,
@@ -125,14 +126,7 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
     record_pace(row, adm, calls, load.rpm, load.tpm)
     ideal = ideal_batch_s(count, adm.binding_calls, calls, load.latency)
     m["ideal_batch_s"] = round(ideal, 1)
-    if adm.times:
-        # The ideal admits a window's worth at once, and the last calls at the last
-        # roll; these say where a slower batch lost its time.
-        t0 = adm.times[0]
-        m["first_window_calls_in_1_s"] = bisect.bisect_right(adm.times, t0 + 1.0)
-        m["first_window_calls"] = bisect.bisect_left(adm.times, t0 + 60.0)
-        m["last_admission_after_first_s"] = round(adm.times[-1] - t0, 1)
-        m["ideal_last_admission_s"] = 60.0 * (math.ceil(count / adm.binding_calls) - 1)
+    record_schedule(row, adm, count)
     if calls:
         m["first_call_after_submit_s"] = round(calls[0].started - created, 2)
     m["jobs_succeeded"] = counts.get("succeeded", 0)
@@ -151,6 +145,22 @@ def saturate(run: Run, name: str, title: str, load: Load) -> Row:
     record_sim_targets(row)
     row.target("every job succeeded", counts.get("succeeded", 0) == count, str(counts))
     return row
+
+
+def record_schedule(row: Row, adm: Admissions, count: int) -> None:
+    """Where a slower batch lost its time against the ideal, which admits a window's worth
+    at once and the last calls at the last roll."""
+    if not adm.times:
+        return
+    m, t0 = row.metrics, adm.times[0]
+    m["first_window_calls_in_1_s"] = bisect.bisect_right(adm.times, t0 + 1.0)
+    m["first_window_calls"] = bisect.bisect_left(adm.times, t0 + 60.0)
+    # When the first window held all it can: its last call's place comes back one window
+    # (and the log's margin) later, every window, up to the batch's last call.
+    if len(adm.times) >= adm.binding_calls:
+        m["first_window_full_s"] = round(adm.times[adm.binding_calls - 1] - t0, 2)
+    m["last_admission_after_first_s"] = round(adm.times[-1] - t0, 1)
+    m["ideal_last_admission_s"] = 60.0 * (math.ceil(count / adm.binding_calls) - 1)
 
 
 def record_dry_runs(

@@ -28,8 +28,9 @@ estimate it was priced from, the prompt's script and ``max_tokens``, and gets th
 provider's usage when its answer is recorded. So the calibration is shared by
 every worker and dyno, survives a Redis flush and a new deployment, and costs no
 write of its own; each process caches what it read for :data:`CACHE_S` seconds, and
-for :data:`LEARNING_CACHE_S` while its samples are not trusted: the first answers of a
-batch reprice the rest of its first window at once.
+while its samples are not trusted, until it records an answer itself
+(:meth:`Calibrator.answered`) or for :data:`LEARNING_CACHE_S` (another process's): the
+first answers of a batch reprice the rest of its first window at once.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ MIN_MARGIN, MAX_MARGIN = 0.01, 0.05
 #: least two of them count TRUSTED_TOKENS prompt tokens between them.
 TRUSTED_SAMPLES, TRUSTED_TOKENS = 8, 100_000
 #: Seconds a process reuses a factor before reading the ledger again; while its
-#: samples are not yet trusted, every answer counts.
+#: samples are not yet trusted, other processes' answers count within the second.
 CACHE_S, LEARNING_CACHE_S = 10.0, 0.5
 #: Bounds of the factor: the raw estimate is never trusted below a tenth of
 #: itself, nor inflated more than threefold.
@@ -90,7 +91,8 @@ class Calibrator:
         self._database_url = database_url
         self._clock = clock
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, ...], tuple[float, float]] = {}
+        # key -> (value, read again after, trusted)
+        self._cache: dict[tuple[str, ...], tuple[float, float, bool]] = {}
 
     def factor(self, model: str, script: Script) -> float:
         """The current factor; 1.0 until the provider has reported anything."""
@@ -129,8 +131,15 @@ class Calibrator:
                 return cached[0]
         value, sure = read()
         with self._lock:
-            self._cache[key] = (value, now + (CACHE_S if sure else LEARNING_CACHE_S))
+            self._cache[key] = (value, now + (CACHE_S if sure else LEARNING_CACHE_S), sure)
         return value
+
+    def answered(self) -> None:
+        """This process just recorded an answer: what is still learning is read again at
+        the next ask, so that the answer reprices the calls in flight at once."""
+        with self._lock:
+            for key in [key for key, (_, _, sure) in self._cache.items() if not sure]:
+                del self._cache[key]
 
     def samples(self, model: str, script: Script) -> list[tuple[int, int]]:
         """(actual, raw) prompt tokens of the last :data:`SAMPLES` answered calls, newest first."""

@@ -528,6 +528,8 @@ class Runner:
 
         # Recorded first: the answer is paid for, the bucket's bookkeeping is not.
         self._in_tx(_step, job_id=job_id)
+        if self.calibrator is not None:
+            self.calibrator.answered()
         slot.answered(
             spending.charge(self.settings, completion.usage, max_tokens), completion.rate_limits
         )

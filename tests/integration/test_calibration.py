@@ -91,6 +91,28 @@ def test_first_answers_reprice_at_once_then_the_factor_is_cached(clean_db: str) 
     assert cal.factor("kimi-k2-5", "latin") > 1.0
 
 
+def test_an_answer_recorded_here_is_read_at_once_while_learning(clean_db: str) -> None:
+    """The runner says when it recorded an answer: a factor still learning is read again
+    at the next ask instead of after LEARNING_CACHE_S; a trusted one stays cached."""
+    cal = Calibrator(clean_db, clock=FakeClock())
+    prompt = body("word " * 400)
+    raw = estimate_prompt_tokens(prompt)
+    assert cal.factor("kimi-k2-5", "latin") == 1.0
+    answered(clean_db, prompt, raw, raw // 2)
+    assert cal.factor("kimi-k2-5", "latin") == 1.0  # cached: the clock has not moved
+    cal.answered()
+    first = cal.factor("kimi-k2-5", "latin")
+    assert first == pytest.approx(0.5 * (1 + MAX_MARGIN), rel=0.01)
+    for _ in range(TRUSTED_SAMPLES):
+        answered(clean_db, prompt, raw, raw // 2)
+    cal.answered()
+    trusted = cal.factor("kimi-k2-5", "latin")
+    assert trusted < first
+    answered(clean_db, prompt, raw, raw)
+    cal.answered()
+    assert cal.factor("kimi-k2-5", "latin") == trusted  # trusted: cached for CACHE_S
+
+
 def test_two_long_prompts_are_trusted_like_many_short_ones(clean_db: str) -> None:
     """A long prompt's ratio averages over all its text: two that count TRUSTED_TOKENS
     between them narrow the margin to their spread, one alone does not."""
