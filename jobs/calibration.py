@@ -91,8 +91,11 @@ class Calibrator:
         self._database_url = database_url
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> (value, read again after, trusted)
-        self._cache: dict[tuple[str, ...], tuple[float, float, bool]] = {}
+        # Answers this process recorded (:meth:`answered`); a value still learning is good
+        # only while the count is the one it was read at.
+        self._answers = 0
+        # key -> (value, read again after, the answers then; None once trusted)
+        self._cache: dict[tuple[str, ...], tuple[float, float, int | None]] = {}
 
     def factor(self, model: str, script: Script) -> float:
         """The current factor; 1.0 until the provider has reported anything."""
@@ -126,20 +129,21 @@ class Calibrator:
         and after :data:`LEARNING_CACHE_S` before."""
         now = self._clock()
         with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None and now < cached[1]:
+            cached, answers = self._cache.get(key), self._answers
+            if cached is not None and now < cached[1] and cached[2] in (None, answers):
                 return cached[0]
         value, sure = read()
+        # Counted before the read: an answer recorded during it makes the value old at once.
+        learning = None if sure else answers
         with self._lock:
-            self._cache[key] = (value, now + (CACHE_S if sure else LEARNING_CACHE_S), sure)
+            self._cache[key] = (value, now + (CACHE_S if sure else LEARNING_CACHE_S), learning)
         return value
 
     def answered(self) -> None:
         """This process just recorded an answer: what is still learning is read again at
         the next ask, so that the answer reprices the calls in flight at once."""
         with self._lock:
-            for key in [key for key, (_, _, sure) in self._cache.items() if not sure]:
-                del self._cache[key]
+            self._answers += 1
 
     def samples(self, model: str, script: Script) -> list[tuple[int, int]]:
         """(actual, raw) prompt tokens of the last :data:`SAMPLES` answered calls, newest first."""

@@ -15,7 +15,7 @@ from jobs.calibration import (
     TRUSTED_TOKENS,
     Calibrator,
 )
-from jobs.tokens import dominant_script, estimate_prompt_tokens
+from jobs.tokens import Script, dominant_script, estimate_prompt_tokens
 from tests.integration.ledger_helpers import answered, body
 
 pytestmark = pytest.mark.integration
@@ -111,6 +111,24 @@ def test_an_answer_recorded_here_is_read_at_once_while_learning(clean_db: str) -
     answered(clean_db, prompt, raw, raw)
     cal.answered()
     assert cal.factor("kimi-k2-5", "latin") == trusted  # trusted: cached for CACHE_S
+
+
+def test_an_answer_recorded_during_a_read_is_not_lost(clean_db: str) -> None:
+    """A read that began before an answer was recorded is already old: the next ask reads
+    again rather than keep it for LEARNING_CACHE_S."""
+
+    class AnsweredMeanwhile(Calibrator):
+        def samples(self, model: str, script: Script) -> list[tuple[int, int]]:
+            found = super().samples(model, script)
+            answered(clean_db, prompt, raw, raw // 2)  # recorded while this read runs
+            self.answered()
+            return found
+
+    prompt = body("word " * 400)
+    raw = estimate_prompt_tokens(prompt)
+    cal = AnsweredMeanwhile(clean_db, clock=FakeClock())
+    assert cal.factor("kimi-k2-5", "latin") == 1.0  # read before the answer
+    assert cal.factor("kimi-k2-5", "latin") < 0.6  # the clock has not moved: read again
 
 
 def test_two_long_prompts_are_trusted_like_many_short_ones(clean_db: str) -> None:
